@@ -1,0 +1,5 @@
+"""``python -m authd`` runs the CLI."""
+
+from authd.cli import main
+
+main()

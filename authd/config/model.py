@@ -1,0 +1,89 @@
+"""The configuration tree: every key authd reads, with its default, description and check.
+
+``config/authd.example.toml`` is rendered from these declarations (a test keeps it in step), so a key
+added here is documented by adding it here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from authd.config.schema import section, setting
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+def absolute_path(value: Path) -> str | None:
+    """Require an absolute filesystem path."""
+    return None if value.is_absolute() else "must be an absolute path"
+
+
+def positive_duration(value: timedelta) -> str | None:
+    """Require a duration above zero."""
+    return None if value > timedelta(0) else "must be longer than zero"
+
+
+def node_name(value: str) -> str | None:
+    """Require a name usable as a DNS name: lowercase letters, digits, dots and dashes."""
+    if _NODE_NAME.fullmatch(value):
+        return None
+    return "must be 1-253 lowercase letters, digits, '.' or '-', starting and ending alphanumeric"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Who this node is and where it keeps its files."""
+
+    name: str | None = setting(
+        None, "this node's name in cluster state (default: the host name)", check=node_name, example="node-a"
+    )
+    state_dir: Path = setting(
+        Path("/var/lib/authd"), "state that must survive restarts (identity handles)", check=absolute_path
+    )
+    runtime_dir: Path = setting(Path("/run/authd"), "runtime files: the control socket", check=absolute_path)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Logging."""
+
+    level: LogLevel = setting("info", "least severe level logged: debug, info, warning or error")
+    format: Literal["auto", "json", "console"] = setting(
+        "auto", "auto: JSON lines unless stdout is a terminal (journald), else a readable console"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Daemon lifecycle."""
+
+    shutdown_timeout: timedelta = setting(
+        timedelta(seconds=10),
+        "how long SIGTERM waits for jobs to stop before exiting with failure",
+        check=positive_duration,
+    )
+    restart_backoff_initial: timedelta = setting(
+        timedelta(milliseconds=200),
+        "first delay before a failed non-critical job is restarted",
+        check=positive_duration,
+    )
+    restart_backoff_max: timedelta = setting(
+        timedelta(seconds=30),
+        "longest delay between restarts of a failing non-critical job",
+        check=positive_duration,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole authd configuration."""
+
+    node: NodeConfig = section(NodeConfig, "this node")
+    log: LogConfig = section(LogConfig, "logging")
+    daemon: DaemonConfig = section(DaemonConfig, "daemon lifecycle")

@@ -1,0 +1,158 @@
+"""The composition root: builds authd's components in order and runs them as named jobs.
+
+Lifecycle: build (nothing touches the kernel or network before the config is valid) -> run jobs in one
+``asyncio.TaskGroup`` -> READY=1 once every gating component is ready -> on SIGTERM/SIGINT, STOPPING=1 and
+cancel the jobs, waiting at most ``daemon.shutdown_timeout`` -> exit status. SIGHUP re-reads the config:
+a config that does not validate is logged and the running one stays; live-changeable keys apply at once,
+the others are reported as needing a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import structlog
+
+from authd import log as logsetup
+from authd.backoff import BackoffPolicy
+from authd.config import Config, load_config
+from authd.errors import ConfigError, DaemonError
+from authd.health import Health
+from authd.jobs import Job, Supervisor
+from authd.sdnotify import Notifier
+
+log = structlog.get_logger(__name__)
+
+ReloadHook = Callable[[Config, Config], None]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class Daemon:
+    """One authd node daemon."""
+
+    def __init__(self, config: Config, config_path: Path, *, notifier: Notifier | None = None) -> None:
+        """Wire the components from a validated config; nothing runs until :meth:`run`."""
+        self.config = config
+        self._config_path = config_path
+        self._notifier = notifier or Notifier()
+        self.health = Health()
+        daemon_cfg = config.daemon
+        self._supervisor = Supervisor(
+            self.health,
+            BackoffPolicy(
+                initial=daemon_cfg.restart_backoff_initial.total_seconds(),
+                maximum=daemon_cfg.restart_backoff_max.total_seconds(),
+            ),
+        )
+        self._jobs: list[Job] = []
+        self._reload_hooks: list[ReloadHook] = [self._apply_logging]
+        self._stop = asyncio.Event()
+
+    async def run(self) -> int:
+        """Run until stopped by a signal or a critical failure; return the process exit status."""
+        log.info("authd starting", node=self.config.node.name, config=str(self._config_path))
+        with self._signals():
+            serve = asyncio.create_task(self._serve(), name="serve")
+            stop = asyncio.create_task(self._stop.wait(), name="stop-requested")
+            await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            self._notifier.stopping()
+            if serve.done():
+                return self._exit_status(serve)
+            log.info("authd stopping")
+            serve.cancel()
+            timeout = self.config.daemon.shutdown_timeout.total_seconds()
+            done, _ = await asyncio.wait({serve}, timeout=timeout)
+            if not done:
+                log.error("shutdown timed out, exiting anyway", timeout_s=timeout)
+                return EXIT_FAILURE
+            log.info("authd stopped")
+            return EXIT_OK
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM and SIGINT do)."""
+        self._stop.set()
+
+    async def _serve(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for job in self._jobs:
+                group.create_task(self._supervisor.run(job), name=job.name)
+            group.create_task(self._announce_ready(), name="announce-ready")
+            if self._notifier.watchdog_interval is not None:
+                group.create_task(self._feed_watchdog(self._notifier.watchdog_interval), name="watchdog")
+            await asyncio.Future()  # runs until cancelled, or until a critical job fails
+
+    async def _announce_ready(self) -> None:
+        await self.health.wait_ready()
+        log.info("authd ready")
+        self._notifier.ready(self.health.summary())
+
+    async def _feed_watchdog(self, interval: float) -> None:
+        while True:
+            if self.health.healthy:
+                self._notifier.watchdog()
+            else:
+                log.warning("watchdog not fed: a component has failed", status=self.health.summary())
+            self._notifier.status(self.health.summary())
+            await asyncio.sleep(interval)
+
+    def _exit_status(self, serve: asyncio.Task[None]) -> int:
+        error = serve.exception()
+        if isinstance(error, BaseExceptionGroup):
+            failures = error.subgroup(DaemonError)
+            if failures is not None:
+                log.error("authd stopped after a critical failure", error=str(failures.exceptions[0]))
+                return EXIT_FAILURE
+            raise error
+        if error is not None:
+            raise error
+        log.info("all jobs finished")
+        return EXIT_OK
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            yield
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+
+    def reload(self) -> None:
+        """Re-read the config file; keep the running config if the new one is invalid."""
+        self._notifier.reloading()
+        try:
+            new = load_config(self._config_path)
+        except ConfigError as err:
+            log.error("config reload rejected, keeping the running config", problems=err.problems)
+            self._notifier.reloaded(self.health.summary())
+            return
+        old, self.config = self.config, new
+        for hook in self._reload_hooks:
+            hook(old, new)
+        restart_needed = _changed_sections(old, new) - {"log"}
+        if restart_needed:
+            log.warning("config reloaded; some changes need a restart", sections=sorted(restart_needed))
+        else:
+            log.info("config reloaded")
+        self._notifier.reloaded(self.health.summary())
+
+    @staticmethod
+    def _apply_logging(old: Config, new: Config) -> None:
+        if old.log != new.log:
+            logsetup.configure(new.log.level, new.log.format)
+
+
+def _changed_sections(old: Config, new: Config) -> set[str]:
+    """Top-level sections whose values differ."""
+    return {name for name in Config.__dataclass_fields__ if getattr(old, name) != getattr(new, name)}

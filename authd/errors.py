@@ -1,0 +1,79 @@
+"""The one exception hierarchy of authd.
+
+Every error authd raises on purpose derives from :class:`AuthdError`. Modules wrap the errors of the
+libraries they call at their boundary (``raise SpireError("spire: ...") from err``) so callers decide on
+one family, and the message says which subsystem failed and what it was doing::
+
+    AuthdError
+    ├── ConfigError          invalid configuration; the CLI exits with EX_CONFIG (78)
+    ├── SpiffeIdError        malformed SPIFFE ID or trust domain
+    ├── SvidError            an X509-SVID refused; ``rule`` names the rule it broke
+    ├── SpireError           a SPIRE API call failed; ``retryable`` says whether backing off can help
+    ├── ClusterStateError    cluster state that cannot be read or does not validate
+    ├── DatapathError        BPF object, map, program or tc attachment failure
+    ├── AttestError          an attestation handshake failed; ``reason`` is its low-cardinality label
+    ├── ControlError         the daemon's local control socket cannot be reached or answered badly
+    └── DaemonError          a critical job failed, or shutdown did not finish in time
+"""
+
+from __future__ import annotations
+
+
+class AuthdError(Exception):
+    """Base of every error authd raises on purpose."""
+
+
+class ConfigError(AuthdError):
+    """The configuration is invalid; ``problems`` lists every offending key path with what is expected."""
+
+    def __init__(self, problems: list[str]) -> None:
+        """Hold every problem found, so one run reports them all."""
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class SpiffeIdError(AuthdError):
+    """A SPIFFE ID or trust domain does not follow the SPIFFE-ID specification."""
+
+
+class SvidError(AuthdError):
+    """An X509-SVID was refused; ``rule`` is a short stable name of the rule it broke."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        """Name the broken rule and explain it."""
+        self.rule = rule
+        super().__init__(f"x509svid: {rule}: {detail}")
+
+
+class SpireError(AuthdError):
+    """A call to a SPIRE API failed."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        """Say whether retrying with backoff can succeed (per the Workload API spec's classification)."""
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class ClusterStateError(AuthdError):
+    """Cluster state cannot be read or does not validate."""
+
+
+class DatapathError(AuthdError):
+    """Loading, attaching or using the BPF datapath failed."""
+
+
+class AttestError(AuthdError):
+    """An attestation between nodes failed; ``reason`` is a low-cardinality label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        """Name the failure class and explain it."""
+        self.reason = reason
+        super().__init__(f"attest: {reason}: {detail}")
+
+
+class ControlError(AuthdError):
+    """The daemon's control socket cannot be reached, or the daemon answered badly."""
+
+
+class DaemonError(AuthdError):
+    """The daemon cannot continue: a critical job failed or shutdown timed out."""

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+class NotifyReceiver:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float) -> float:
+        """Return the time at which a message containing ``line`` arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line in m.splitlines() for m in self.messages):
+                return time.monotonic()
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        pytest.fail(f"no {line!r} within {timeout}s; got {self.messages}")
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyReceiver]:
+    receiver = NotifyReceiver(tmp_path / "notify.sock")
+    yield receiver
+    receiver.sock.close()
+
+
+def start_authd(config: Path, notify: NotifyReceiver, **extra_env: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), **extra_env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "authd", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def write_config(path: Path, *, level: str = "info", timeout: str = "5s") -> Path:
+    path.write_text(
+        f'[node]\nname = "node-a"\nstate_dir = "{path.parent}/state"\nruntime_dir = "{path.parent}/run"\n'
+        f'[log]\nlevel = "{level}"\nformat = "json"\n[daemon]\nshutdown_timeout = "{timeout}"\n'
+    )
+    return path
+
+
+def events(output: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_ready_then_graceful_stop_on_sigterm(tmp_path: Path, notify: NotifyReceiver) -> None:
+    proc = start_authd(write_config(tmp_path / "authd.toml", timeout="3s"), notify)
+    try:
+        notify.wait_for("READY=1", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        notify.wait_for("STOPPING=1", timeout=3)
+        assert proc.wait(timeout=3) == 0
+        assert time.monotonic() - sent < 3
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    names = [e["event"] for e in events(output)]
+    assert names.index("authd ready") < names.index("authd stopping") < names.index("authd stopped")
+
+
+def test_sighup_with_invalid_config_keeps_running(tmp_path: Path, notify: NotifyReceiver) -> None:
+    config = write_config(tmp_path / "authd.toml")
+    proc = start_authd(config, notify)
+    try:
+        notify.wait_for("READY=1", timeout=30)
+        config.write_text('[log]\nlevel = "loud"\n')
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1", timeout=5)
+        write_config(config, level="debug")
+        notify.messages.clear()
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1", timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    logged = events(output)
+    rejected = [e for e in logged if e["event"] == "config reload rejected, keeping the running config"]
+    assert rejected
+    assert rejected[0]["problems"] == [
+        'log.level: must be one of "debug", "info", "warning", "error", got "loud"'
+    ]
+    assert any(e["event"] == "config reloaded" for e in logged)
+
+
+def test_watchdog_is_fed_when_armed(tmp_path: Path, notify: NotifyReceiver) -> None:
+    config = write_config(tmp_path / "authd.toml")
+    proc = start_authd(config, notify, WATCHDOG_USEC="200000")
+    try:
+        notify.wait_for("READY=1", timeout=30)
+        notify.messages.clear()
+        notify.wait_for("WATCHDOG=1", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        proc.communicate()
