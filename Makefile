@@ -8,9 +8,12 @@ BUILD  := build
 # Debian packages the tests, the demo and the build need; installed only when missing.
 APT_PACKAGES := iproute2
 
-.PHONY: all test lint typecheck bench clean distclean system-deps venv
+.PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts
 
 all: venv
+
+# Generated files shipped inside the package; also built by hatch_build.py for pip install / pip wheel.
+artifacts:
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -26,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-venv: system-deps $(VENV)/.installed
+venv: system-deps $(VENV)/.installed artifacts
 
 lint: venv
 	$(VENV)/bin/ruff check .
