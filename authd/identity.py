@@ -2,8 +2,8 @@
 
 Stricter than some SDKs on purpose: the scheme and the trust domain must already be lowercase (no case
 folding), percent-encoding is never decoded, and a trailing newline is a bad character, not whitespace.
-Also here: the deterministic TLS server name (SNI) under which an identity is attested, and the SPIFFE ID
-convention for authd's own node identity.
+Also here: SPIRE selectors, the deterministic TLS server name (SNI) under which an identity is
+attested, and the SPIFFE ID convention for authd's own node identity.
 """
 
 from __future__ import annotations
@@ -124,6 +124,26 @@ def _check_trust_domain(domain: str) -> None:
             "spiffeid: trust domain characters are limited to lowercase letters, numbers, dots, dashes, "
             "and underscores"
         )
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Selector:
+    """A SPIRE selector such as ``unix:uid:1000``: a type (``unix``) and a value (``uid:1000``)."""
+
+    type: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        """Parse ``<type>:<value>``; the type has no colon, neither part is empty (as SPIRE requires)."""
+        kind, colon, value = text.partition(":")
+        if not colon or not kind or not value:
+            raise SpiffeIdError(f'selector: want "<type>:<value>", got {text!r}')
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        """Return ``<type>:<value>``."""
+        return f"{self.type}:{self.value}"
 
 
 def node_id(trust_domain: TrustDomain, node_name: str) -> SpiffeId:
