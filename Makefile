@@ -13,7 +13,24 @@ APT_PACKAGES := iproute2
 all: venv
 
 # Generated files shipped inside the package; also built by hatch_build.py for pip install / pip wheel.
-artifacts:
+artifacts: protos
+
+# Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto, gitignored). hatch_build.py
+# passes the build environment's Python on the command line; otherwise the project venv's is used.
+PROTO_DIR := authd/spire/_proto
+PROTO_SRC := $(wildcard $(PROTO_DIR)/*.proto)
+PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
+ifeq ($(origin PYTHON),command line)
+PROTOC_PYTHON := $(PYTHON)
+else
+PROTOC_PYTHON := $(PY)
+endif
+
+.PHONY: protos
+protos: $(PROTO_GEN)
+
+$(PROTO_DIR)/%_pb2.py: $(PROTO_DIR)/%.proto $(PROTO_SRC)
+	PATH="$(dir $(abspath $(PROTOC_PYTHON))):$$PATH" $(PROTOC_PYTHON) -m grpc_tools.protoc -I . --python_out=. --mypy_out=. $<
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -47,6 +64,7 @@ bench: venv
 
 clean:
 	rm -rf $(BUILD) dist .pytest_cache .mypy_cache .ruff_cache
+	rm -f $(PROTO_DIR)/*_pb2.py $(PROTO_DIR)/*_pb2.pyi
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean

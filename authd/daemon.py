@@ -24,6 +24,7 @@ from authd.errors import ConfigError, DaemonError
 from authd.health import Health
 from authd.jobs import Job, Supervisor
 from authd.sdnotify import Notifier
+from authd.spire.agent import IdentityPlane
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,11 @@ class Daemon:
         self._jobs: list[Job] = []
         self._reload_hooks: list[ReloadHook] = [self._apply_logging]
         self._stop = asyncio.Event()
+        # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE. Cluster state
+        # calls self.identity_plane.set_workloads() with the workloads on this node.
+        self.identity_plane = IdentityPlane.from_config(config.spire, lambda: self.health.register("svids"))
+        if self.identity_plane is not None:
+            self._jobs.extend(self.identity_plane.jobs())
 
     async def run(self) -> int:
         """Run until stopped by a signal or a critical failure; return the process exit status."""

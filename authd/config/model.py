@@ -81,9 +81,60 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpireConfig:
+    """Where the local SPIRE agent and server are reached."""
+
+    enabled: bool = setting(
+        default=True,
+        doc="fetch identities from SPIRE; false runs without any (tests of the bare daemon only)",
+    )
+    workload_socket: Path | None = setting(
+        None,
+        "SPIRE agent's Workload API socket, authd's own SVID (default: $SPIFFE_ENDPOINT_SOCKET; "
+        "neither set: SPIRE is not used)",
+        check=absolute_path,
+        example="/run/spire/agent/public/api.sock",
+    )
+    admin_socket: Path = setting(
+        Path("/run/spire/agent/private/admin.sock"),
+        "SPIRE agent's admin socket (Delegated Identity API); must not be in the Workload API socket's "
+        "directory",
+        check=absolute_path,
+    )
+    server_socket: Path = setting(
+        Path("/tmp/spire-server/private/api.sock"),  # noqa: S108 - SPIRE server's own default path
+        "SPIRE server's API socket (Entry API, used by `authd spire sync`)",
+        check=absolute_path,
+    )
+    reconnect_backoff_initial: timedelta = setting(
+        timedelta(milliseconds=200),
+        "first delay before a lost SPIRE stream is reopened",
+        check=positive_duration,
+    )
+    reconnect_backoff_max: timedelta = setting(
+        timedelta(seconds=30),
+        "longest delay between attempts to reopen a SPIRE stream",
+        check=positive_duration,
+    )
+
+    def cross_check(self) -> list[str]:
+        """SPIRE's agent refuses an admin socket inside the Workload API socket's directory; so do we."""
+        if self.workload_socket is not None and self.admin_socket.is_relative_to(self.workload_socket.parent):
+            directory = str(self.workload_socket.parent)
+            return [
+                (
+                    f"admin_socket: must not be inside the Workload API socket's directory {directory!r} "
+                    f"(SPIRE refuses that too), got {str(self.admin_socket)!r}"
+                )
+            ]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole authd configuration."""
 
     node: NodeConfig = section(NodeConfig, "this node")
     log: LogConfig = section(LogConfig, "logging")
     daemon: DaemonConfig = section(DaemonConfig, "daemon lifecycle")
+    spire: SpireConfig = section(SpireConfig, "SPIRE agent and server")

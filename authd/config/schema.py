@@ -70,7 +70,12 @@ def decode(cls: type[T], data: Mapping[str, Any], problems: list[str], prefix: s
             problems.append(f"{keypath}: {complaint}, got {_describe(data[name])}")
             continue
         values[name] = value
-    return cls(**values)
+    decoded = cls(**values)
+    # Rules spanning several keys of one table: the table's own ``cross_check()`` names the key at fault.
+    cross_check: Callable[[], list[str]] | None = getattr(decoded, "cross_check", None)
+    if cross_check is not None:
+        problems.extend(f"{prefix}{problem}" for problem in cross_check())
+    return decoded
 
 
 def _suggest(key: str, known: Mapping[str, object]) -> str:
