@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     example = config_commands.add_parser("example", help="print the documented example config")
     example.set_defaults(command=_config_example)
 
+    _add_dev_spire(commands, common)
+
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(command=_version)
     return parser
@@ -90,6 +92,70 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def _add_dev_spire(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    dev = commands.add_parser(
+        "dev-spire",
+        parents=[common],
+        help="run a SPIRE stand-in (server and one agent per node) for tests and demos",
+        description="A SPIRE server and one agent per node in one process, speaking SPIRE's gRPC APIs: "
+        "DIR/NODE/public/api.sock (Workload API), DIR/NODE/private/admin.sock (Delegated Identity API), "
+        "DIR/server/api.sock (Entry API). State (CA keys, entries) is kept in DIR/server/state.json.",
+    )
+    dev.add_argument("--dir", type=Path, required=True, help="directory for sockets and state")
+    dev.add_argument("--trust-domain", required=True, help="the trust domain, e.g. example.org")
+    dev.add_argument("--node", action="append", required=True, help="a node with an agent (repeatable)")
+    dev.add_argument("--entries", type=Path, help="TOML file of [[entry]] tables to register at start")
+    dev.add_argument("--svid-ttl", type=float, default=3600.0, help="default X509-SVID lifetime, seconds")
+    dev.add_argument(
+        "--ca-ttl", type=float, default=86400.0, help="CA lifetime, seconds (rotates at 1/2, 5/6)"
+    )
+    dev.add_argument(
+        "--authorized-delegate",
+        action="append",
+        default=[],
+        help="SPIFFE ID allowed on the Delegated Identity API (repeatable), like SPIRE's authorized_delegates",
+    )
+    dev.add_argument("--federated-trust-domain", help="a second trust domain whose bundle every agent holds")
+    dev.add_argument(
+        "--log-format", choices=["auto", "json", "console"], default="auto", help="log format (default auto)"
+    )
+    dev.set_defaults(command=_dev_spire)
+
+
+def _dev_spire(args: argparse.Namespace) -> int:
+    import datetime as dt  # noqa: PLC0415 - keep the CLI's import light
+
+    from authd import log  # noqa: PLC0415
+    from authd.config.model import node_name  # noqa: PLC0415
+    from authd.errors import SpiffeIdError  # noqa: PLC0415
+    from authd.identity import SpiffeId, TrustDomain  # noqa: PLC0415
+    from authd.spire.dev.service import DevSpireOptions, run_until_signalled  # noqa: PLC0415
+
+    problems = [f"--node {name!r}: {node_name(name)}" for name in args.node if node_name(name)]
+    try:
+        options = DevSpireOptions(
+            directory=args.dir.absolute(),
+            trust_domain=TrustDomain.parse(args.trust_domain),
+            nodes=tuple(args.node),
+            entries_file=args.entries,
+            svid_ttl=dt.timedelta(seconds=args.svid_ttl),
+            ca_ttl=dt.timedelta(seconds=args.ca_ttl),
+            authorized_delegates=tuple(SpiffeId.parse(text) for text in args.authorized_delegate),
+            federated_trust_domain=(
+                TrustDomain.parse(args.federated_trust_domain) if args.federated_trust_domain else None
+            ),
+        )
+    except SpiffeIdError as err:
+        problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
+    log.configure(args.log_level or "info", args.log_format)
+    asyncio.run(run_until_signalled(options))
+    return 0
 
 
 def _config_check(args: argparse.Namespace) -> int:
