@@ -117,7 +117,7 @@ def _add_dev_spire(
         "--authorized-delegate",
         action="append",
         default=[],
-        help="SPIFFE ID allowed on the Delegated Identity API (repeatable), like SPIRE's authorized_delegates",
+        help="SPIFFE ID allowed on the Delegated Identity API (repeatable); as SPIRE's authorized_delegates",
     )
     dev.add_argument("--federated-trust-domain", help="a second trust domain whose bundle every agent holds")
     dev.add_argument(

@@ -88,10 +88,14 @@ class Subscription:
         """Only :meth:`SvidStore.subscribe` creates subscriptions."""
         self._store = store
         self._queue: asyncio.Queue[SvidEvent] = asyncio.Queue(maxsize)
+        self._resync_pending = False
         self.dropped = 0
 
     def _offer(self, event: SvidEvent) -> int:
         """Queue ``event``; on overflow replace the backlog by one RESYNC. Return how many were dropped."""
+        if self._resync_pending:  # the consumer re-reads everything anyway
+            self.dropped += 1
+            return 1
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -99,18 +103,24 @@ class Subscription:
             while not self._queue.empty():
                 self._queue.get_nowait()
             self._queue.put_nowait(SvidEvent(EventKind.RESYNC))
+            self._resync_pending = True
             self.dropped += lost
             return lost
         return 0
 
+    def _taken(self, event: SvidEvent) -> SvidEvent:
+        if event.kind is EventKind.RESYNC:
+            self._resync_pending = False
+        return event
+
     async def get(self) -> SvidEvent:
         """Wait for the next event."""
-        return await self._queue.get()
+        return self._taken(await self._queue.get())
 
     def get_nowait(self) -> SvidEvent | None:
         """The next event if one is queued."""
         try:
-            return self._queue.get_nowait()
+            return self._taken(self._queue.get_nowait())
         except asyncio.QueueEmpty:
             return None
 
@@ -120,7 +130,7 @@ class Subscription:
 
     async def __anext__(self) -> SvidEvent:
         """The next event."""
-        return await self._queue.get()
+        return await self.get()
 
     def close(self) -> None:
         """Stop receiving events."""

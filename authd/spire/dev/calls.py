@@ -6,12 +6,14 @@ and so the caller's kernel credentials; grpcio's servers do not show Unix peer c
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from grpclib.const import Status
+from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
-from grpclib.server import Stream
+from grpclib.server import Server, Stream
 
 from authd.spire.dev.attestor import AttestationError, Caller, attest_socket
 
@@ -34,3 +36,60 @@ def attest_caller(stream: Stream[Any, Any]) -> Caller:
         return attest_socket(sock)
     except AttestationError as err:
         raise GRPCError(Status.UNAVAILABLE, "workload attestation failed") from err
+
+
+class Servable(Protocol):
+    """A set of grpclib method handlers."""
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        """Wire path -> handler."""
+        ...
+
+
+class _ClosingProtocol(asyncio.Protocol):
+    """Forwards to grpclib's protocol and remembers the live transport, so it can be closed on stop."""
+
+    def __init__(self, inner: asyncio.Protocol, live: set[asyncio.BaseTransport]) -> None:
+        self._inner = inner
+        self._live = live
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._live.add(transport)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._live.discard(self._transport)
+        self._inner.connection_lost(exc)
+
+
+class ClosingServer(Server):
+    """grpclib's server that also closes open connections on close (asyncio does so only from 3.13)."""
+
+    def __init__(self, handlers: list[Servable], **options: Any) -> None:  # noqa: ANN401
+        """Serve ``handlers``; ``options`` go to grpclib's Server (e.g. ``codec``)."""
+        super().__init__(handlers, **options)
+        self.live: set[asyncio.BaseTransport] = set()
+
+    def _protocol_factory(self) -> Any:  # noqa: ANN401 - grpclib's per-connection hook, wrapped
+        return _ClosingProtocol(super()._protocol_factory(), self.live)
+
+    def close(self) -> None:
+        """Stop accepting, cancel handlers, and close every open connection."""
+        super().close()
+        for transport in list(self.live):
+            transport.close()

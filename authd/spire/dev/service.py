@@ -19,20 +19,19 @@ import contextlib
 import datetime as dt
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import structlog
-from grpclib.const import Handler
-from grpclib.server import Server
 
 from authd.errors import ConfigError
 from authd.identity import SpiffeId, TrustDomain
 from authd.spire.dev.agent import DevAgent
 from authd.spire.dev.ca import CertificateAuthority
+from authd.spire.dev.calls import ClosingServer, Servable
 from authd.spire.dev.delegated_api import DelegatedIdentityService
 from authd.spire.dev.entry_api import EntryService
 from authd.spire.dev.registry import EntryRegistry, load_seed
@@ -95,18 +94,10 @@ class DevSpireOptions:
             raise ConfigError(problems)
 
 
-class Servable(Protocol):
-    """A set of grpclib method handlers."""
-
-    def __mapping__(self) -> Mapping[str, Handler]:
-        """Wire path -> handler."""
-        ...
-
-
 @dataclass
 class _Listener:
     path: Path
-    server: Server
+    server: ClosingServer
 
 
 def _remove_socket(path: Path) -> None:
@@ -206,7 +197,7 @@ class DevSpire:
 
     async def _listen(self, path: Path, service: Servable, directory_mode: int, socket_mode: int) -> None:
         _prepare_socket_directory(path, directory_mode)
-        server = Server([service])
+        server = ClosingServer([service])
         await server.start(path=str(path))
         os.chmod(path, socket_mode)  # noqa: PTH101 - a metadata change on a local socket, never blocks
         self._listeners.append(_Listener(path, server))

@@ -1,0 +1,145 @@
+"""Running ``authd dev-spire`` in tests: in-process (fast) or as a real process (to kill and restart it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from authd.identity import Selector, SpiffeId, TrustDomain
+from authd.spire.dev.service import DevSpire, DevSpireOptions, admin_socket, server_socket, workload_socket
+from authd.spire.endpoint import Endpoint
+from authd.svids import EventKind, Subscription, SvidEvent
+
+TD = TrustDomain("example.org")
+UID = os.getuid()
+ME = Selector("unix", f"uid:{UID}")
+AUTHD_ID = SpiffeId.parse("spiffe://example.org/authd/node-a")
+
+
+@contextlib.contextmanager
+def short_dir() -> Iterator[Path]:
+    """A fresh directory with a short path: Unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="asp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def options(directory: Path, **overrides: Any) -> DevSpireOptions:
+    """dev-spire options for one node, ``node-a``, with authd's ID as authorized delegate."""
+    values: dict[str, Any] = {
+        "directory": directory,
+        "trust_domain": TD,
+        "nodes": ("node-a",),
+        "authorized_delegates": (AUTHD_ID,),
+    }
+    values.update(overrides)
+    return DevSpireOptions(**values)
+
+
+def workload_endpoint(directory: Path, node: str = "node-a") -> Endpoint:
+    return Endpoint.unix(workload_socket(directory, node))
+
+
+def admin_endpoint(directory: Path, node: str = "node-a") -> Endpoint:
+    return Endpoint.unix(admin_socket(directory, node))
+
+
+def entry_socket(directory: Path) -> Path:
+    return server_socket(directory)
+
+
+def write_entries(path: Path, entries: list[dict[str, Any]]) -> Path:
+    """An ``--entries`` TOML file."""
+    lines = []
+    for entry in entries:
+        lines.append("[[entry]]")
+        for key, value in entry.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(opts: DevSpireOptions) -> AsyncIterator[DevSpire]:
+    """dev-spire inside the test's event loop."""
+    async with DevSpire(opts) as spire:
+        loop = asyncio.create_task(spire.serve_forever())
+        try:
+            yield spire
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+
+
+class DevSpireProcess:
+    """``authd dev-spire`` as a child process, started and stopped by the test."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+
+    async def start(self, within: float = 30.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "authd",
+            "dev-spire",
+            "--log-format",
+            "json",
+            *self.args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        await self.wait_for_log("dev-spire ready", within)
+
+    async def wait_for_log(self, event: str, within: float) -> dict[str, Any]:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(within):
+            while True:
+                line = (await self.proc.stdout.readline()).decode()
+                if not line:
+                    raise AssertionError(f"dev-spire exited before {event!r}: {self.lines}")
+                self.lines.append(line)
+                if line.startswith("{") and json.loads(line).get("event") == event:
+                    return dict(json.loads(line))
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def terminate(self, within: float = 10.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(within):
+            return await self.proc.wait()
+
+
+async def next_event(
+    events: Subscription, predicate: Callable[[SvidEvent], bool], within: float = 10.0
+) -> SvidEvent:
+    """The next store event satisfying ``predicate`` (others are skipped)."""
+    async with asyncio.timeout(within):
+        while True:
+            event = await events.get()
+            if event.kind is EventKind.RESYNC or predicate(event):
+                return event
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
