@@ -141,5 +141,12 @@ async def next_event(
                 return event
 
 
+async def until(events: Subscription, condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait, event by event, until ``condition()`` holds (checked first, then after every event)."""
+    async with asyncio.timeout(within):
+        while not condition():
+            await events.get()
+
+
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)

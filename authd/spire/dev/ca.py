@@ -46,8 +46,8 @@ class CaSlot:
 
     @property
     def lifetime(self) -> dt.timedelta:
-        """NotAfter minus NotBefore."""
-        return self.cert.not_valid_after_utc - self.cert.not_valid_before_utc
+        """From issuance (NotBefore is backdated) to NotAfter: the CA TTL."""
+        return self.cert.not_valid_after_utc - self.cert.not_valid_before_utc - BACKDATE
 
     @property
     def prepare_next_at(self) -> dt.datetime:
