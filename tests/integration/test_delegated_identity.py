@@ -20,7 +20,7 @@ from authd.spire._proto import delegatedidentity_pb2, types_pb2
 from authd.spire.agent import StreamBoard
 from authd.spire.delegated import SUBSCRIBE_X509_BUNDLES, SUBSCRIBE_X509_SVIDS, DelegatedIdentityClient
 from authd.spire.dev.registry import agent_id
-from authd.spire.dev.service import DevSpire, admin_socket, workload_socket
+from authd.spire.dev.service import admin_socket, workload_socket
 from authd.spire.dev.state import mint_svid
 from authd.spire.entries import EntryClient, RegistrationEntry
 from authd.svids import EventKind, SvidStore
@@ -53,14 +53,16 @@ PARTNER = TrustDomain("partner.org")
 class RecordingBackoff:
     """The real exponential backoff with short delays, recording what one retry loop asked of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, asked: asyncio.Event) -> None:
         self.inner = ExponentialBackoff(BackoffPolicy(initial=0.05, maximum=0.4))
+        self.asked = asked
         self.delays: list[float] = []
         self.resets = 0
 
     def next_delay(self) -> float:
         delay = self.inner.next_delay()
         self.delays.append(delay)
+        self.asked.set()
         return delay
 
     def reset(self) -> None:
@@ -73,11 +75,18 @@ class RecordingBackoffs:
 
     def __init__(self) -> None:
         self.made: list[RecordingBackoff] = []
+        self.asked = asyncio.Event()
 
     def __call__(self) -> RecordingBackoff:
-        backoff = RecordingBackoff()
+        backoff = RecordingBackoff(self.asked)
         self.made.append(backoff)
         return backoff
+
+    async def wait_for_retries(self, streams: int, retries: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.made) < streams or min(len(b.delays) for b in self.made) < retries:
+                self.asked.clear()
+                await self.asked.wait()
 
 
 async def create(directory: Path, *entries: RegistrationEntry) -> list[str]:
@@ -175,10 +184,8 @@ async def test_killed_dev_spire_keeps_last_good_svids_and_client_reconnects_with
                     assert set(before) == {W1, W2}
 
                     await spire.kill()
-                    async with asyncio.timeout(10):
-                        # Three streams (bundles and one per selector set), each retried a few times.
-                        while len(backoffs.made) < 3 or min(len(b.delays) for b in backoffs.made) < 3:
-                            await asyncio.sleep(0.05)
+                    # Three streams (bundles and one per selector set), each retried a few times.
+                    await backoffs.wait_for_retries(streams=3, retries=3)
                     # Meanwhile the last good SVIDs and bundle are still served, and health says why.
                     assert {sid: leaf_der(svid) for sid, svid in store.local_svids().items()} == before
                     assert store.bundle_for(TD) == bundle_before
@@ -420,7 +427,8 @@ async def test_refused_subscription_stops_alone() -> None:
                 directory, RegistrationEntry(AUTHD_ID, PARENT, (ME,)), RegistrationEntry(W1, PARENT, (S1,))
             )
             store = SvidStore(needs_own=False)
-            board = StreamBoard(lambda: None)
+            board_changed = asyncio.Event()
+            board = StreamBoard(board_changed.set)
             backoff = CountingBackoff()
             client = DelegatedIdentityClient(admin_endpoint(directory), store, backoff=backoff, status=board)
             bad = Selector("unix:uid", "1002")
@@ -430,7 +438,8 @@ async def test_refused_subscription_stops_alone() -> None:
                     await next_event(events, lambda e: e.kind is EventKind.ADDED and e.spiffe_id == W1)
                     async with asyncio.timeout(5):
                         while "delegated-svids[unix:uid:1002]" not in board.down:
-                            await asyncio.sleep(0.02)
+                            board_changed.clear()
+                            await board_changed.wait()
                     assert (
                         "INVALID_ARGUMENT 'could not parse provided selectors'"
                         in board.down["delegated-svids[unix:uid:1002]"]
