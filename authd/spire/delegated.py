@@ -245,16 +245,17 @@ class DelegatedIdentityClient:
     def _apply_svids(
         self, stream: _Stream, message: delegatedidentity_pb2.SubscribeToX509SVIDsResponse
     ) -> None:
-        stream.last = message
         candidates: dict[SpiffeId, list[delegatedidentity_pb2.X509SVIDWithKey]] = {}
         for item in message.x509_svids:
             try:
                 spiffe_id = spiffe_id_from_proto(item.x509_svid.id)
             except SvidError as err:
+                # Whose SVID this was is unknown, so no absence can be concluded: the message is dropped.
                 self._store.reject(SOURCE, err)
-                continue
+                return
             if spiffe_id in stream.expected:
                 candidates.setdefault(spiffe_id, []).append(item)
+        stream.last = message
         for spiffe_id in sorted(stream.expected):
             items = candidates.get(spiffe_id)
             if not items:
@@ -287,6 +288,9 @@ class _BundleHandler:
     def on_message(self, message: delegatedidentity_pb2.SubscribeToX509BundlesResponse) -> None:
         self._client._apply_bundles(message)  # noqa: SLF001 - handler and client are one unit
 
+    def on_undecodable(self) -> None:
+        self._client._store.reject(SOURCE, SvidError("undecodable", "bundle update is not valid protobuf"))  # noqa: SLF001
+
     def on_failure(self, failure: StreamFailure) -> None:
         """Bundles are public; an outage keeps them (verification needs them until SPIRE is back)."""
 
@@ -298,6 +302,9 @@ class _SvidHandler:
 
     def on_message(self, message: delegatedidentity_pb2.SubscribeToX509SVIDsResponse) -> None:
         self._client._apply_svids(self._stream, message)  # noqa: SLF001
+
+    def on_undecodable(self) -> None:
+        self._client._store.reject(SOURCE, SvidError("undecodable", "SVID update is not valid protobuf"))  # noqa: SLF001
 
     def on_failure(self, failure: StreamFailure) -> None:
         """PERMISSION_DENIED: authd is no longer an authorized delegate; stop using these SVIDs."""

@@ -93,6 +93,10 @@ class StreamHandler(Protocol[M_contra]):
         """Apply one message; must not raise for bad content (reject and count it instead)."""
         ...
 
+    def on_undecodable(self) -> None:
+        """A message arrived that is not even valid protobuf (gRPC logged the parse error)."""
+        ...
+
     def on_failure(self, failure: StreamFailure) -> None:
         """React to a failure before the retry decision (e.g. redact SVIDs on PERMISSION_DENIED)."""
         ...
@@ -115,7 +119,11 @@ async def follow(  # noqa: PLR0913 - every argument is a separate, injected coll
                 async for message in messages:
                     delays.reset()
                     status.stream_up(name)
-                    handler.on_message(message)
+                    # grpc.aio hands over None, and carries on, when a message fails to deserialize.
+                    if message is None:
+                        handler.on_undecodable()
+                    else:
+                        handler.on_message(message)
             failure = stream_ended(name)
         except (grpc.aio.AioRpcError, SpireError, OSError) as err:
             failure = classify(err, name)

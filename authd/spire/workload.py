@@ -119,6 +119,10 @@ class WorkloadApiClient:
         if self._store.set_own(context.default_svid, source=SOURCE):
             self._store.set_bundles(BundleOrigin.WORKLOAD_API, context.bundles)
 
+    def on_undecodable(self) -> None:
+        """Count a message that is not protobuf; the last good state stays."""
+        self._store.reject(SOURCE, SvidError("undecodable", "message is not a valid X509SVIDResponse"))
+
     def on_failure(self, failure: StreamFailure) -> None:
         """PERMISSION_DENIED: the agent no longer issues authd an identity; stop using the old one."""
         if failure.code is grpc.StatusCode.PERMISSION_DENIED:

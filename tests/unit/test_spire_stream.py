@@ -130,6 +130,7 @@ def test_unwrap_finds_a_spire_error_in_nested_groups() -> None:
 class Recorder:
     def __init__(self) -> None:
         self.messages: list[int] = []
+        self.undecodable = 0
         self.failures: list[StreamFailure] = []
         self.up: list[str] = []
         self.down: list[str] = []
@@ -139,6 +140,9 @@ class Recorder:
 
     def on_failure(self, failure: StreamFailure) -> None:
         self.failures.append(failure)
+
+    def on_undecodable(self) -> None:
+        self.undecodable += 1
 
     def stream_up(self, name: str) -> None:
         self.up.append(name)
@@ -172,7 +176,7 @@ async def no_sleep(delay: float) -> None:
 
 async def test_follow_retries_transient_failures_and_stops_on_invalid_argument() -> None:
     script = Script(
-        ([1, 2], rpc_error(grpc.StatusCode.UNAVAILABLE)),
+        ([1, None, 2], rpc_error(grpc.StatusCode.UNAVAILABLE)),  # type: ignore[list-item]
         ([], SpireError("spire: socket missing", retryable=True)),
         ([3], None),  # the server ended the stream: reconnect
         ([], rpc_error(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")),
@@ -184,6 +188,7 @@ async def test_follow_retries_transient_failures_and_stops_on_invalid_argument()
         await follow("test", script.open, recorder, backoff=backoff, status=recorder, sleep=no_sleep)
     assert not caught.value.retryable
     assert recorder.messages == [1, 2, 3, 4]
+    assert recorder.undecodable == 1  # grpc.aio yields None for a message it could not parse
     assert [f.code for f in recorder.failures] == [
         grpc.StatusCode.UNAVAILABLE,
         None,
@@ -193,7 +198,7 @@ async def test_follow_retries_transient_failures_and_stops_on_invalid_argument()
     ]
     assert script.opened == 5
     assert backoff.delays == 4  # one wait per retried failure, none after the refusal
-    assert backoff.resets == 4  # every message resets the backoff
+    assert backoff.resets == 5  # every message received resets the backoff
     assert len(recorder.down) == 5
 
 
