@@ -1,0 +1,93 @@
+"""``authd run`` with SPIRE: READY=1 waits for authd's own SVID and the bundles, even if the agent is late."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from tests.integration.devspire import AUTHD_ID, ME, DevSpireProcess, short_dir, write_entries
+
+
+class AsyncNotifyReceiver:
+    """systemd's NOTIFY_SOCKET, read without blocking the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)  # noqa: FBT003 - socket API
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    async def wait_for(self, line: str, within: float) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(within):
+            while not any(line in message.splitlines() for message in self.drain()):
+                self.messages.append((await loop.sock_recv(self.sock, 4096)).decode())
+
+
+async def wait_for_log(proc: asyncio.subprocess.Process, event: str, within: float) -> dict[str, object]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(within):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            assert line, f"authd exited before logging {event!r}"
+            if line.startswith("{") and json.loads(line).get("event") == event:
+                return dict(json.loads(line))
+
+
+async def test_authd_becomes_ready_once_spire_serves_its_identity() -> None:
+    with short_dir() as directory:
+        seed = write_entries(
+            directory / "entries.toml",
+            [{"spiffe_id": str(AUTHD_ID), "node": "node-a", "selectors": [str(ME)]}],
+        )
+        config = directory / "authd.toml"
+        config.write_text(
+            f'[node]\nname = "node-a"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
+            '[log]\nformat = "json"\n'
+            f'[spire]\nworkload_socket = "{directory}/node-a/public/api.sock"\n'
+            f'admin_socket = "{directory}/node-a/private/admin.sock"\n'
+            'reconnect_backoff_initial = "50ms"\nreconnect_backoff_max = "300ms"\n'
+        )
+        notify = AsyncNotifyReceiver(directory / "notify.sock")
+        env = {key: value for key, value in os.environ.items() if key != "SPIFFE_ENDPOINT_SOCKET"}
+        authd = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "authd", "run", "--config", str(config),
+            env={**env, "NOTIFY_SOCKET": str(notify.path)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        spire = DevSpireProcess(
+            ["--dir", str(directory), "--trust-domain", "example.org", "--node", "node-a", "--entries", str(seed),
+             "--authorized-delegate", str(AUTHD_ID)]
+        )  # fmt: skip
+        try:
+            # The agent is not there yet: authd runs, retries, and does not claim to be ready.
+            lost = await wait_for_log(authd, "spire stream lost, reconnecting", within=30)
+            assert "does not exist" in str(lost["error"])
+            assert "READY=1" not in "\n".join(notify.drain())
+
+            await spire.start()
+            await notify.wait_for("READY=1", within=30)
+
+            authd.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                assert await authd.wait() == 0
+        finally:
+            if authd.returncode is None:
+                authd.kill()
+                await authd.wait()
+            await spire.kill()
+            notify.sock.close()
