@@ -70,8 +70,8 @@ async def test_authd_becomes_ready_once_spire_serves_its_identity() -> None:
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         spire = DevSpireProcess(
-            ["--dir", str(directory), "--trust-domain", "example.org", "--node", "node-a", "--entries", str(seed),
-             "--authorized-delegate", str(AUTHD_ID)]
+            ["--dir", str(directory), "--trust-domain", "example.org", "--node", "node-a",
+             "--entries", str(seed), "--authorized-delegate", str(AUTHD_ID)]
         )  # fmt: skip
         try:
             # The agent is not there yet: authd runs, retries, and does not claim to be ready.
