@@ -10,8 +10,9 @@ What it holds:
   same agent, so they agree wherever they overlap.
 
 Writers are the SPIRE clients. They parse each message into domain objects and hand them over, or hand
-over the refusal (:meth:`SvidStore.reject`): a bad update is logged and counted in :class:`StoreStats`
-and the last good state stays. Nothing a SPIRE message contains can raise out of the store.
+over the refusal (:meth:`SvidStore.reject`): a bad update is counted in :class:`StoreStats`, logged at
+a limited rate, and the last good state stays. Nothing a SPIRE message contains can raise out of the
+store.
 
 Readers use :meth:`own_svid`, :meth:`svid_for`, :meth:`local_svids`, :meth:`bundle_for` and
 :meth:`bundles`, and :meth:`subscribe` for events. A subscription is a bounded queue: a consumer too
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +44,7 @@ log = structlog.get_logger(__name__)
 Clock = Callable[[], datetime]
 
 DEFAULT_QUEUE = 1024
+REJECT_LOG_INTERVAL = 10.0  # seconds between two logs of the same rejection (every one is counted)
 
 
 class EventKind(enum.StrEnum):
@@ -151,7 +154,12 @@ class SvidStore:
     """The latest SVIDs and bundles, their readiness, and their change events."""
 
     def __init__(
-        self, *, needs_own: bool = True, needs_bundles: bool = True, clock: Clock | None = None
+        self,
+        *,
+        needs_own: bool = True,
+        needs_bundles: bool = True,
+        clock: Clock | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``needs_*``: what must have arrived once before the store is ready."""
         self._needs_own = needs_own
@@ -163,6 +171,9 @@ class SvidStore:
         self._bundles = BundleSet({})
         self._subscriptions: list[Subscription] = []
         self._ready = asyncio.Event()
+        self._monotonic = monotonic
+        self._logged_at: dict[tuple[str, str], float] = {}
+        self._log_suppressed: collections.Counter[tuple[str, str]] = collections.Counter()
         self.stats = StoreStats()
 
     # ------------------------------------------------------------------------------------------ reading
@@ -211,13 +222,20 @@ class SvidStore:
     # ------------------------------------------------------------------------------------------ writing
 
     def reject(self, source: str, error: SvidError) -> None:
-        """Count and log an update refused by its parser; the state stays as it was."""
-        self.stats.rejected[source, error.rule] += 1
+        """Count an update refused by its parser, and log it (once per source and rule per interval)."""
+        key = (source, error.rule)
+        self.stats.rejected[key] += 1
+        now = self._monotonic()
+        if now - self._logged_at.get(key, -REJECT_LOG_INTERVAL) < REJECT_LOG_INTERVAL:
+            self._log_suppressed[key] += 1
+            return
+        self._logged_at[key] = now
         log.warning(
             "spire update rejected, keeping the last good state",
             source=source,
             rule=error.rule,
             error=str(error),
+            suppressed=self._log_suppressed.pop(key, 0),
         )
 
     def set_own(self, svid: X509Svid, *, source: str = "workload-api") -> bool:

@@ -86,7 +86,7 @@ async def test_svids_health_is_ready_then_degraded_while_spire_is_away_then_read
         assert plane is not None
         plane.set_workloads({W1: [S1]})
         (svids,) = components
-        tasks = [asyncio.create_task(job.run()) for job in plane.jobs()]
+        tasks = [asyncio.ensure_future(job.run()) for job in plane.jobs()]
         try:
             async with running(options(directory)):
                 async with EntryClient(entry_socket(directory)) as client:

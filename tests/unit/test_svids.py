@@ -22,8 +22,8 @@ def ca() -> FakeCA:
     return FakeCA.create("example.org")
 
 
-def store_at(now: dt.datetime = NOW, **kwargs: bool) -> SvidStore:
-    return SvidStore(clock=lambda: now, **kwargs)
+def store_at(now: dt.datetime = NOW, *, needs_own: bool = True) -> SvidStore:
+    return SvidStore(clock=lambda: now, needs_own=needs_own)
 
 
 def is_ready(store: SvidStore) -> bool:
@@ -106,11 +106,21 @@ def test_svid_under_the_wrong_id_is_rejected(ca: FakeCA) -> None:
     assert store.stats.rejected["delegated-identity-api", "unexpected-id"] == 1
 
 
-def test_reject_counts_by_source_and_rule() -> None:
-    store = store_at()
+def test_reject_counts_every_one_and_logs_at_a_limited_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    clock = [100.0]
+    store = SvidStore(clock=lambda: NOW, monotonic=lambda: clock[0])
+    for _ in range(5):
+        store.reject("workload-api", SvidError("malformed-certificate", "garbage"))
+    store.reject("workload-api", SvidError("expired", "old"))
+    clock[0] += 11
     store.reject("workload-api", SvidError("malformed-certificate", "garbage"))
-    store.reject("workload-api", SvidError("malformed-certificate", "garbage"))
-    assert store.stats.rejected == {("workload-api", "malformed-certificate"): 2}
+    assert store.stats.rejected == {
+        ("workload-api", "malformed-certificate"): 6,
+        ("workload-api", "expired"): 1,
+    }
+    logged = [line for line in capsys.readouterr().out.splitlines() if "spire update rejected" in line]
+    assert len(logged) == 3
+    assert "suppressed=4" in logged[2]
 
 
 def test_local_svids_is_a_snapshot(ca: FakeCA) -> None:
