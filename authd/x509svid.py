@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Protocol, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -136,11 +137,15 @@ def parse_svid(chain_der: Sequence[bytes], key_der: bytes, hint: str = "") -> X5
     spiffe_id = check_shape(chain)
     try:
         key = serialization.load_der_private_key(key_der, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise SvidError("malformed-key", f"cannot parse PKCS#8 private key: {err}") from err
     if not isinstance(key, PrivateKey):
         raise SvidError("malformed-key", f"unsupported private key type {type(key).__name__}")
-    if _spki(key.public_key()) != _spki(chain[0].public_key()):
+    try:
+        leaf_key = chain[0].public_key()
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise SvidError("malformed-key", f"cannot read the leaf's public key: {err}") from err
+    if _spki(key.public_key()) != _spki(leaf_key):
         raise SvidError("key-mismatch", "leaf certificate does not match private key")
     return X509Svid(spiffe_id, chain, key, hint)
 

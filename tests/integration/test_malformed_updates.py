@@ -47,6 +47,15 @@ def key(svid: X509Svid) -> bytes:
     )
 
 
+EC_PUBLIC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")  # id-ecPublicKey, 1.2.840.10045.2.1
+
+
+def unknown_algorithm(data: bytes) -> bytes:
+    """The same DER with id-ecPublicKey turned into an algorithm nobody supports (1.2.840.10045.2.127)."""
+    at = data.index(EC_PUBLIC_KEY_OID) + len(EC_PUBLIC_KEY_OID) - 1
+    return data[:at] + b"\x7f" + data[at + 1 :]
+
+
 def real_time_leaf(issuer: FakeCA, spiffe_id: str, **overrides: object) -> X509Svid:
     """A leaf valid around the real clock (the clients check expiry against it)."""
     now = dt.datetime.now(dt.UTC)
@@ -119,6 +128,8 @@ async def test_workload_api_garbage_is_rejected_and_last_good_svid_kept(agent: F
         ("malformed-certificate", svid_response(good, bundle=bundle, x509_svid=b"not DER at all")),
         ("empty-chain", svid_response(good, bundle=bundle, x509_svid=b"")),
         ("malformed-key", svid_response(good, bundle=bundle, x509_svid_key=b"\x30\x00")),
+        ("malformed-key", svid_response(good, bundle=bundle, x509_svid_key=unknown_algorithm(key(good)))),
+        ("malformed-key", svid_response(good, bundle=bundle, x509_svid=unknown_algorithm(der(good)))),
         ("key-mismatch", svid_response(good, bundle=bundle, x509_svid_key=key(stranger))),
         ("spiffe-id-mismatch", svid_response(stranger, bundle=bundle)),
         ("spiffe-id", svid_response(good, bundle=bundle, spiffe_id="spiffe://Example.org/authd/node-a")),
@@ -214,6 +225,8 @@ async def test_delegated_garbage_is_rejected_and_last_good_state_kept(agent: Fak
         ("empty-chain", delegated(item(good, chain=[]))),
         ("key-mismatch", delegated(item(good, private_key=key(real_time_leaf(ca, str(WEB)))))),
         ("malformed-key", delegated(item(good, private_key=b"\x30\x00"))),
+        ("malformed-key", delegated(item(good, private_key=unknown_algorithm(key(good))))),
+        ("malformed-key", delegated(item(good, chain=[unknown_algorithm(der(good))]))),
         ("spiffe-id-mismatch", delegated(item(real_time_leaf(ca, "spiffe://example.org/db"), WEB))),
         ("spiffe-id", delegated(item(good), delegatedidentity_pb2.X509SVIDWithKey())),
         ("expired", delegated(item(real_time_leaf(ca, str(WEB), not_after=SOON - dt.timedelta(seconds=5))))),
