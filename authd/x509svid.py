@@ -305,7 +305,8 @@ def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
-    except ValueError as err:  # duplicate or undecodable extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as err:
+        # Undecodable or duplicate extensions: raised on first access, and not all are ValueErrors.
         raise SvidError("malformed-certificate", f"bad {kind.__name__} extension: {err}") from err
 
 

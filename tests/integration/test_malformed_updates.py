@@ -56,6 +56,39 @@ def unknown_algorithm(data: bytes) -> bytes:
     return data[:at] + b"\x7f" + data[at + 1 :]
 
 
+def _tlv(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    if length < 0x80:
+        return bytes([tag, length]) + content
+    size = (length.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + length.to_bytes(size, "big") + content
+
+
+def _children(data: bytes) -> list[bytes]:
+    """The TLVs inside one DER constructed value (tag, length, content each)."""
+    first = data[1]
+    offset = 2 + (first & 0x7F if first & 0x80 else 0)
+    parts = []
+    while offset < len(data):
+        length, header = data[offset + 1], 2
+        if length & 0x80:
+            size = length & 0x7F
+            length, header = int.from_bytes(data[offset + 2 : offset + 2 + size], "big"), 2 + size
+        parts.append(data[offset : offset + header + length])
+        offset += header + length
+    return parts
+
+
+def duplicate_extension(certificate: bytes) -> bytes:
+    """The certificate with its first extension repeated (the signature no longer matters)."""
+    tbs, algorithm, signature = _children(certificate)
+    *fields, wrapped = _children(tbs)
+    (extensions,) = _children(wrapped)
+    items = _children(extensions)
+    new_tbs = _tlv(0x30, b"".join(fields) + _tlv(0xA3, _tlv(0x30, b"".join([*items, items[0]]))))
+    return _tlv(0x30, new_tbs + algorithm + signature)
+
+
 def real_time_leaf(issuer: FakeCA, spiffe_id: str, **overrides: object) -> X509Svid:
     """A leaf valid around the real clock (the clients check expiry against it)."""
     now = dt.datetime.now(dt.UTC)
@@ -130,6 +163,10 @@ async def test_workload_api_garbage_is_rejected_and_last_good_svid_kept(agent: F
         ("malformed-key", svid_response(good, bundle=bundle, x509_svid_key=b"\x30\x00")),
         ("malformed-key", svid_response(good, bundle=bundle, x509_svid_key=unknown_algorithm(key(good)))),
         ("malformed-key", svid_response(good, bundle=bundle, x509_svid=unknown_algorithm(der(good)))),
+        (
+            "malformed-certificate",
+            svid_response(good, bundle=bundle, x509_svid=duplicate_extension(der(good))),
+        ),
         ("key-mismatch", svid_response(good, bundle=bundle, x509_svid_key=key(stranger))),
         ("spiffe-id-mismatch", svid_response(stranger, bundle=bundle)),
         ("spiffe-id", svid_response(good, bundle=bundle, spiffe_id="spiffe://Example.org/authd/node-a")),
@@ -227,6 +264,7 @@ async def test_delegated_garbage_is_rejected_and_last_good_state_kept(agent: Fak
         ("malformed-key", delegated(item(good, private_key=b"\x30\x00"))),
         ("malformed-key", delegated(item(good, private_key=unknown_algorithm(key(good))))),
         ("malformed-key", delegated(item(good, chain=[unknown_algorithm(der(good))]))),
+        ("malformed-certificate", delegated(item(good, chain=[duplicate_extension(der(good))]))),
         ("spiffe-id-mismatch", delegated(item(real_time_leaf(ca, "spiffe://example.org/db"), WEB))),
         ("spiffe-id", delegated(item(good), delegatedidentity_pb2.X509SVIDWithKey())),
         ("expired", delegated(item(real_time_leaf(ca, str(WEB), not_after=SOON - dt.timedelta(seconds=5))))),
