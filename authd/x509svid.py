@@ -296,7 +296,7 @@ def split_der(data: bytes) -> list[bytes]:
 def _load_certificate(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as err:
+    except (ValueError, x509.InvalidVersion) as err:
         raise SvidError("malformed-certificate", f"cannot parse DER certificate: {err}") from err
 
 

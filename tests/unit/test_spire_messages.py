@@ -1,0 +1,142 @@
+"""Fuzz-ish: randomly damaged SPIRE messages are parsed into domain objects or refused with SvidError, never
+anything else (an unexpected exception type would escape the clients' handlers and stop the daemon)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from authd.errors import SvidError
+from authd.spire._proto import delegatedidentity_pb2, types_pb2, workload_pb2
+from authd.spire.bundles import parse_bundle_map
+from authd.spire.delegated import parse_svid_with_key
+from authd.spire.workload import parse_x509_svid_response
+from authd.x509svid import X509Svid
+from tests.fakes.ca import NOW
+from tests.fakes.ca import TestCA as FakeCA
+
+ROUNDS = 400
+
+
+def damage(data: bytes, rng: random.Random) -> bytes:
+    """One random kind of damage: flipped bytes, truncation, an inserted run, or a splice."""
+    if not data:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
+    kind = rng.randrange(4)
+    if kind == 0:
+        mutable = bytearray(data)
+        for _ in range(rng.randrange(1, 4)):
+            mutable[rng.randrange(len(mutable))] = rng.randrange(256)
+        return bytes(mutable)
+    if kind == 1:
+        return data[: rng.randrange(len(data))]
+    if kind == 2:
+        at = rng.randrange(len(data))
+        return data[:at] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 16))) + data[at:]
+    at = rng.randrange(len(data))
+    return data[at:] + data[:at]
+
+
+def der(svid: X509Svid) -> bytes:
+    return b"".join(cert.public_bytes(serialization.Encoding.DER) for cert in svid.chain)
+
+
+def pkcs8(svid: X509Svid) -> bytes:
+    return svid.private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.fixture(scope="module")
+def material() -> tuple[FakeCA, X509Svid]:
+    """A root CA, and an SVID issued under an intermediate (so chains have two certificates)."""
+    root = FakeCA.create("example.org")
+    return root, root.intermediate().mint("spiffe://example.org/authd/node-a")
+
+
+def test_damaged_workload_api_responses_parse_or_are_refused(material: tuple[FakeCA, X509Svid]) -> None:
+    root, svid = material
+    root_der = root.cert.public_bytes(serialization.Encoding.DER)
+    rng = random.Random(1234)
+    good = {"x509_svid": der(svid), "x509_svid_key": pkcs8(svid), "bundle": root_der}
+    control = workload_pb2.X509SVIDResponse(
+        svids=[workload_pb2.X509SVID(spiffe_id=str(svid.spiffe_id), **good)]
+    )
+    assert parse_x509_svid_response(control, at=NOW).default_svid.spiffe_id == svid.spiffe_id
+    refused = 0
+    for _ in range(ROUNDS):
+        fields = dict(good)
+        target = rng.choice(["x509_svid", "x509_svid_key", "bundle"])
+        fields[target] = damage(fields[target], rng)
+        message = workload_pb2.X509SVIDResponse(
+            svids=[workload_pb2.X509SVID(spiffe_id=str(svid.spiffe_id), **fields)],
+            federated_bundles={"spiffe://partner.org": damage(root_der, rng)} if rng.random() < 0.3 else {},
+        )
+        try:
+            parse_x509_svid_response(message, at=NOW)
+        except SvidError:
+            refused += 1
+    assert refused > ROUNDS * 0.9  # nearly every damage is caught (a few land where DER ignores them)
+
+
+def test_damaged_delegated_svids_parse_or_are_refused(material: tuple[FakeCA, X509Svid]) -> None:
+    _, svid = material
+    rng = random.Random(5678)
+    chain = [cert.public_bytes(serialization.Encoding.DER) for cert in svid.chain]
+    control = delegatedidentity_pb2.X509SVIDWithKey(
+        x509_svid=types_pb2.X509SVID(
+            cert_chain=chain, id=types_pb2.SPIFFEID(trust_domain="example.org", path="/authd/node-a")
+        ),
+        x509_svid_key=pkcs8(svid),
+    )
+    assert parse_svid_with_key(control).spiffe_id == svid.spiffe_id
+    for _ in range(ROUNDS):
+        certs = list(chain)
+        key = pkcs8(svid)
+        if rng.random() < 0.5:
+            index = rng.randrange(len(certs))
+            certs[index] = damage(certs[index], rng)
+        else:
+            key = damage(key, rng)
+        item = delegatedidentity_pb2.X509SVIDWithKey(
+            x509_svid=types_pb2.X509SVID(
+                cert_chain=certs, id=types_pb2.SPIFFEID(trust_domain="example.org", path="/authd/node-a")
+            ),
+            x509_svid_key=key,
+        )
+        try:
+            parse_svid_with_key(item)
+        except SvidError:
+            pass
+
+
+def test_damaged_bundle_maps_parse_or_are_refused(material: tuple[FakeCA, X509Svid]) -> None:
+    root, svid = material
+    bundle = b"".join(cert.public_bytes(serialization.Encoding.DER) for cert in (root.cert, *svid.chain[1:]))
+    rng = random.Random(91011)
+    keys = ["spiffe://example.org", "example.org", "spiffe://example.org/x", "EXAMPLE.org", "", "spiffe://"]
+    for _ in range(ROUNDS):
+        entries = {rng.choice(keys): damage(bundle, rng) if rng.random() < 0.8 else bundle}
+        try:
+            parse_bundle_map(entries)
+        except SvidError:
+            pass
+
+
+def test_expired_default_svid_is_refused(material: tuple[FakeCA, X509Svid]) -> None:
+    root, svid = material
+    message = workload_pb2.X509SVIDResponse(
+        svids=[
+            workload_pb2.X509SVID(
+                spiffe_id=str(svid.spiffe_id),
+                x509_svid=der(svid),
+                x509_svid_key=pkcs8(svid),
+                bundle=root.cert.public_bytes(serialization.Encoding.DER),
+            )
+        ]
+    )
+    with pytest.raises(SvidError):
+        parse_x509_svid_response(message, at=NOW + dt.timedelta(days=400))
