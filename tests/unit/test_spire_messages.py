@@ -72,9 +72,7 @@ def test_damaged_workload_api_responses_parse_or_are_refused(material: tuple[Fak
     root_der = root.cert.public_bytes(serialization.Encoding.DER)
     rng = random.Random(1234)
     good = {"x509_svid": der(svid), "x509_svid_key": pkcs8(svid), "bundle": root_der}
-    control = workload_pb2.X509SVIDResponse(
-        svids=[workload_pb2.X509SVID(spiffe_id=str(svid.spiffe_id), **good)]
-    )
+    control = workload_pb2.X509SVIDResponse(svids=[item(str(svid.spiffe_id), good)])
     assert parse_x509_svid_response(control, at=NOW).default_svid.spiffe_id == svid.spiffe_id
     refused = 0
     for _ in range(ROUNDS):
