@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import grpc
 import structlog
@@ -32,7 +31,7 @@ from authd.spire._proto import delegatedidentity_pb2, types_pb2
 from authd.spire.bundles import parse_bundle_map
 from authd.spire.endpoint import Endpoint
 from authd.spire.stream import Sleep, StreamFailure, StreamStatus, follow, unwrap_spire_error
-from authd.svids import BundleOrigin, Clock, SvidStore
+from authd.svids import BundleOrigin, SvidStore
 from authd.x509svid import X509Svid, parse_svid
 
 log = structlog.get_logger(__name__)
@@ -90,22 +89,20 @@ class _Stream:
 class DelegatedIdentityClient:
     """Keeps local workload SVIDs and all bundles in the store, following the wanted workloads."""
 
-    def __init__(  # noqa: PLR0913 - collaborators are injected, not looked up
+    def __init__(
         self,
         endpoint: Endpoint,
         store: SvidStore,
         *,
         backoff: BackoffFactory,
         status: StreamStatus,
-        clock: Clock | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        """Nothing connects until :meth:`run`; workloads may be set before."""
+        """Nothing connects until :meth:`run`; workloads may be set before (the store checks expiry)."""
         self._endpoint = endpoint
         self._store = store
         self._backoff = backoff
         self._status = status
-        self._clock = clock or (lambda: datetime.now(UTC))
         self._sleep = sleep
         self._wanted: dict[SpiffeId, SelectorSet] = {}
         self._streams: dict[SelectorSet, _Stream] = {}
