@@ -4,9 +4,10 @@ The Workload API address comes from config or from ``SPIFFE_ENDPOINT_SOCKET`` (S
 section 4): ``unix:///abs/path`` (also ``unix:/abs/path``), ``tcp://<IP>:<port>``, or, as a convenience,
 a plain absolute path. Admin and server sockets are always Unix socket paths.
 
-Every connection attempt gets a fresh channel: gRPC's own reconnect backoff (up to two minutes) would
-otherwise keep failing calls long after the agent is back, and the one backoff that decides when to
-retry is :mod:`authd.backoff`, driven by :mod:`authd.spire.stream`.
+Every connection attempt gets a fresh channel with its own connection: gRPC's own reconnect backoff (up
+to two minutes) would otherwise keep failing calls long after the agent is back, and the one backoff that
+decides when to retry is :mod:`authd.backoff`, driven by :mod:`authd.spire.stream`. The price is one Unix
+socket connection per open stream (one per distinct selector set of the node's workloads).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Unix sockets need no name resolution or proxies; keep gRPC from looking for either.
     ("grpc.enable_http_proxy", 0),
+    # By default gRPC shares one connection among all channels to the same target, with its own
+    # reconnect backoff. A channel of its own per stream attempt keeps streams independent and leaves
+    # the retry timing to authd's backoff.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 

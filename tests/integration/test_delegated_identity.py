@@ -331,6 +331,34 @@ async def test_federated_bundles_are_held_per_trust_domain() -> None:
             assert list(response.federates_with) == ["spiffe://partner.org"]
 
 
+async def test_more_workloads_than_one_http2_connection_carries_streams() -> None:
+    # h2 allows 100 concurrent streams per connection by default and gRPC shares one connection among
+    # channels to the same target: both limits must be out of the way (SPIRE's server has none).
+    count = 120
+    workloads = {
+        SpiffeId.parse(f"spiffe://example.org/w{i}"): Selector("unix", f"uid:{20000 + i}")
+        for i in range(count)
+    }
+    with short_dir() as directory:
+        async with running(options(directory)):
+            await create(
+                directory,
+                RegistrationEntry(AUTHD_ID, PARENT, (ME,)),
+                *(
+                    RegistrationEntry(spiffe_id, PARENT, (selector,))
+                    for spiffe_id, selector in workloads.items()
+                ),
+            )
+            store = SvidStore(needs_own=False)
+            client = DelegatedIdentityClient(
+                admin_endpoint(directory), store, backoff=CountingBackoff(), status=StreamBoard(lambda: None)
+            )
+            client.set_workloads({spiffe_id: [selector] for spiffe_id, selector in workloads.items()})
+            with store.subscribe() as events:
+                async with background(client.run()):
+                    await until(events, lambda: len(store.local_svids()) == count, within=30)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

@@ -14,10 +14,12 @@ from typing import Any, Protocol
 from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from authd.spire.dev.attestor import AttestationError, Caller, attest_socket
 
 SECURITY_HEADER = "workload.spiffe.io"
+UNLIMITED_STREAMS = 2**31 - 1
 
 
 def require_security_header(stream: Stream[Any, Any]) -> None:
@@ -58,6 +60,11 @@ class _ClosingProtocol(asyncio.Protocol):
         self._transport = transport
         self._live.add(transport)
         self._inner.connection_made(transport)
+        # h2 advertises at most 100 concurrent streams per connection; SPIRE's grpc-go server sets no
+        # limit, and a client multiplexing more streams must not stall here when it would not there.
+        connection = self._inner.connection  # type: ignore[attr-defined]  # grpclib's H2Protocol
+        connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: UNLIMITED_STREAMS})  # noqa: SLF001
+        connection.flush()
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)

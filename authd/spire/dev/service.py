@@ -198,7 +198,7 @@ class DevSpire:
     async def _listen(self, path: Path, service: Servable, directory_mode: int, socket_mode: int) -> None:
         _prepare_socket_directory(path, directory_mode)
         server = ClosingServer([service])
-        await server.start(path=str(path))
+        await server.start(path=str(path), backlog=1024)
         os.chmod(path, socket_mode)  # noqa: PTH101 - a metadata change on a local socket, never blocks
         self._listeners.append(_Listener(path, server))
 
