@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
-APT_PACKAGES := iproute2
+APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev gcc iperf3
 
 .PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts
 
@@ -14,6 +14,7 @@ all: venv
 
 # Generated files shipped inside the package; also built by hatch_build.py for pip install / pip wheel.
 artifacts:
+	$(MAKE) --no-print-directory -C bpf
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
