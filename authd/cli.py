@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from authd import __version__
 from authd.errors import AuthdError, ConfigError
+
+if TYPE_CHECKING:
+    from authd.config import Config
+    from authd.datapath.maps import PinnedMaps
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 DEFAULT_CONFIG = Path("/etc/authd/authd.toml")
@@ -71,9 +77,167 @@ def _parser() -> argparse.ArgumentParser:
     example = config_commands.add_parser("example", help="print the documented example config")
     example.set_defaults(command=_config_example)
 
+    _add_observe(commands, with_config)
+    _add_bpf(commands, with_config)
+
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(command=_version)
     return parser
+
+
+def _add_observe(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    observe = commands.add_parser(
+        "observe",
+        parents=[parent],
+        help="show policy-verdict flows from the running daemon (like hubble observe)",
+    )
+    observe.add_argument("--json", action="store_true", help="one JSON object per line")
+    observe.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
+    observe.add_argument(
+        "--last", type=int, metavar="N", help="the last N flows (default 20; 0 with --follow)"
+    )
+    observe.add_argument(
+        "--identity", metavar="ID", help="only flows with this SPIFFE ID or handle on either side"
+    )
+    observe.add_argument("--verdict", choices=["allowed", "denied"], help="only flows with this verdict")
+    observe.add_argument("--direction", choices=["ingress", "egress"], help="only flows in this direction")
+    observe.set_defaults(command=_observe)
+
+
+def _observe(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+    from authd.flows import Flow, render  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    client = ControlClient(socket_path(config.node.runtime_dir), timeout=None if args.follow else 10.0)
+    request = {
+        "follow": args.follow,
+        "last": args.last,
+        "identity": args.identity,
+        "verdict": args.verdict,
+        "direction": args.direction,
+    }
+    for response in client.request("observe", **request):
+        if "lost" in response:
+            print(f"authd: {response['lost']} flows lost (this client was too slow)", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(response), flush=args.follow)
+        else:
+            print(render(Flow.from_json(response)), flush=args.follow)
+    return 0
+
+
+def _add_bpf(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    bpf = commands.add_parser("bpf", help="inspect the pinned BPF maps (works while the daemon is down)")
+    groups = bpf.add_subparsers(title="bpf commands", metavar="COMMAND", required=True)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    auth = groups.add_parser("auth", help="the auth map")
+    auth_commands = auth.add_subparsers(title="auth commands", metavar="COMMAND", required=True)
+    auth_commands.add_parser("list", parents=[parent, as_json], help="list auth entries").set_defaults(
+        command=_bpf_auth_list
+    )
+    auth_commands.add_parser("flush", parents=[parent], help="delete every auth entry").set_defaults(
+        command=_bpf_auth_flush
+    )
+    for name, function, text in (
+        ("ipcache", _bpf_ipcache, "the ipcache (prefix -> identity, node)"),
+        ("policy", _bpf_policy, "the policy map"),
+    ):
+        group = groups.add_parser(name, help=text)
+        sub = group.add_subparsers(title=f"{name} commands", metavar="COMMAND", required=True)
+        sub.add_parser("list", parents=[parent, as_json], help=f"list {name} entries").set_defaults(
+            command=function
+        )
+    groups.add_parser("counters", parents=[parent, as_json], help="datapath counters").set_defaults(
+        command=_bpf_counters
+    )
+    groups.add_parser(
+        "unload", parents=[parent], help="detach the programs from every interface and remove the pins"
+    ).set_defaults(command=_bpf_unload)
+
+
+def _config_or_defaults(path: Path) -> Config:
+    """The config at ``path``; built-in defaults when the default file does not exist."""
+    from authd.config import Config, load_config  # noqa: PLC0415
+
+    if path == DEFAULT_CONFIG and not path.exists():
+        return Config()
+    return load_config(path)
+
+
+def _print_rows(args: argparse.Namespace, rows: list[dict[str, object]], columns: list[str]) -> None:
+    from authd.datapath.inspect import table  # noqa: PLC0415
+
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(table(rows, columns))
+
+
+def _bpf_maps(args: argparse.Namespace) -> PinnedMaps:
+    from authd.datapath.maps import PinnedMaps  # noqa: PLC0415
+
+    return PinnedMaps(_config_or_defaults(args.config).datapath.pin_dir)
+
+
+def _bpf_auth_list(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import auth_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(
+            args, auth_rows(maps), ["local", "remote", "remote_node", "auth_type", "expires", "expired"]
+        )
+    return 0
+
+
+def _bpf_auth_flush(args: argparse.Namespace) -> int:
+    with _bpf_maps(args) as maps:
+        print(f"deleted {maps.auth.flush()} auth entries")
+    return 0
+
+
+def _bpf_ipcache(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import ipcache_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(args, ipcache_rows(maps), ["prefix", "identity", "node"])
+    return 0
+
+
+def _bpf_policy(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import policy_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(args, policy_rows(maps), ["local", "remote", "direction", "auth_type"])
+    return 0
+
+
+def _bpf_counters(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import counter_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(args, counter_rows(maps), ["counter", "value"])
+    return 0
+
+
+def _bpf_unload(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import unload  # noqa: PLC0415
+
+    pin_dir = _config_or_defaults(args.config).datapath.pin_dir
+    result = unload(pin_dir)
+    if not result.interfaces and not result.pins:
+        print(f"nothing to unload: no authd programs attached here and nothing pinned at {pin_dir}")
+        return 0
+    print(f"detached from {len(result.interfaces)} interfaces: {', '.join(result.interfaces) or '-'}")
+    print(f"removed {len(result.pins)} pins from {pin_dir}: {', '.join(result.pins) or '-'}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

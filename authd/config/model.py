@@ -80,6 +80,68 @@ class DaemonConfig:
     )
 
 
+def _entries(value: int) -> str | None:
+    if 1 <= value <= 1 << 24:
+        return None
+    return f"must be between 1 and {1 << 24}"
+
+
+def _ring_bytes(value: int) -> str | None:
+    """Require a power of two from one page to 1 GiB (the kernel's ring-buffer rule)."""
+    if 4096 <= value <= 1 << 30 and value & (value - 1) == 0:
+        return None
+    return "must be a power of two between 4096 and 1073741824"
+
+
+def _interface_patterns(value: tuple[str, ...]) -> str | None:
+    for pattern in value:
+        if not pattern or len(pattern) > 64 or any(c in pattern for c in "/ \t\n:"):
+            return "must be glob patterns of interface names (no '/', ':' or whitespace)"
+    return None
+
+
+def _rate_interval(value: timedelta) -> str | None:
+    return None if timedelta(milliseconds=1) <= value <= timedelta(hours=1) else "must be between 1ms and 1h"
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathConfig:
+    """The BPF datapath: pinned maps, tc programs on interfaces, events."""
+
+    enabled: bool = setting(
+        True,  # noqa: FBT003 - the field's default
+        "load the BPF programs and maps and enforce (false: control plane only)",
+    )
+    pin_dir: Path = setting(
+        Path("/sys/fs/bpf/authd"),
+        "bpffs directory the maps are pinned in (bpffs is mounted if missing)",
+        check=absolute_path,
+    )
+    interfaces: tuple[str, ...] = setting(
+        (),
+        "glob patterns of interfaces to attach to, now and when they appear (workload-facing veths)",
+        check=_interface_patterns,
+        example=["lxc*", "veth*"],
+    )
+    flow_events: Literal["none", "denied", "first", "all"] = setting(
+        "first", "flow events: none, denied, first (first packet of a connection and verdict changes) or all"
+    )
+    auth_required_interval: timedelta = setting(
+        timedelta(seconds=1),
+        "at most one auth-required event per pair and node per interval",
+        check=_rate_interval,
+    )
+    auth_map_entries: int = setting(524288, "auth map size (pairs x remote nodes)", check=_entries)
+    ipcache_entries: int = setting(65536, "ipcache size (address prefixes)", check=_entries)
+    policy_entries: int = setting(16384, "policy map size (identity pairs and wildcards)", check=_entries)
+    flow_table_entries: int = setting(
+        65536, "connections remembered for first-packet flow events", check=_entries
+    )
+    events_ring_bytes: int = setting(
+        4 * 1024 * 1024, "ring buffer for events, bytes (a power of two)", check=_ring_bytes
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole authd configuration."""
@@ -87,3 +149,4 @@ class Config:
     node: NodeConfig = section(NodeConfig, "this node")
     log: LogConfig = section(LogConfig, "logging")
     daemon: DaemonConfig = section(DaemonConfig, "daemon lifecycle")
+    datapath: DatapathConfig = section(DatapathConfig, "the BPF datapath")

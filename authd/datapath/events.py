@@ -50,7 +50,7 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class AuthRequiredEvent:
-    """A packet was dropped because its pair has no live auth entry (sent at most once per key per interval)."""
+    """A packet was dropped for want of a live auth entry (sent at most once per key per interval)."""
 
     key: AuthKey
     direction: Direction

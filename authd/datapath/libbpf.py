@@ -12,7 +12,7 @@ import ctypes.util
 import os
 import threading
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import structlog
 
@@ -108,7 +108,7 @@ class _Lib:
             self._sig(getattr(lib, fn), ctypes.c_int, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)])
 
     @staticmethod
-    def _sig(fn: ctypes._CFuncPtr, restype: object, argtypes: list[object]) -> None:
+    def _sig(fn: Any, restype: object, argtypes: list[object]) -> None:  # noqa: ANN401 - a ctypes function
         fn.restype = restype
         fn.argtypes = argtypes
 

@@ -1,5 +1,7 @@
-"""Which interfaces get authd's programs: glob patterns over link names, applied to existing links and to
-links that appear later (netlink RTM_NEWLINK), the way a CNI hooks each new pod's host-side veth.
+"""Which interfaces get authd's programs: glob patterns over link names.
+
+The patterns apply to existing links and to links that appear later (netlink RTM_NEWLINK), the way a CNI
+hooks each new pod's host-side veth.
 """
 
 from __future__ import annotations
@@ -92,12 +94,20 @@ class LinkWatcher:
         for link in list_links():
             self.consider(link)
 
-    async def run(self) -> None:
-        """Watch link events; reconnects with backoff when the netlink socket fails."""
+    async def run(self, on_synced: Callable[[], None] = lambda: None) -> None:
+        """Watch link events; reconnects with backoff when the netlink socket fails.
+
+        ``on_synced`` is called each time existing links have been attached after (re)subscribing.
+        """
         backoff = self._backoff()
+
+        def synced() -> None:
+            backoff.reset()
+            on_synced()
+
         while True:
             try:
-                await self._watch(backoff.reset)
+                await self._watch(synced)
             except (NetlinkError, OSError) as err:
                 delay = backoff.next_delay()
                 log.warning("link watch failed, retrying", error=str(err), retry_in_s=round(delay, 3))

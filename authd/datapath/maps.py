@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
+from typing import Self
 
 from authd.datapath import clock, layout
 from authd.datapath.layout import AuthType, Counter, Direction, Family, FlowLevel, MapName
@@ -269,7 +270,9 @@ class ConfigMap(_Map):
 
     def write(self, config: RuntimeConfig) -> None:
         """Replace the settings; the next packet sees them."""
-        self._map.update(struct.pack("=I", 0), CONFIG_VALUE.pack(config.flow_level, 0, config.auth_required_interval_ns))
+        self._map.update(
+            struct.pack("=I", 0), CONFIG_VALUE.pack(config.flow_level, 0, config.auth_required_interval_ns)
+        )
 
 
 def open_map(pin_dir: Path, name: MapName) -> MapHandle:
@@ -295,8 +298,8 @@ class PinnedMaps:
         self.pin_dir = pin_dir
         handles: list[MapHandle] = []
         try:
-            for name in (MapName.AUTH, MapName.IPCACHE, MapName.POLICY, MapName.COUNTERS, MapName.CONFIG):
-                handles.append(open_map(pin_dir, name))
+            names = (MapName.AUTH, MapName.IPCACHE, MapName.POLICY, MapName.COUNTERS, MapName.CONFIG)
+            handles.extend(open_map(pin_dir, name) for name in names)
         except DatapathError:
             for handle in handles:
                 handle.close()
@@ -312,7 +315,7 @@ class PinnedMaps:
         for m in (self.auth, self.ipcache, self.policy, self.counters, self.config):
             m.close()
 
-    def __enter__(self) -> PinnedMaps:
+    def __enter__(self) -> Self:
         """Use as a context manager that closes the fds."""
         return self
 

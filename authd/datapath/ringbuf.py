@@ -39,8 +39,12 @@ class RingBuffer:
         page = mmap.PAGESIZE
         self._page = page
         try:
-            self._consumer = mmap.mmap(self._fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-            self._data = mmap.mmap(self._fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            self._consumer = mmap.mmap(
+                self._fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
+            )
+            self._data = mmap.mmap(
+                self._fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+            )
         except OSError as err:
             os.close(self._fd)
             raise DatapathError(f"datapath: cannot map the ring buffer: {err.strerror}") from err

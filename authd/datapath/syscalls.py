@@ -86,7 +86,11 @@ class _InfoAttr(ctypes.Structure):
 
 
 class _IdAttr(ctypes.Structure):
-    _fields_: ClassVar = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+    _fields_: ClassVar = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
 
 
 class _TestRunAttr(ctypes.Structure):
@@ -207,7 +211,7 @@ _NR_BPF = _SYS_BPF.get(os.uname().machine, 321)
 
 
 def bpf(cmd: int, attr: ctypes.Structure) -> int:
-    """Call bpf(2); raise OSError with the errno on failure."""
+    """Call the bpf system call; raise OSError with the errno on failure."""
     result = _syscall(_NR_BPF, ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
     if result < 0:
         err = ctypes.get_errno()
@@ -236,7 +240,10 @@ def obj_pin(fd: int, path: Path) -> None:
 def map_info(fd: int) -> MapInfo:
     """Read a map's type, sizes and name."""
     info = _MapInfo()
-    bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)),
+    )
     return MapInfo(
         id=info.id,
         type=info.type,
@@ -251,12 +258,16 @@ def map_info(fd: int) -> MapInfo:
 def prog_info(fd: int) -> ProgInfo:
     """Read a program's id, type, name and the ids of the maps it uses."""
     info = _ProgInfo()
-    bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)),
+    )
     count = info.nr_map_ids
     ids = (ctypes.c_uint32 * max(count, 1))()
     info2 = _ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
     bpf(
-        BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info2), info=ctypes.addressof(info2))
+        BPF_OBJ_GET_INFO_BY_FD,
+        _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info2), info=ctypes.addressof(info2)),
     )
     return ProgInfo(
         id=info.id,
@@ -318,7 +329,7 @@ class MapHandle:
         self.info = map_info(fd)
         self.key_size = self.info.key_size
         self.value_size = self.info.value_size
-        if self.info.type in (BPF_MAP_TYPE_PERCPU_ARRAY,):
+        if self.info.type == BPF_MAP_TYPE_PERCPU_ARRAY:
             self.value_size = ((self.info.value_size + 7) // 8 * 8) * possible_cpus()
         self._key = ctypes.create_string_buffer(max(self.key_size, 1))
         self._value = ctypes.create_string_buffer(max(self.value_size, 1))
@@ -427,7 +438,10 @@ class MapHandle:
                 raise
             raw_keys, raw_values = keys.raw, values.raw
             ks, vs = self.key_size, self.value_size
-            result.extend((raw_keys[i * ks : (i + 1) * ks], raw_values[i * vs : (i + 1) * vs]) for i in range(attr.count))
+            result.extend(
+                (raw_keys[i * ks : (i + 1) * ks], raw_values[i * vs : (i + 1) * vs])
+                for i in range(attr.count)
+            )
             if done:
                 return result
             ctypes.memmove(in_token, out_token, token_size)
