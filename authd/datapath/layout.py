@@ -136,13 +136,13 @@ class ProgramName(enum.StrEnum):
     EGRESS_L3 = "authd_eg_l3"
 
 
-class _Struct(ctypes.Structure):
+class HeaderStruct(ctypes.Structure):
     """A header struct; ``c_name`` is its name in the header and the object's BTF."""
 
     c_name: ClassVar[str]
 
 
-class IpcacheKey(_Struct):
+class IpcacheKey(HeaderStruct):
     """Must match struct authd_ipcache_key."""
 
     c_name = "authd_ipcache_key"
@@ -153,7 +153,7 @@ class IpcacheKey(_Struct):
     ]
 
 
-class IpcacheValue(_Struct):
+class IpcacheValue(HeaderStruct):
     """Must match struct authd_ipcache_value."""
 
     c_name = "authd_ipcache_value"
@@ -164,7 +164,7 @@ class IpcacheValue(_Struct):
     ]
 
 
-class PolicyKeyC(_Struct):
+class PolicyKeyC(HeaderStruct):
     """Must match struct authd_policy_key."""
 
     c_name = "authd_policy_key"
@@ -176,7 +176,7 @@ class PolicyKeyC(_Struct):
     ]
 
 
-class PolicyValue(_Struct):
+class PolicyValue(HeaderStruct):
     """Must match struct authd_policy_value."""
 
     c_name = "authd_policy_value"
@@ -186,7 +186,7 @@ class PolicyValue(_Struct):
     ]
 
 
-class AuthKeyC(_Struct):
+class AuthKeyC(HeaderStruct):
     """Must match struct authd_auth_key."""
 
     c_name = "authd_auth_key"
@@ -199,14 +199,14 @@ class AuthKeyC(_Struct):
     ]
 
 
-class AuthValue(_Struct):
+class AuthValue(HeaderStruct):
     """Must match struct authd_auth_value."""
 
     c_name = "authd_auth_value"
     _fields_: ClassVar = [("expires_tai_ns", ctypes.c_uint64)]
 
 
-class ConfigValue(_Struct):
+class ConfigValue(HeaderStruct):
     """Must match struct authd_config."""
 
     c_name = "authd_config"
@@ -217,7 +217,7 @@ class ConfigValue(_Struct):
     ]
 
 
-class FlowKey(_Struct):
+class FlowKey(HeaderStruct):
     """Must match struct authd_flow_key."""
 
     c_name = "authd_flow_key"
@@ -232,7 +232,7 @@ class FlowKey(_Struct):
     ]
 
 
-class FlowValue(_Struct):
+class FlowValue(HeaderStruct):
     """Must match struct authd_flow_value."""
 
     c_name = "authd_flow_value"
@@ -243,7 +243,7 @@ class FlowValue(_Struct):
     ]
 
 
-class AuthEventC(_Struct):
+class AuthEventC(HeaderStruct):
     """Must match struct authd_auth_event."""
 
     c_name = "authd_auth_event"
@@ -262,7 +262,7 @@ class AuthEventC(_Struct):
     ]
 
 
-class FlowEventC(_Struct):
+class FlowEventC(HeaderStruct):
     """Must match struct authd_flow_event."""
 
     c_name = "authd_flow_event"
@@ -292,7 +292,7 @@ class FlowEventC(_Struct):
     ]
 
 
-STRUCTS: tuple[type[_Struct], ...] = (
+STRUCTS: tuple[type[HeaderStruct], ...] = (
     IpcacheKey,
     IpcacheValue,
     PolicyKeyC,

@@ -30,7 +30,7 @@ POLICY_KEY = struct.Struct("=IIB3x")  # struct authd_policy_key
 POLICY_VALUE = struct.Struct("=B3x")  # struct authd_policy_value
 IPCACHE_KEY = struct.Struct("=II16s")  # struct authd_ipcache_key
 IPCACHE_VALUE = struct.Struct("=III")  # struct authd_ipcache_value
-CONFIG_VALUE = struct.Struct("=IIQ")  # struct authd_config
+CONFIG_VALUE = struct.Struct("=I4xQ")  # struct authd_config
 
 Network = IPv4Network | IPv6Network
 Address = IPv4Address | IPv6Address
@@ -264,14 +264,14 @@ class ConfigMap(_Map):
 
     def read(self) -> RuntimeConfig:
         """The current settings."""
-        raw = self._map.lookup(struct.pack("=I", 0)) or CONFIG_VALUE.pack(0, 0, 0)
-        level, _pad, interval = CONFIG_VALUE.unpack_from(raw)
+        raw = self._map.lookup(struct.pack("=I", 0)) or CONFIG_VALUE.pack(0, 0)
+        level, interval = CONFIG_VALUE.unpack_from(raw)
         return RuntimeConfig(FlowLevel(level), interval)
 
     def write(self, config: RuntimeConfig) -> None:
         """Replace the settings; the next packet sees them."""
         self._map.update(
-            struct.pack("=I", 0), CONFIG_VALUE.pack(config.flow_level, 0, config.auth_required_interval_ns)
+            struct.pack("=I", 0), CONFIG_VALUE.pack(config.flow_level, config.auth_required_interval_ns)
         )
 
 
