@@ -52,6 +52,10 @@ class Topology:
             sh("ip", "netns", "add", ns)
             self._made.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # No duplicate address detection: link-local addresses would stay tentative for a second or
+            # two, and neighbour discovery with them.
+            for key in ("net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"):
+                sh("nsenter", f"--net={self.path(ns)}", "sysctl", "-qw", key)
         for ns, link, net in ((self.a, self.link_a, 1), (self.b, self.link_b, 2)):
             sh(
                 "ip",
