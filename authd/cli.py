@@ -162,6 +162,13 @@ def _add_bpf(
     ).set_defaults(command=_bpf_unload)
 
 
+def _quiet_logs() -> None:
+    """Commands that print results keep library chatter (libbpf's notes) out of their output."""
+    from authd import log  # noqa: PLC0415
+
+    log.configure("warning", "console")
+
+
 def _config_or_defaults(path: Path) -> Config:
     """The config at ``path``; built-in defaults when the default file does not exist."""
     from authd.config import Config, load_config  # noqa: PLC0415
@@ -184,6 +191,7 @@ def _print_rows(args: argparse.Namespace, rows: list[dict[str, object]], columns
 def _bpf_maps(args: argparse.Namespace) -> PinnedMaps:
     from authd.datapath.maps import PinnedMaps  # noqa: PLC0415
 
+    _quiet_logs()
     return PinnedMaps(_config_or_defaults(args.config).datapath.pin_dir)
 
 
@@ -231,6 +239,7 @@ def _bpf_unload(args: argparse.Namespace) -> int:
     from authd.datapath.inspect import unload  # noqa: PLC0415
 
     pin_dir = _config_or_defaults(args.config).datapath.pin_dir
+    _quiet_logs()
     result = unload(pin_dir)
     if not result.interfaces and not result.pins:
         print(f"nothing to unload: no authd programs attached here and nothing pinned at {pin_dir}")

@@ -26,6 +26,7 @@ from authd.datapath.links import Link, LinkWatcher
 from authd.datapath.loader import Datapath, MapSizes
 from authd.datapath.maps import RuntimeConfig
 from authd.datapath.ringbuf import RingBuffer
+from authd.errors import DatapathError
 from authd.health import Component
 from authd.jobs import Job
 
@@ -77,6 +78,7 @@ class Enforcement:
         self.datapath: Datapath | None = None
         self.watcher = LinkWatcher(config.interfaces, self._attach, backoff)
         self.consumer: EventConsumer | None = None
+        self._rescans: set[asyncio.Task[None]] = set()
 
     def jobs(self) -> list[Job]:
         """The daemon jobs that run the datapath."""
@@ -137,5 +139,14 @@ class Enforcement:
                     loader.detach(index)
                     self.watcher.forget(index)
                     log.info("detached from interface", interface=link.name, ifindex=index)
-            self.watcher.attach_existing()
-            self._report()
+            # Reload hooks run in the event loop's signal handler: attach from a task.
+            task = asyncio.get_running_loop().create_task(self._rescan(), name="datapath-rescan")
+            self._rescans.add(task)
+            task.add_done_callback(self._rescans.discard)
+
+    async def _rescan(self) -> None:
+        try:
+            await self.watcher.attach_existing()
+        except DatapathError as err:
+            log.warning("cannot attach after reload; new links still attach as they appear", error=str(err))
+        self._report()

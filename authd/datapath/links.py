@@ -48,10 +48,19 @@ def _link_of(msg: object) -> Link | None:
 
 
 def list_links() -> list[Link]:
-    """Every link in the calling thread's network namespace."""
+    """Every link in the calling thread's network namespace (blocking; not inside an event loop)."""
     try:
         with IPRoute() as ipr:
             return [link for msg in ipr.get_links() if (link := _link_of(msg)) is not None]
+    except NetlinkError as err:
+        raise DatapathError(f"datapath: cannot list links: {err}") from err
+
+
+async def list_links_async() -> list[Link]:
+    """Every link in the network namespace, from inside the event loop."""
+    try:
+        async with AsyncIPRoute() as ipr:
+            return [link async for msg in await ipr.get_links() if (link := _link_of(msg)) is not None]
     except NetlinkError as err:
         raise DatapathError(f"datapath: cannot list links: {err}") from err
 
@@ -89,9 +98,9 @@ class LinkWatcher:
         """A link went away; its index may come back as another link."""
         self.attached.pop(index, None)
 
-    def attach_existing(self) -> None:
+    async def attach_existing(self) -> None:
         """Attach to every matching link that exists now."""
-        for link in list_links():
+        for link in await list_links_async():
             self.consider(link)
 
     async def run(self, on_synced: Callable[[], None] = lambda: None) -> None:
@@ -117,7 +126,7 @@ class LinkWatcher:
         async with AsyncIPRoute() as events:
             # Subscribe before listing so that a link created in between is not missed.
             await events.bind(groups=RTMGRP_LINK)
-            self.attach_existing()
+            await self.attach_existing()
             on_connected()
             while True:
                 async for msg in events.get():

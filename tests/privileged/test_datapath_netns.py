@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import threading
@@ -14,12 +15,12 @@ import pytest
 
 from authd.datapath import clock
 from authd.datapath.events import AuthRequiredEvent, FlowEvent, decode
-from authd.datapath.layout import AuthType, Direction, DropReason, PolicyMatch, Verdict
+from authd.datapath.layout import AuthType, Direction, PolicyMatch, Verdict
 from authd.datapath.loader import Datapath, attached_prog_ids, detach
 from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey
 from authd.datapath.ringbuf import RingBuffer
 from tests.fakes import packets as pk
-from tests.privileged.topology import A4, A6, B4, B6, Topology
+from tests.privileged.topology import A4, A6, B4, B6, Topology, sh
 
 pytestmark = pytest.mark.privileged
 
@@ -31,7 +32,10 @@ class EchoServer:
     """Echoes one message per connection, listening in workload B on IPv4 and IPv6."""
 
     def __init__(self, topo: Topology) -> None:
-        self.sockets = [topo.run(topo.b, lambda f=f: self._listen(f)) for f in (socket.AF_INET, socket.AF_INET6)]
+        self.sockets = [
+            topo.run(topo.b, functools.partial(self._listen, family))
+            for family in (socket.AF_INET, socket.AF_INET6)
+        ]
         self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in self.sockets]
         for thread in self.threads:
             thread.start()
@@ -147,7 +151,11 @@ def test_flow_events_from_real_connections(node: Topology, maps: PinnedMaps, rin
     leaving, arriving = by_direction[Direction.EGRESS], by_direction[Direction.INGRESS]
     assert (leaving.local_identity, leaving.match, leaving.verdict) == (A, PolicyMatch.NONE, Verdict.ALLOWED)
     assert (arriving.local_identity, arriving.remote_identity) == (B, A)
-    assert (arriving.match, arriving.verdict, arriving.auth_type) == (PolicyMatch.AUTH, Verdict.ALLOWED, AuthType.SPIRE)
+    assert (arriving.match, arriving.verdict, arriving.auth_type) == (
+        PolicyMatch.AUTH,
+        Verdict.ALLOWED,
+        AuthType.SPIRE,
+    )
     assert (str(arriving.src), str(arriving.dst), arriving.dst_port) == (A4, B4, PORT)
     assert arriving.ifindex == node.ifindex(node.link_b)
 
@@ -155,19 +163,13 @@ def test_flow_events_from_real_connections(node: Topology, maps: PinnedMaps, rin
 def test_pairs_without_policy_and_arp_pass(node: Topology, maps: PinnedMaps) -> None:
     maps.policy.update_many({PolicyKey(B, 999, Direction.INGRESS): AuthType.SPIRE})  # another pair
     for ns in (node.a, node.b, node.node):
-        pk_neigh_flush(node, ns)
+        sh("ip", "-n", ns, "neigh", "flush", "all")
     assert connects(node, B4)
     assert connects(node, B6)
     counters = maps.counters.read()
     assert counters["non_ip"] >= 2  # ARP requests and replies crossed the programs
     assert counters["allowed"] >= 4
     assert counters["denied_auth_required"] == 0
-
-
-def pk_neigh_flush(topo: Topology, ns: str) -> None:
-    from tests.privileged.topology import sh  # noqa: PLC0415
-
-    sh("ip", "-n", ns, "neigh", "flush", "all")
 
 
 def test_truncated_ip_on_the_wire_is_dropped(node: Topology, maps: PinnedMaps) -> None:
