@@ -52,8 +52,16 @@ class Authd:
     def start(self) -> float:
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            ["nsenter", f"--net={self.topo.path(self.topo.node)}", sys.executable, "-m", "authd", "run"]
-            + ["--config", str(self.config)],
+            [
+                "nsenter",
+                f"--net={self.topo.path(self.topo.node)}",
+                sys.executable,
+                "-m",
+                "authd",
+                "run",
+                "--config",
+                str(self.config),
+            ],
             env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
