@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ class ControlClient:
         self.path = path
         self.timeout = timeout
 
-    def request(self, op: str, **fields: Any) -> Iterator[Response]:  # noqa: ANN401 - JSON fields
+    def request(self, op: str, **fields: Any) -> Generator[Response, None, None]:  # noqa: ANN401 - JSON fields
         """Send one request and yield each response line; raise ControlError on an error line."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from ipaddress import ip_address
@@ -346,7 +346,7 @@ DEFAULT_LAST = 20
 MAX_LAST = RING_CAPACITY
 
 
-async def serve_observe(flow_log: FlowLog, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def serve_observe(flow_log: FlowLog, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     """The ``observe`` control op: the last N matching flows, then (``follow``) new ones as they come.
 
     Request fields: ``last`` (int), ``follow`` (bool) and the :class:`FlowFilter` fields. A follower that

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
 from authd.datapath import clock
 from authd.datapath.events import AuthRequiredEvent, DecodeError, FlowEvent, decode
-from authd.datapath.ringbuf import RingBuffer
 
 log = structlog.get_logger(__name__)
 
@@ -24,10 +24,26 @@ OnAuthRequired = Callable[[AuthRequiredEvent], None]
 OnFlow = Callable[[FlowEvent], None]
 
 
+class Ring(Protocol):
+    """What the consumer needs from a ring buffer (:class:`~authd.datapath.ringbuf.RingBuffer`)."""
+
+    def read(self, limit: int = ...) -> list[bytes]:
+        """Consume up to ``limit`` records."""
+        ...
+
+    def drain(self) -> int:
+        """Discard every pending record; return how many."""
+        ...
+
+    def fileno(self) -> int:
+        """An fd that polls readable while records are pending."""
+        ...
+
+
 class EventConsumer:
     """Drains stale records on start, then dispatches new ones until cancelled."""
 
-    def __init__(self, ring: RingBuffer, on_auth_required: OnAuthRequired, on_flow: OnFlow) -> None:
+    def __init__(self, ring: Ring, on_auth_required: OnAuthRequired, on_flow: OnFlow) -> None:
         """Consume ``ring`` (owned by the caller)."""
         self._ring = ring
         self._on_auth_required = on_auth_required
