@@ -13,6 +13,7 @@ from authd.datapath.layout import FlowLevel
 from authd.datapath.loader import Datapath, MapSizes, remove_pins
 from authd.datapath.maps import PinnedMaps, RuntimeConfig
 from authd.datapath.ringbuf import RingBuffer
+from tests.privileged.daemon import Authd
 from tests.privileged.topology import Topology
 
 SIZES = MapSizes(ipcache=1024, policy=1024, auth=4096, events_bytes=1 << 20, flows=4096)
@@ -61,3 +62,12 @@ def topology() -> Iterator[Topology]:
         yield topo
     finally:
         topo.close()
+
+
+@pytest.fixture
+def authd(topology: Topology, tmp_path: Path, pin_dir: Path) -> Iterator[Authd]:
+    daemon = Authd(topology, tmp_path, pin_dir)
+    try:
+        yield daemon
+    finally:
+        daemon.close()
