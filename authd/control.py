@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
@@ -44,9 +45,15 @@ class ControlServer:
     """Serves registered ops to local clients; bounded clients, request size and request time."""
 
     def __init__(
-        self, path: Path, *, max_clients: int = MAX_CLIENTS, request_timeout: float = REQUEST_TIMEOUT
+        self,
+        path: Path,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        on_listening: Callable[[], None] | None = None,
     ) -> None:
-        """Listen at ``path`` once :meth:`run` starts."""
+        """Listen at ``path`` once :meth:`run` starts; ``on_listening`` is called once it does."""
+        self._on_listening = on_listening
         self.path = path
         self._handlers: dict[str, Handler] = {}
         self._slots = asyncio.Semaphore(max_clients)
@@ -62,13 +69,11 @@ class ControlServer:
 
     async def run(self) -> None:
         """Listen until cancelled; the socket file is removed on the way out."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket from a previous run
-        server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
+        server = await asyncio.start_unix_server(self._serve, sock=self._bind(), limit=MAX_LINE)
         try:
-            self.path.chmod(0o600)
             self.listening.set()
+            if self._on_listening is not None:
+                self._on_listening()
             log.info("control socket listening", path=str(self.path))
             async with server:
                 await server.serve_forever()
@@ -76,6 +81,25 @@ class ControlServer:
             self.listening.clear()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+    def _bind(self) -> socket.socket:
+        """Bind under a temporary name, restrict it to 0600, then rename it into place atomically.
+
+        A stale socket from a previous run is replaced; no client ever sees a socket with wider access.
+        """
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(staging))
+            staging.chmod(0o600)
+            staging.replace(self.path)
+        except OSError as err:
+            sock.close()
+            raise ControlError(f"control: cannot listen at {self.path}: {err.strerror}") from err
+        return sock
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._slots.locked():

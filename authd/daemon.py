@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -22,7 +23,7 @@ from authd.backoff import BackoffPolicy
 from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
 from authd.datapath.events import AuthRequiredEvent
-from authd.errors import ConfigError, DaemonError
+from authd.errors import ConfigError, ControlError, DaemonError
 from authd.flows import FlowLog, NoNames, serve_observe
 from authd.health import Health
 from authd.jobs import Job, Supervisor
@@ -56,12 +57,16 @@ class Daemon:
         self._jobs: list[Job] = []
         self._reload_hooks: list[ReloadHook] = [self._apply_logging]
         self._stop = asyncio.Event()
-        self.control = ControlServer(socket_path(config.node.runtime_dir))
+        control_health = self.health.register("control")
+        self.control = ControlServer(
+            socket_path(config.node.runtime_dir), on_listening=lambda: control_health.ready("listening")
+        )
         self._jobs.append(Job("control", self.control.run, critical=False))
         self._build_datapath()
 
     def _build_datapath(self) -> None:
         if not self.config.datapath.enabled:
+            self.control.register("observe", _datapath_disabled)
             return
         from authd.datapath.enforcement import Enforcement  # noqa: PLC0415 - loads libbpf only when enabled
 
@@ -180,6 +185,12 @@ class Daemon:
     def _apply_logging(old: Config, new: Config) -> None:
         if old.log != new.log:
             logsetup.configure(new.log.level, new.log.format)
+
+
+async def _datapath_disabled(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    if request:  # always: the op exists only to say why it cannot answer
+        raise ControlError("control: the datapath is disabled ([datapath] enabled = false)")
+    yield {}
 
 
 def _log_auth_required(event: AuthRequiredEvent) -> None:

@@ -6,11 +6,11 @@ against the ctypes mirror by the layout test) and dict lookups instead of enum c
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
-from typing import TypeVar
 
 from authd.datapath import clock, layout
 from authd.datapath.layout import (
@@ -31,8 +31,6 @@ AUTH_EVENT = struct.Struct("=IIQIIIB3xBBBB4x16s16s")
 FLOW_EVENT = struct.Struct("=IIQIIIBBBBBBBBBBHH2x16s16s4x")
 
 _TYPE = struct.Struct("=I")
-
-T = TypeVar("T")
 
 Address = IPv4Address | IPv6Address
 
@@ -99,19 +97,14 @@ class FlowEvent:
 Event = AuthRequiredEvent | FlowEvent
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(family: int, raw: bytes) -> Address:
+    """Addresses repeat across events; the cache spares building the same objects again."""
     if family == Family.IPV4:
         return IPv4Address(raw[:4])
     if family == Family.IPV6:
         return IPv6Address(raw)
     raise DecodeError(f"unknown address family {family}")
-
-
-def _member(table: dict[int, T], value: int, what: str) -> T:
-    try:
-        return table[value]
-    except KeyError:
-        raise DecodeError(f"unknown {what} {value}") from None
 
 
 def decode(record: bytes, tai_offset_ns: int) -> Event:
@@ -132,16 +125,19 @@ def _decode_auth(record: bytes, offset: int) -> AuthRequiredEvent:
     (_, ifindex, ts, local, remote, node, auth_type, direction, reason, family, protocol, src, dst) = (
         AUTH_EVENT.unpack_from(record)
     )
-    return AuthRequiredEvent(
-        key=AuthKey(local, remote, node, _member(_AUTH_TYPES, auth_type, "auth type")),
-        direction=_member(_DIRECTIONS, direction, "direction"),
-        reason=_member(_REASONS, reason, "drop reason"),
-        src=_address(family, src),
-        dst=_address(family, dst),
-        protocol=protocol,
-        ifindex=ifindex,
-        timestamp=clock.from_tai_ns(ts, offset),
-    )
+    try:
+        return AuthRequiredEvent(
+            key=AuthKey(local, remote, node, _AUTH_TYPES[auth_type]),
+            direction=_DIRECTIONS[direction],
+            reason=_REASONS[reason],
+            src=_address(family, src),
+            dst=_address(family, dst),
+            protocol=protocol,
+            ifindex=ifindex,
+            timestamp=clock.from_tai_ns(ts, offset),
+        )
+    except KeyError as err:
+        raise DecodeError(f"auth-required record with an unknown value {err}") from None
 
 
 def _decode_flow(record: bytes, offset: int) -> FlowEvent:
@@ -169,24 +165,27 @@ def _decode_flow(record: bytes, offset: int) -> FlowEvent:
         src,
         dst,
     ) = FLOW_EVENT.unpack_from(record)
-    ports = bool(flags & layout.FLOW_F_PORTS)
-    return FlowEvent(
-        timestamp=clock.from_tai_ns(ts, offset),
-        verdict=_member(_VERDICTS, verdict, "verdict"),
-        direction=_member(_DIRECTIONS, direction, "direction"),
-        drop_reason=_member(_REASONS, reason, "drop reason"),
-        match=_member(_MATCHES, match, "policy match"),
-        auth_type=_member(_AUTH_TYPES, auth_type, "auth type"),
-        local_identity=local,
-        remote_identity=remote,
-        remote_node=node,
-        src=_address(family, src),
-        dst=_address(family, dst),
-        protocol=protocol,
-        src_port=sport if ports else None,
-        dst_port=dport if ports else None,
-        tcp_flags=tcp_flags,
-        fragment=bool(flags & layout.FLOW_F_FRAGMENT),
-        hook=_member(_HOOKS, hook, "hook"),
-        ifindex=ifindex,
-    )
+    ports = flags & layout.FLOW_F_PORTS
+    try:
+        return FlowEvent(
+            timestamp=clock.from_tai_ns(ts, offset),
+            verdict=_VERDICTS[verdict],
+            direction=_DIRECTIONS[direction],
+            drop_reason=_REASONS[reason],
+            match=_MATCHES[match],
+            auth_type=_AUTH_TYPES[auth_type],
+            local_identity=local,
+            remote_identity=remote,
+            remote_node=node,
+            src=_address(family, src),
+            dst=_address(family, dst),
+            protocol=protocol,
+            src_port=sport if ports else None,
+            dst_port=dport if ports else None,
+            tcp_flags=tcp_flags,
+            fragment=bool(flags & layout.FLOW_F_FRAGMENT),
+            hook=_HOOKS[hook],
+            ifindex=ifindex,
+        )
+    except KeyError as err:
+        raise DecodeError(f"flow record with an unknown value {err}") from None
