@@ -81,9 +81,10 @@ class EventConsumer:
                 self._on_auth_required(event)
         return len(records)
 
-    async def run(self) -> None:
+    async def run(self, *, drain_stale: bool = True) -> None:
         """Dispatch records whenever the ring buffer's fd is readable."""
-        self.drain_stale()
+        if drain_stale:
+            self.drain_stale()
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
         loop.add_reader(self._ring.fileno(), readable.set)

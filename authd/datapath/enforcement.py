@@ -79,6 +79,7 @@ class Enforcement:
         self.watcher = LinkWatcher(config.interfaces, self._attach, backoff)
         self.consumer: EventConsumer | None = None
         self._rescans: set[asyncio.Task[None]] = set()
+        self._stale_drained = False
 
     def jobs(self) -> list[Job]:
         """The daemon jobs that run the datapath."""
@@ -120,7 +121,9 @@ class Enforcement:
         ring = RingBuffer(self.datapath.events_fd())
         try:
             self.consumer = EventConsumer(ring, self._on_auth_required, self._on_flow)
-            await self.consumer.run()
+            # Records from before this process started are stale; after a restart of this job they are not.
+            drain, self._stale_drained = not self._stale_drained, True
+            await self.consumer.run(drain_stale=drain)
         finally:
             ring.close()
 

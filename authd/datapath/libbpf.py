@@ -195,6 +195,11 @@ class BpfObject:
             detail = "; ".join(messages[-4:]) or _errno_text(code)
             if verifier:
                 detail += " | verifier: " + " / ".join(verifier[-8:])
+            if any("parameter mismatch" in line for line in messages):
+                detail += (
+                    " | the pinned maps do not match this authd's layout: `authd bpf unload` removes them"
+                    " (and every entry in them)"
+                )
             raise DatapathError(f"datapath: cannot load BPF object {self.path}: {detail}")
 
     def map_fd(self, name: str) -> int:
