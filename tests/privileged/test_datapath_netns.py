@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
 import socket
 import struct
 import threading
@@ -16,7 +18,8 @@ import pytest
 from authd.datapath import clock
 from authd.datapath.events import AuthRequiredEvent, FlowEvent, decode
 from authd.datapath.layout import AuthType, Direction, PolicyMatch, Verdict
-from authd.datapath.loader import Datapath, attached_prog_ids, detach
+from authd.datapath.links import list_links
+from authd.datapath.loader import Datapath, attached_prog_ids, detach, is_l3_link
 from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey
 from authd.datapath.ringbuf import RingBuffer
 from tests.fakes import packets as pk
@@ -185,10 +188,7 @@ def test_truncated_ip_on_the_wire_is_dropped(node: Topology, maps: PinnedMaps) -
                 raw.send(frame)
 
     node.run(node.a, send)
-    deadline = time.monotonic() + 2
-    while maps.counters.read()["denied_malformed"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert maps.counters.read()["denied_malformed"] == 2
+    assert counter_reaches(maps, "denied_malformed", 2)
     assert connects(node, B4)  # and the program keeps working
 
 
@@ -201,3 +201,42 @@ def test_detach_removes_only_authd_programs(node: Topology, datapath: Datapath) 
     assert node.run(node.node, lambda: attached_prog_ids(index)) == (None, None)
     assert not node.run(node.node, lambda: detach(index))
     del datapath
+
+
+def counter_reaches(maps: PinnedMaps, name: str, value: int) -> bool:
+    deadline = time.monotonic() + 2
+    while maps.counters.read()[name] < value and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return maps.counters.read()[name] == value
+
+
+def open_tun(name: str) -> int:
+    """A TUN device (no link-layer header, ARPHRD_NONE) in the calling thread's namespace; returns its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    ifreq = struct.pack("16sH", name.encode(), 0x0001 | 0x1000)  # IFF_TUN | IFF_NO_PI
+    fcntl.ioctl(fd, 0x400454CA, ifreq)  # TUNSETIFF
+    return fd
+
+
+def test_l3_devices_get_the_l3_programs(topology: Topology, datapath: Datapath, maps: PinnedMaps) -> None:
+    tun = f"adp{topology.tag}t"
+    fd = topology.run(topology.node, lambda: open_tun(tun))
+    try:
+        sh("ip", "-n", topology.node, "addr", "add", "10.203.0.1/24", "dev", tun)
+        sh("ip", "-n", topology.node, "link", "set", tun, "up")
+        link = next(lk for lk in topology.run(topology.node, list_links) if lk.name == tun)
+        assert is_l3_link(link.link_type)
+        topology.run(topology.node, lambda: datapath.attach(link.index, l3=True))
+        maps.ipcache.update_many(
+            {ip_network("10.203.0.1/32"): IpcacheEntry(B, 0), ip_network("10.203.0.2/32"): IpcacheEntry(A, 5)}
+        )
+        maps.policy.update_many({PolicyKey(B, A, Direction.INGRESS): AuthType.SPIRE})
+        syn = pk.ipv4("10.203.0.2", "10.203.0.1", pk.TCP, pk.tcp(40000, 22))
+        os.write(fd, syn)  # arrives on the tun device: its ingress hook
+        assert counter_reaches(maps, "denied_auth_required", 1)
+        maps.auth.update_many({AuthKey(B, A, 5): datetime.now(UTC) + timedelta(minutes=1)})
+        os.write(fd, syn)
+        assert counter_reaches(maps, "allowed_auth", 1)
+        assert maps.counters.read()["denied_malformed"] == 0  # parsed from offset 0, not as Ethernet
+    finally:
+        os.close(fd)
