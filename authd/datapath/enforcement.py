@@ -94,11 +94,13 @@ class Enforcement:
         self.datapath.attach(link.index, l3=loader.is_l3_link(link.link_type))
 
     def _report(self) -> None:
-        names = sorted(link.name for link in self.watcher.attached.values())
+        count = len(self.watcher.attached)
         if not self._config.interfaces:
             self._component.ready("loaded; no interfaces configured (datapath.interfaces)")
+        elif count == 0:
+            self._component.ready("loaded; no interface matches datapath.interfaces yet")
         else:
-            self._component.ready(f"attached to {len(names)} interfaces")
+            self._component.ready(f"attached to {count} interfaces")
 
     async def run(self) -> None:
         """Load, attach, then keep attaching to new matching interfaces until cancelled."""
