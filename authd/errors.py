@@ -55,7 +55,12 @@ class SpireError(AuthdError):
 
 
 class ClusterStateError(AuthdError):
-    """Cluster state cannot be read or does not validate."""
+    """Cluster state cannot be read or does not validate; ``problems`` lists every problem found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        """Say what failed; ``problems`` names each offending key path with what is expected."""
+        self.problems = list(problems or [])
+        super().__init__(message)
 
 
 class DatapathError(AuthdError):
