@@ -6,12 +6,16 @@ Decoding problems are reported first; the cross-checks of :mod:`authd.cluster.va
 file decodes, so a dropped item never causes a second, misleading problem.
 
 Watching: :class:`FileClusterSource` polls ``stat`` (inode, size, mtime) at a fixed interval and re-reads
-the file when any of them change, which catches both an editor's atomic rename and an in-place write.
-A read during which the file changed is discarded and retried at the next poll. A content digest makes a
-touch without a change a no-op. A bad edit is logged once with every problem, counted, and leaves the last
-good state in force; the source's health component says *degraded* with the reason until a good version
-arrives. Writers should replace the file atomically (write a temporary file, then rename): a slow in-place
-writer can be caught half-way through, and a truncated file that still parses is a valid, smaller state.
+the file when any of them change, which catches both an editor's atomic rename and an in-place write; a
+file modified in the last :data:`RACY_SECONDS` is re-read even if its stat looks the same, because
+timestamps are coarse. A read during which the file changed is discarded and retried at the next poll.
+A content digest makes a touch without a change a no-op.
+
+A bad edit is logged once with every problem, counted, and leaves the last good state in force; the
+source's health component says *degraded* with the reason until a good version arrives.
+
+Writers should replace the file atomically (write a temporary file, then rename): a slow in-place writer
+can be caught half-way through, and a truncated file that still parses is a valid, smaller state.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +46,15 @@ Sleep = Callable[[float], Awaitable[None]]
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 """Refuse larger files: bounded memory whatever is put at the path (about 200k endpoints fit)."""
+
+RACY_SECONDS = 2.0
+"""A file modified this recently is re-read at the next poll even if its stat looks unchanged.
+
+File timestamps have coarse granularity (a clock tick on Linux, seconds on some network filesystems): an
+in-place write of the same size within the same tick as our read leaves the stat as it was. Until the
+file is older than this, the stat alone is not trusted and the content digest decides (as git does for
+"racily clean" files).
+"""
 
 
 def _port(value: int) -> str | None:
@@ -186,7 +200,7 @@ class _InFlux(Exception):  # noqa: N818 - internal signal
 class FileClusterSource:
     """A :class:`~authd.cluster.source.ClusterSource` backed by one polled TOML file."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - time and sleep are injected so tests never wait
         self,
         path: Path,
         local_node: str,
@@ -194,6 +208,7 @@ class FileClusterSource:
         *,
         poll_interval: float = 1.0,
         sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """Watch ``path``; ``local_node`` is this node's name, looked for in every version."""
         self.path = path
@@ -202,8 +217,10 @@ class FileClusterSource:
         self._health = health
         self._interval = poll_interval
         self._sleep = sleep
+        self._clock = clock
         self._feed = StateFeed()
-        self._seen: Signature | None = None  # the signature of the last version handled, good or bad
+        self._seen: Signature | None = None  # the signature trusted to mean "nothing changed since"
+        self._last_read: Signature | None = None  # the signature of the last version read, good or bad
         self._digest = b""  # the content digest of that version
         self._unreadable = ""  # why the file cannot be read, while it cannot
 
@@ -238,10 +255,13 @@ class FileClusterSource:
             self._cannot_read(err)
             return False
         self._unreadable = ""
-        self._seen = signature
+        changed_stat, self._last_read = signature != self._last_read, signature
+        racy = self._clock() - signature[3] / 1e9 < RACY_SECONDS
+        self._seen = None if racy else signature
         digest = hashlib.sha256(content).digest()
         if digest == self._digest:
-            self.stats.unchanged += 1
+            if changed_stat:
+                self.stats.unchanged += 1
             self._report_health()
             return False
         self._digest = digest
@@ -303,7 +323,7 @@ class FileClusterSource:
                 kept_version=current.version[:12] if current else None,
             )
         self._unreadable = reason
-        self._seen = None
+        self._seen = self._last_read = None
         self._report_health()
 
     def _report_health(self) -> None:

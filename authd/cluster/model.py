@@ -101,7 +101,7 @@ class IdentityPattern:
             return cls(PatternKind.ANY)
         if text.endswith("/" + WILDCARD):
             base_text = text[: -len(WILDCARD) - 1]
-            if WILDCARD in base_text:
+            if not base_text or WILDCARD in base_text:
                 raise SpiffeIdError("pattern: '*' may only stand alone or be the whole last path segment")
             return cls(PatternKind.UNDER, SpiffeId.parse(base_text))
         if WILDCARD in text:

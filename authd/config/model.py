@@ -81,9 +81,26 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Where cluster state (nodes, endpoints, policy) comes from."""
+
+    file: Path = setting(
+        Path("/etc/authd/cluster.toml"),
+        "the cluster state file every node reads (see config/cluster.example.toml)",
+        check=absolute_path,
+    )
+    poll_interval: timedelta = setting(
+        timedelta(seconds=1),
+        "how often the cluster state file is checked for changes",
+        check=positive_duration,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole authd configuration."""
 
     node: NodeConfig = section(NodeConfig, "this node")
     log: LogConfig = section(LogConfig, "logging")
     daemon: DaemonConfig = section(DaemonConfig, "daemon lifecycle")
+    cluster: ClusterConfig = section(ClusterConfig, "cluster state")
