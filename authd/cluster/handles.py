@@ -53,14 +53,17 @@ class HandleRegistry:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         local_node: str,
         identities: Mapping[SpiffeId, int] | None = None,
         nodes: Mapping[str, int] | None = None,
         *,
         fresh: bool = True,
     ) -> None:
-        """Hold the given assignments (already validated); use :meth:`open` to load from disk."""
+        """Hold the given assignments (already validated); use :meth:`open` to load from disk.
+
+        With ``path`` None nothing is persisted: for dry runs and benchmarks, never for the daemon.
+        """
         self.path = path
         self.local_node = local_node
         self.fresh = fresh
@@ -176,7 +179,8 @@ class HandleRegistry:
         return True
 
     def _commit(self, identities: dict[SpiffeId, int], nodes: dict[str, int]) -> None:
-        _write_atomically(self.path, _render(identities, nodes))
+        if self.path is not None:
+            _write_atomically(self.path, _render(identities, nodes))
         self._identities, self._nodes = identities, nodes
         self._identity_names = {handle: str(spiffe_id) for spiffe_id, handle in identities.items()}
         self._node_names = {handle: name for name, handle in nodes.items()}

@@ -10,6 +10,7 @@ reconciler and keeps memory bounded whatever the update rate.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -80,3 +81,14 @@ class StateFeed:
                 yield state
             else:
                 await changed.wait()
+
+
+def local_node_name(configured: str | None) -> str:
+    """This node's name in cluster state: ``node.name`` if set, else the host name as the kernel has it.
+
+    Host names are case-insensitive and node names lowercase, so the host name is lowercased; it is not
+    shortened, since node names are often fully qualified.
+    """
+    if configured:
+        return configured
+    return socket.gethostname().lower()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from structlog.testing import capture_logs
 
 from authd.cluster.file import RACY_SECONDS, FileClusterSource
 from authd.cluster.model import ClusterState
-from authd.cluster.source import ClusterSource, StateFeed
+from authd.cluster.source import ClusterSource, StateFeed, local_node_name
 from authd.health import Health, State
 from tests.fakes.cluster import FakeClusterSource, node, state
 from tests.unit.test_cluster_file import DB, GOOD, NODES, RULE, WEB
@@ -314,3 +315,8 @@ async def test_feed_gives_latest_value_to_slow_consumers() -> None:
     await asyncio.sleep(0)
     assert not pending.done()
     pending.cancel()
+
+
+def test_local_node_name_prefers_config_then_lowercased_host_name() -> None:
+    assert local_node_name("node-a") == "node-a"
+    assert local_node_name(None) == socket.gethostname().lower()
