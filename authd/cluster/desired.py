@@ -159,13 +159,19 @@ def auth_pairs(state: ClusterState, local_node: str, handles: HandleLookup) -> f
     matching = _Matcher(state)
     for local, remote_pattern, _ in _local_sides(state, local_node):
         remotes_of.setdefault(local, set()).update(matching(remote_pattern))
+    # Where each remote runs, with its handles, is the same for every local identity: look it up once.
+    hosts: dict[SpiffeId, list[tuple[int, str, int]]] = {}
+    for remote in set().union(*remotes_of.values()):
+        remote_handle = _identity(handles, remote)
+        hosts[remote] = [
+            (remote_handle, node.name, LOCAL_NODE if node.name == local_node else _node(handles, node.name))
+            for node in state.where(remote)
+        ]
     for local, remotes in remotes_of.items():
         local_handle = _identity(handles, local)
         for remote in remotes:
-            remote_handle = _identity(handles, remote)
-            for node in state.where(remote):
-                node_handle = LOCAL_NODE if node.name == local_node else _node(handles, node.name)
-                pairs.add(AuthPair(local, remote, node.name, local_handle, remote_handle, node_handle))
+            for remote_handle, node_name, node_handle in hosts[remote]:
+                pairs.add(AuthPair(local, remote, node_name, local_handle, remote_handle, node_handle))
     return frozenset(pairs)
 
 

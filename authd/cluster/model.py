@@ -38,6 +38,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from types import MappingProxyType
 from typing import Literal
 
 from authd.errors import SpiffeIdError
@@ -166,18 +167,20 @@ class PolicyRule:
 class ClusterState:
     """An immutable snapshot of cluster state with its lookups; ``version`` is a digest of the content.
 
+    Endpoints and rules keep the order the source gave them (problems and logs refer to it).
+
     Equal content gives an equal version whatever the order it was written in, except for each node's
     address order, which is a preference and so part of the content.
     """
 
     __slots__ = (
         "_by_id",
+        "_endpoints",
         "_endpoints_by_id",
         "_endpoints_by_node",
         "_nodes",
-        "endpoints",
-        "rules",
-        "version",
+        "_rules",
+        "_version",
     )
 
     def __init__(
@@ -186,21 +189,36 @@ class ClusterState:
         """Index already-validated content (use ``validation.build_state`` for content from outside)."""
         self._nodes: dict[str, Node] = {node.name: node for node in sorted(nodes, key=lambda n: n.name)}
         self._by_id: dict[SpiffeId, Node] = {node.spiffe_id: node for node in self._nodes.values()}
-        self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
-        self.rules: tuple[PolicyRule, ...] = tuple(rules)
+        self._endpoints = tuple(endpoints)
+        self._rules = tuple(rules)
         by_node: dict[str, list[Endpoint]] = {}
         by_id: dict[SpiffeId, list[Endpoint]] = {}
-        for endpoint in self.endpoints:
+        for endpoint in self._endpoints:
             by_node.setdefault(endpoint.node, []).append(endpoint)
             by_id.setdefault(endpoint.spiffe_id, []).append(endpoint)
         self._endpoints_by_node = {name: tuple(eps) for name, eps in by_node.items()}
         self._endpoints_by_id = {spiffe_id: tuple(eps) for spiffe_id, eps in by_id.items()}
-        self.version = _digest(self._nodes.values(), self.endpoints, self.rules)
+        self._version = _digest(self._nodes.values(), self._endpoints, self._rules)
+
+    @property
+    def version(self) -> str:
+        """SHA-256 (hex) of the content."""
+        return self._version
 
     @property
     def nodes(self) -> Mapping[str, Node]:
-        """Nodes by name, in name order."""
-        return self._nodes
+        """Nodes by name, in name order (read-only)."""
+        return MappingProxyType(self._nodes)
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """All endpoints, in the order the source listed them."""
+        return self._endpoints
+
+    @property
+    def rules(self) -> tuple[PolicyRule, ...]:
+        """All policy rules, in the order the source listed them."""
+        return self._rules
 
     def node(self, name: str) -> Node | None:
         """The node called ``name``."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import json
 import re
@@ -102,8 +103,14 @@ def _is_required(field: dataclasses.Field[Any]) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolving string annotations compiles them: once per class, not once per table of a large file.
+    return typing.get_type_hints(cls)
+
+
 def _decode(cls: type[T], data: Mapping[str, Any], problems: list[str], prefix: str) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(typing.cast("type", cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     problems.extend(f"{prefix}{key}: unknown key{_suggest(key, fields)}" for key in data if key not in fields)
     values: dict[str, Any] = {}

@@ -160,3 +160,13 @@ def test_address_preference_order_is_content() -> None:
     first = ClusterState([node("node-a", "192.0.2.1", "2001:db8::1")], [], [])
     second = ClusterState([node("node-a", "2001:db8::1", "192.0.2.1")], [], [])
     assert first.version != second.version
+
+
+def test_snapshot_is_read_only() -> None:
+    cluster = two_node_state()
+    with pytest.raises(AttributeError):
+        cluster.version = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cluster.nodes["node-z"] = node("node-z")  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        cluster.extra = 1  # type: ignore[attr-defined]
