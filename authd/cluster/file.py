@@ -9,7 +9,8 @@ Watching: :class:`FileClusterSource` polls ``stat`` (inode, size, mtime) at a fi
 the file when any of them change, which catches both an editor's atomic rename and an in-place write; a
 file modified in the last :data:`RACY_SECONDS` is re-read even if its stat looks the same, because
 timestamps are coarse. A read during which the file changed is discarded and retried at the next poll.
-A content digest makes a touch without a change a no-op.
+A content digest makes a touch without a change a no-op. Reading and parsing run in a worker thread, so
+a large file never stalls the event loop (handshake deadlines, the ring buffer).
 
 A bad edit is logged once with every problem, counted, and leaves the last good state in force; the
 source's health component says *degraded* with the reason until a good version arrives.
@@ -26,7 +27,7 @@ import os
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -197,6 +198,32 @@ class _InFlux(Exception):  # noqa: N818 - internal signal
     """The file changed while it was read."""
 
 
+@dataclass(slots=True)
+class _Unchanged:
+    """Nothing to do: the stat is trusted and unchanged, or a writer is busy."""
+
+
+@dataclass(slots=True)
+class _Unreadable:
+    """The file cannot be read, and why."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class _Version:
+    """A version of the file that was read: parsed into ``state``, or ``problems`` (unless already seen).
+
+    ``trusted``: old enough that an unchanged stat means unchanged content (see RACY_SECONDS).
+    """
+
+    signature: Signature
+    digest: bytes
+    trusted: bool
+    state: ClusterState | None = None
+    problems: list[str] = field(default_factory=list)
+
+
 class FileClusterSource:
     """A :class:`~authd.cluster.source.ClusterSource` backed by one polled TOML file."""
 
@@ -233,49 +260,64 @@ class FileClusterSource:
         return self._feed.snapshots()
 
     async def run(self) -> None:
-        """Poll the file until cancelled."""
+        """Poll the file until cancelled; reading and parsing run in a thread, off the event loop."""
         while True:
-            self.poll()
+            self._settle(await asyncio.to_thread(self._examine))
             await self._sleep(self._interval)
 
     def poll(self) -> bool:
         """Look at the file once and apply a new good version; return whether the state in force changed."""
+        return self._settle(self._examine())
+
+    def _examine(self) -> _Unchanged | _Unreadable | _Version:
+        """Read and parse the file if it changed; touches no state, so it may run in a thread."""
         try:
             signature = _signature(self.path.stat())
         except OSError as err:
-            self._cannot_read(ClusterStateError(f"cluster: cannot stat {self.path}: {err.strerror or err}"))
-            return False
+            return _Unreadable(f"cluster: cannot stat {self.path}: {err.strerror or err}")
         if signature == self._seen:
-            return False
+            return _Unchanged()
         try:
             content, signature = _read(self.path)
         except _InFlux:
-            return False  # a writer is busy; the next poll sees the finished file
+            return _Unchanged()  # a writer is busy; the next poll sees the finished file
         except ClusterStateError as err:
-            self._cannot_read(err)
+            return _Unreadable(str(err))
+        racy = self._clock() - signature[3] / 1e9 < RACY_SECONDS
+        version = _Version(signature, hashlib.sha256(content).digest(), trusted=not racy)
+        if version.digest == self._digest:
+            return version
+        try:
+            version.state = parse_cluster(content.decode("utf-8"), source=str(self.path))
+        except UnicodeDecodeError as err:
+            version.problems = [f"{self.path}: not UTF-8 text: {err}"]
+        except ClusterStateError as err:
+            version.problems = err.problems or [str(err)]
+        return version
+
+    def _settle(self, outcome: _Unchanged | _Unreadable | _Version) -> bool:
+        """Apply what :meth:`_examine` found: publish, log, count, report health."""
+        if isinstance(outcome, _Unchanged):
+            return False
+        if isinstance(outcome, _Unreadable):
+            self._cannot_read(outcome.reason)
             return False
         self._unreadable = ""
-        changed_stat, self._last_read = signature != self._last_read, signature
-        racy = self._clock() - signature[3] / 1e9 < RACY_SECONDS
-        self._seen = None if racy else signature
-        digest = hashlib.sha256(content).digest()
-        if digest == self._digest:
+        changed_stat = outcome.signature != self._last_read
+        self._last_read = outcome.signature
+        self._seen = outcome.signature if outcome.trusted else None
+        if outcome.digest == self._digest:
             if changed_stat:
                 self.stats.unchanged += 1
             self._report_health()
             return False
-        self._digest = digest
-        return self._apply(content)
+        self._digest = outcome.digest
+        if outcome.state is None:
+            self._reject(outcome.problems)
+            return False
+        return self._apply(outcome.state)
 
-    def _apply(self, content: bytes) -> bool:
-        try:
-            state = parse_cluster(content.decode("utf-8"), source=str(self.path))
-        except UnicodeDecodeError as err:
-            self._reject([f"{self.path}: not UTF-8 text: {err}"])
-            return False
-        except ClusterStateError as err:
-            self._reject(err.problems)
-            return False
+    def _apply(self, state: ClusterState) -> bool:
         self.stats.problems = []
         previous = self._feed.current()
         if previous is not None and previous.version == state.version:
@@ -310,8 +352,7 @@ class FileClusterSource:
         )
         self._report_health()
 
-    def _cannot_read(self, err: ClusterStateError) -> None:
-        reason = str(err)
+    def _cannot_read(self, reason: str) -> None:
         if reason != self._unreadable:
             # Logged and counted once per distinct failure, not once per poll.
             self.stats.read_errors += 1
