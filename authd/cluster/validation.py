@@ -13,6 +13,7 @@ ordered lists. What is checked, and why an operator gets it wrong:
   overlap, because the datapath must resolve each address to exactly one identity;
 - an endpoint prefix contains no node address, or node-to-node traffic (attestation itself) would be
   classified as that workload and could be blocked by its policy;
+- an endpoint prefix is not IPv4-mapped IPv6 (``::ffff:10.1.0.5``): packets carry the IPv4 form;
 - an endpoint lists each selector once, and the same (identity, node, selectors) appears only once.
 """
 
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import ipaddress
 from collections.abc import Sequence
 
 from authd.cluster.model import ClusterState, Endpoint, IpAddress, IpNetwork, Node, PolicyRule
 from authd.errors import ClusterStateError
 from authd.identity import SpiffeId
+
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def build_state(
@@ -77,6 +81,7 @@ def _check_nodes(nodes: Sequence[Node], found: list[str]) -> None:
 
 def _check_endpoints(nodes: Sequence[Node], endpoints: Sequence[Endpoint], found: list[str]) -> None:
     node_names = [node.name for node in nodes]
+    known_nodes = set(node_names)
     node_ids = {node.spiffe_id: index for index, node in enumerate(nodes)}
     seen: dict[tuple[SpiffeId, str, frozenset[str]], int] = {}
     for index, endpoint in enumerate(endpoints):
@@ -88,22 +93,31 @@ def _check_endpoints(nodes: Sequence[Node], endpoints: Sequence[Endpoint], found
                 f'{where}.spiffe_id: "{endpoint.spiffe_id}" is the node identity of '
                 f"node[{node_ids[endpoint.spiffe_id]}]; a workload needs its own"
             )
-        if endpoint.node not in node_names:
+        if endpoint.node not in known_nodes:
             close = difflib.get_close_matches(endpoint.node, node_names, n=1, cutoff=0.6)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             found.append(f'{where}.node: unknown node "{endpoint.node}"{hint}')
-        if not endpoint.prefixes:
-            found.append(f"{where}.prefixes: must list at least one address or prefix")
-        if not endpoint.selectors:
-            found.append(f"{where}.selectors: must list at least one SPIRE selector")
-        selectors = [str(s) for s in endpoint.selectors]
-        for position, selector in enumerate(selectors):
-            if selector in selectors[:position]:
-                found.append(f'{where}.selectors[{position}]: "{selector}" is listed twice')
-        key = (endpoint.spiffe_id, endpoint.node, frozenset(selectors))
+        _check_lists(where, endpoint, found)
+        key = (endpoint.spiffe_id, endpoint.node, frozenset(str(s) for s in endpoint.selectors))
         if key in seen:
             found.append(f"{where}: same spiffe_id, node and selectors as endpoint[{seen[key]}]")
         seen.setdefault(key, index)
+
+
+def _check_lists(where: str, endpoint: Endpoint, found: list[str]) -> None:
+    """An endpoint's own prefixes and selectors."""
+    if not endpoint.prefixes:
+        found.append(f"{where}.prefixes: must list at least one address or prefix")
+    for position, prefix in enumerate(endpoint.prefixes):
+        if isinstance(prefix, ipaddress.IPv6Network) and prefix.subnet_of(_V4_MAPPED):
+            # Packets carry the IPv4 form; an IPv4-mapped entry would never match one.
+            found.append(f"{where}.prefixes[{position}]: {prefix} is IPv4-mapped; write the IPv4 form")
+    if not endpoint.selectors:
+        found.append(f"{where}.selectors: must list at least one SPIRE selector")
+    selectors = [str(s) for s in endpoint.selectors]
+    for position, selector in enumerate(selectors):
+        if selector in selectors[:position]:
+            found.append(f'{where}.selectors[{position}]: "{selector}" is listed twice')
 
 
 def _check_prefixes(nodes: Sequence[Node], endpoints: Sequence[Endpoint], found: list[str]) -> None:

@@ -294,6 +294,10 @@ def with_nodes(extra: str) -> str:
             ],
         ),
         (
+            with_nodes(DB.replace('"10.2.0.0/28"', '"::ffff:10.2.0.1"')),
+            ["endpoint[0].prefixes[0]: ::ffff:a02:1/128 is IPv4-mapped; write the IPv4 form"],
+        ),
+        (
             with_nodes(DB.replace('"10.2.0.0/28"', '"2001:db8::1"')),
             ['endpoint[0].prefixes[0]: 2001:db8::1/128 contains address 2001:db8::1 of node[0] ("node-a")'],
         ),
