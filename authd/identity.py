@@ -9,6 +9,7 @@ attested, and the SPIFFE ID convention for authd's own node identity.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -151,6 +152,7 @@ def node_id(trust_domain: TrustDomain, node_name: str) -> SpiffeId:
     return SpiffeId.from_parts(trust_domain, f"/authd/{node_name}")
 
 
+@functools.lru_cache(maxsize=65536)
 def sni_for(spiffe_id: SpiffeId) -> str:
     """The TLS server name under which ``spiffe_id`` is attested: a valid DNS name, stable, one per ID.
 

@@ -38,6 +38,8 @@ class LeafOptions:
 class TestCA:
     """A CA for one trust domain: a self-signed root, or an intermediate below one."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     trust_domain: TrustDomain
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
