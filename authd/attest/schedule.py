@@ -60,7 +60,7 @@ class _PeerState:
     result: Attestation | None = None
     due: datetime | None = None
     in_flight: bool = False
-    last_error: str = ""
+    refused: bool = False
 
 
 @dataclass
@@ -141,10 +141,10 @@ class Attestations:
             if state.result is not None and state.result.not_after > now
         }
 
-    def settled(self, peer: Peer) -> bool:
-        """Whether ``peer`` was attempted at least once since it became wanted (result or failure)."""
+    def refused(self, peer: Peer) -> bool:
+        """Whether the last attempt for ``peer`` was answered with a refusal (not hosted, not it)."""
         state = self._peers.get(peer)
-        return state is not None and (state.result is not None or bool(state.last_error))
+        return state is not None and state.refused
 
     def bundles_changed(self, bundles: BundleSet) -> None:
         """Re-verify every remembered chain against new bundles; drop and re-attest those that fail."""
@@ -205,7 +205,7 @@ class Attestations:
             return  # no longer wanted while the handshake ran
         previous = state.result
         state.result = result
-        state.last_error = ""
+        state.refused = False
         now = self._now()
         renew = result.not_before + (result.not_after - result.not_before) * self._renew_after
         if previous is not None and previous.serial == result.serial and renew <= now:
@@ -231,8 +231,8 @@ class Attestations:
         if self._peers.get(peer) is not state:
             return
         delay = state.backoff.next_delay()
-        state.last_error = str(err)
-        dropped = err.reason not in TRANSIENT and state.result is not None
+        state.refused = err.reason not in TRANSIENT
+        dropped = state.refused and state.result is not None
         if dropped:
             state.result = None
         log.warning(
