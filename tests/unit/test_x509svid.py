@@ -181,6 +181,7 @@ REFUSALS: dict[str, tuple[Case, str]] = {
         "uri-san-missing",
     ),
     "non-spiffe URI": (_uri("https://example.org/workload"), "spiffe-id"),
+    "misspelt scheme": (_uri("sparfe://example.org/workload"), "spiffe-id"),
     "uppercase scheme": (_uri("SPIFFE://example.org/workload"), "spiffe-id"),
     "uppercase trust domain": (_uri("spiffe://Example.org/workload"), "spiffe-id"),
     "trust domain with a port": (_uri("spiffe://example.org:443/workload"), "spiffe-id"),
@@ -268,6 +269,10 @@ REFUSALS: dict[str, tuple[Case, str]] = {
     "intermediate without keyCertSign": (
         lambda w: (w.local.intermediate(CAOptions(key_cert_sign=False)).mint(WORKLOAD).chain, w.both),
         "signing-key-cert-sign",
+    ),
+    "local bundle holding another trust domain's CA": (
+        lambda w: (w.local.mint(WORKLOAD).chain, BundleSet.of([X509Bundle(LOCAL, (w.federated.cert,))])),
+        "untrusted-chain",
     ),
     "non-CA certificate appended to the chain": (_appended_non_ca, "signing-not-ca"),
     "intermediate missing from the chain": (
