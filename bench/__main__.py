@@ -7,11 +7,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cluster, lifecycle
+from bench import cluster, identity, lifecycle
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
     "lifecycle": lifecycle.run,
+    "identity": identity.run,
     "cluster": cluster.run,
 }
 

@@ -227,7 +227,7 @@ class _Version:
 class FileClusterSource:
     """A :class:`~authd.cluster.source.ClusterSource` backed by one polled TOML file."""
 
-    def __init__(  # noqa: PLR0913 - time and sleep are injected so tests never wait
+    def __init__(
         self,
         path: Path,
         local_node: str,
