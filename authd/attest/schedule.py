@@ -231,9 +231,9 @@ class Attestations:
         if self._peers.get(peer) is not state:
             return
         delay = state.backoff.next_delay()
+        newly_refused = err.reason not in TRANSIENT and not state.refused
         state.refused = err.reason not in TRANSIENT
-        dropped = state.refused and state.result is not None
-        if dropped:
+        if state.refused:
             state.result = None
         log.warning(
             "attestation failed",
@@ -245,7 +245,7 @@ class Attestations:
             result_kept=state.result is not None,
         )
         self._schedule(peer, self._now() + timedelta(seconds=delay))
-        if dropped:
+        if newly_refused:
             self._on_change()
 
     def _schedule(self, peer: Peer, due: datetime) -> None:
