@@ -77,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     example = config_commands.add_parser("example", help="print the documented example config")
     example.set_defaults(command=_config_example)
 
+    cluster = commands.add_parser("cluster", help="inspect cluster state")
+    cluster_commands = cluster.add_subparsers(title="cluster commands", metavar="COMMAND", required=True)
+    cluster_check = cluster_commands.add_parser(
+        "check", parents=[with_config], help="validate the cluster state file and summarise it for a node"
+    )
+    cluster_check.add_argument(
+        "--file", type=Path, help="cluster state file (default: cluster.file of the config)"
+    )
+    cluster_check.add_argument(
+        "--node", help="node to summarise (default: node.name of the config, or the host name)"
+    )
+    cluster_check.set_defaults(command=_cluster_check)
+
     _add_observe(commands, with_config)
     _add_bpf(commands, with_config)
 
@@ -278,6 +291,46 @@ def _config_example(_args: argparse.Namespace) -> int:
     from authd.config import render_example  # noqa: PLC0415
 
     print(render_example(), end="")
+    return 0
+
+
+def _cluster_check(args: argparse.Namespace) -> int:
+    from authd.cluster.desired import attestations, desired_state  # noqa: PLC0415
+    from authd.cluster.file import load_cluster  # noqa: PLC0415
+    from authd.cluster.handles import HandleRegistry  # noqa: PLC0415
+    from authd.cluster.source import local_node_name  # noqa: PLC0415
+    from authd.config import load_config  # noqa: PLC0415
+    from authd.errors import ClusterStateError  # noqa: PLC0415
+
+    path, node = args.file, args.node
+    if path is None or node is None:
+        config = load_config(args.config)
+        path = path or config.cluster.file
+        node = node or local_node_name(config.node.name)
+    try:
+        state = load_cluster(path)
+    except ClusterStateError as err:
+        print(f"authd: invalid cluster state {path}:", file=sys.stderr)
+        for problem in err.problems or [str(err)]:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    identities = state.identities
+    print(f"# {path}: valid, version {state.version[:12]}")
+    print(
+        f"nodes: {len(state.nodes)}, endpoints: {len(state.endpoints)} ({len(identities)} identities), "
+        f"policy rules: {len(state.rules)}"
+    )
+    if state.node(node) is None:
+        print(f'node "{node}": not in cluster state', file=sys.stderr)
+        return 1
+    handles = HandleRegistry(None, node)
+    handles.assign(identities, state.nodes)
+    desired = desired_state(state, node, handles)
+    local = {endpoint.spiffe_id for endpoint in state.endpoints_on(node)}
+    print(
+        f'node "{node}": {len(local)} local identities, {len(desired.policy)} policy entries, '
+        f"{len(desired.pairs)} auth pairs, {len(attestations(desired.pairs))} attestations"
+    )
     return 0
 
 
