@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
-APT_PACKAGES := iproute2
+APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3
 
 .PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts
 
@@ -14,6 +14,7 @@ all: venv
 
 # Generated files shipped inside the package; also built by hatch_build.py for pip install / pip wheel.
 artifacts: protos
+	$(MAKE) --no-print-directory -C bpf
 
 # Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto, gitignored). hatch_build.py
 # passes the build environment's Python on the command line; otherwise the project venv's is used.

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from authd import __version__
 from authd.errors import AuthdError, ConfigError
+
+if TYPE_CHECKING:
+    from authd.config import Config
+    from authd.datapath.maps import PinnedMaps
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 DEFAULT_CONFIG = Path("/etc/authd/authd.toml")
@@ -71,11 +77,191 @@ def _parser() -> argparse.ArgumentParser:
     example = config_commands.add_parser("example", help="print the documented example config")
     example.set_defaults(command=_config_example)
 
+    cluster = commands.add_parser("cluster", help="inspect cluster state")
+    cluster_commands = cluster.add_subparsers(title="cluster commands", metavar="COMMAND", required=True)
+    cluster_check = cluster_commands.add_parser(
+        "check", parents=[with_config], help="validate the cluster state file and summarise it for a node"
+    )
+    cluster_check.add_argument(
+        "--file", type=Path, help="cluster state file (default: cluster.file of the config)"
+    )
+    cluster_check.add_argument(
+        "--node", help="node to summarise (default: node.name of the config, or the host name)"
+    )
+    cluster_check.set_defaults(command=_cluster_check)
+
+    _add_observe(commands, with_config)
+    _add_bpf(commands, with_config)
+
     _add_dev_spire(commands, common)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(command=_version)
     return parser
+
+
+def _add_observe(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    observe = commands.add_parser(
+        "observe",
+        parents=[parent],
+        help="show policy-verdict flows from the running daemon (like hubble observe)",
+    )
+    observe.add_argument("--json", action="store_true", help="one JSON object per line")
+    observe.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
+    observe.add_argument(
+        "--last", type=int, metavar="N", help="the last N flows (default 20; 0 with --follow)"
+    )
+    observe.add_argument(
+        "--identity", metavar="ID", help="only flows with this SPIFFE ID or handle on either side"
+    )
+    observe.add_argument("--verdict", choices=["allowed", "denied"], help="only flows with this verdict")
+    observe.add_argument("--direction", choices=["ingress", "egress"], help="only flows in this direction")
+    observe.set_defaults(command=_observe)
+
+
+def _observe(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+    from authd.flows import Flow, render  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    client = ControlClient(socket_path(config.node.runtime_dir), timeout=None if args.follow else 10.0)
+    request = {
+        "follow": args.follow,
+        "last": args.last,
+        "identity": args.identity,
+        "verdict": args.verdict,
+        "direction": args.direction,
+    }
+    for response in client.request("observe", **request):
+        if "lost" in response:
+            print(f"authd: {response['lost']} flows lost (this client was too slow)", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(response), flush=args.follow)
+        else:
+            print(render(Flow.from_json(response)), flush=args.follow)
+    return 0
+
+
+def _add_bpf(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    bpf = commands.add_parser("bpf", help="inspect the pinned BPF maps (works while the daemon is down)")
+    groups = bpf.add_subparsers(title="bpf commands", metavar="COMMAND", required=True)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    auth = groups.add_parser("auth", help="the auth map")
+    auth_commands = auth.add_subparsers(title="auth commands", metavar="COMMAND", required=True)
+    auth_commands.add_parser("list", parents=[parent, as_json], help="list auth entries").set_defaults(
+        command=_bpf_auth_list
+    )
+    auth_commands.add_parser("flush", parents=[parent], help="delete every auth entry").set_defaults(
+        command=_bpf_auth_flush
+    )
+    for name, function, text in (
+        ("ipcache", _bpf_ipcache, "the ipcache (prefix -> identity, node)"),
+        ("policy", _bpf_policy, "the policy map"),
+    ):
+        group = groups.add_parser(name, help=text)
+        sub = group.add_subparsers(title=f"{name} commands", metavar="COMMAND", required=True)
+        sub.add_parser("list", parents=[parent, as_json], help=f"list {name} entries").set_defaults(
+            command=function
+        )
+    groups.add_parser("counters", parents=[parent, as_json], help="datapath counters").set_defaults(
+        command=_bpf_counters
+    )
+    groups.add_parser(
+        "unload", parents=[parent], help="detach the programs from every interface and remove the pins"
+    ).set_defaults(command=_bpf_unload)
+
+
+def _quiet_logs() -> None:
+    """Commands that print results keep library chatter (libbpf's notes) out of their output."""
+    from authd import log  # noqa: PLC0415
+
+    log.configure("warning", "console")
+
+
+def _config_or_defaults(path: Path) -> Config:
+    """The config at ``path``; built-in defaults when the default file does not exist."""
+    from authd.config import Config, load_config  # noqa: PLC0415
+
+    if path == DEFAULT_CONFIG and not path.exists():
+        return Config()
+    return load_config(path)
+
+
+def _print_rows(args: argparse.Namespace, rows: list[dict[str, object]], columns: list[str]) -> None:
+    from authd.datapath.inspect import table  # noqa: PLC0415
+
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(table(rows, columns))
+
+
+def _bpf_maps(args: argparse.Namespace) -> PinnedMaps:
+    from authd.datapath.maps import PinnedMaps  # noqa: PLC0415
+
+    _quiet_logs()
+    return PinnedMaps(_config_or_defaults(args.config).datapath.pin_dir)
+
+
+def _bpf_auth_list(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import auth_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(
+            args, auth_rows(maps), ["local", "remote", "remote_node", "auth_type", "expires", "expired"]
+        )
+    return 0
+
+
+def _bpf_auth_flush(args: argparse.Namespace) -> int:
+    with _bpf_maps(args) as maps:
+        print(f"deleted {maps.auth.flush()} auth entries")
+    return 0
+
+
+def _bpf_ipcache(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import ipcache_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(args, ipcache_rows(maps), ["prefix", "identity", "node"])
+    return 0
+
+
+def _bpf_policy(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import policy_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(args, policy_rows(maps), ["local", "remote", "direction", "auth_type"])
+    return 0
+
+
+def _bpf_counters(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import counter_rows  # noqa: PLC0415
+
+    with _bpf_maps(args) as maps:
+        _print_rows(args, counter_rows(maps), ["counter", "value"])
+    return 0
+
+
+def _bpf_unload(args: argparse.Namespace) -> int:
+    from authd.datapath.inspect import unload  # noqa: PLC0415
+
+    pin_dir = _config_or_defaults(args.config).datapath.pin_dir
+    _quiet_logs()
+    result = unload(pin_dir)
+    if not result.interfaces and not result.pins:
+        print(f"nothing to unload: no authd programs attached here and nothing pinned at {pin_dir}")
+        return 0
+    print(f"detached from {len(result.interfaces)} interfaces: {', '.join(result.interfaces) or '-'}")
+    print(f"removed {len(result.pins)} pins from {pin_dir}: {', '.join(result.pins) or '-'}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -171,6 +357,46 @@ def _config_example(_args: argparse.Namespace) -> int:
     from authd.config import render_example  # noqa: PLC0415
 
     print(render_example(), end="")
+    return 0
+
+
+def _cluster_check(args: argparse.Namespace) -> int:
+    from authd.cluster.desired import attestations, desired_state  # noqa: PLC0415
+    from authd.cluster.file import load_cluster  # noqa: PLC0415
+    from authd.cluster.handles import HandleRegistry  # noqa: PLC0415
+    from authd.cluster.source import local_node_name  # noqa: PLC0415
+    from authd.config import load_config  # noqa: PLC0415
+    from authd.errors import ClusterStateError  # noqa: PLC0415
+
+    path, node = args.file, args.node
+    if path is None or node is None:
+        config = load_config(args.config)
+        path = path or config.cluster.file
+        node = node or local_node_name(config.node.name)
+    try:
+        state = load_cluster(path)
+    except ClusterStateError as err:
+        print(f"authd: invalid cluster state {path}:", file=sys.stderr)
+        for problem in err.problems or [str(err)]:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    identities = state.identities
+    print(f"# {path}: valid, version {state.version[:12]}")
+    print(
+        f"nodes: {len(state.nodes)}, endpoints: {len(state.endpoints)} ({len(identities)} identities), "
+        f"policy rules: {len(state.rules)}"
+    )
+    if state.node(node) is None:
+        print(f'node "{node}": not in cluster state', file=sys.stderr)
+        return 1
+    handles = HandleRegistry(None, node)
+    handles.assign(identities, state.nodes)
+    desired = desired_state(state, node, handles)
+    local = {endpoint.spiffe_id for endpoint in state.endpoints_on(node)}
+    print(
+        f'node "{node}": {len(local)} local identities, {len(desired.policy)} policy entries, '
+        f"{len(desired.pairs)} auth pairs, {len(attestations(desired.pairs))} attestations"
+    )
     return 0
 
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from authd import log as logsetup
 from authd.backoff import BackoffPolicy
 from authd.config import Config, load_config
-from authd.errors import ConfigError, DaemonError
+from authd.control import ControlServer, socket_path
+from authd.datapath.events import AuthRequiredEvent
+from authd.errors import ConfigError, ControlError, DaemonError
+from authd.flows import FlowLog, NoNames, serve_observe
 from authd.health import Health
 from authd.jobs import Job, Supervisor
 from authd.sdnotify import Notifier
@@ -54,11 +58,41 @@ class Daemon:
         self._jobs: list[Job] = []
         self._reload_hooks: list[ReloadHook] = [self._apply_logging]
         self._stop = asyncio.Event()
+        control_health = self.health.register("control")
+        self.control = ControlServer(
+            socket_path(config.node.runtime_dir), on_listening=lambda: control_health.ready("listening")
+        )
+        self._jobs.append(Job("control", self.control.run, critical=False))
+        self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE. Cluster state
         # calls self.identity_plane.set_workloads() with the workloads on this node.
         self.identity_plane = IdentityPlane.from_config(config.spire, lambda: self.health.register("svids"))
         if self.identity_plane is not None:
             self._jobs.extend(self.identity_plane.jobs())
+
+    def _build_datapath(self) -> None:
+        if not self.config.datapath.enabled:
+            self.control.register("observe", _datapath_disabled)
+            return
+        from authd.datapath.enforcement import Enforcement  # noqa: PLC0415 - loads libbpf only when enabled
+
+        # TODO(issue 5): the auth manager consumes auth-required events; cluster state supplies names.
+        self.flow_log = FlowLog(NoNames())
+        self.control.register("observe", lambda request: serve_observe(self.flow_log, request))
+        daemon_cfg = self.config.daemon
+        enforcement = Enforcement(
+            self.config.datapath,
+            self.health.register("datapath"),
+            on_auth_required=_log_auth_required,
+            on_flow=self.flow_log.add,
+            backoff=BackoffPolicy(
+                initial=daemon_cfg.restart_backoff_initial.total_seconds(),
+                maximum=daemon_cfg.restart_backoff_max.total_seconds(),
+            ),
+        )
+        self.enforcement = enforcement
+        self._jobs.extend(enforcement.jobs())
+        self._reload_hooks.append(lambda _old, new: enforcement.reload(new.datapath))
 
     async def run(self) -> int:
         """Run until stopped by a signal or a critical failure; return the process exit status."""
@@ -146,7 +180,7 @@ class Daemon:
         old, self.config = self.config, new
         for hook in self._reload_hooks:
             hook(old, new)
-        restart_needed = _changed_sections(old, new) - {"log"}
+        restart_needed = _changed_sections(old, new) - {"log"} - _live_datapath_change(old, new)
         if restart_needed:
             log.warning("config reloaded; some changes need a restart", sections=sorted(restart_needed))
         else:
@@ -157,6 +191,30 @@ class Daemon:
     def _apply_logging(old: Config, new: Config) -> None:
         if old.log != new.log:
             logsetup.configure(new.log.level, new.log.format)
+
+
+async def _datapath_disabled(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    if request:  # always: the op exists only to say why it cannot answer
+        raise ControlError("control: the datapath is disabled ([datapath] enabled = false)")
+    yield {}
+
+
+def _log_auth_required(event: AuthRequiredEvent) -> None:
+    log.debug(
+        "auth required",
+        local=event.key.local,
+        remote=event.key.remote,
+        remote_node=event.key.remote_node,
+        reason=event.reason.name,
+    )
+
+
+def _live_datapath_change(old: Config, new: Config) -> set[str]:
+    """``{"datapath"}`` when only the datapath keys applied at run time changed."""
+    live = ("flow_events", "auth_required_interval", "interfaces")
+    other = [f for f in type(old.datapath).__dataclass_fields__ if f not in live]
+    same = all(getattr(old.datapath, f) == getattr(new.datapath, f) for f in other)
+    return {"datapath"} if same else set()
 
 
 def _changed_sections(old: Config, new: Config) -> set[str]:

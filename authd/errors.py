@@ -9,7 +9,7 @@ one family, and the message says which subsystem failed and what it was doing::
     ├── SpiffeIdError        malformed SPIFFE ID or trust domain
     ├── SvidError            an X509-SVID refused; ``rule`` names the rule it broke
     ├── SpireError           a SPIRE API call failed; ``retryable`` says whether backing off can help
-    ├── ClusterStateError    cluster state that cannot be read or does not validate
+    ├── ClusterStateError    cluster state, or the handle state file, unreadable or invalid
     ├── DatapathError        BPF object, map, program or tc attachment failure
     ├── AttestError          an attestation handshake failed; ``reason`` is its low-cardinality label
     ├── ControlError         the daemon's local control socket cannot be reached or answered badly
@@ -55,7 +55,12 @@ class SpireError(AuthdError):
 
 
 class ClusterStateError(AuthdError):
-    """Cluster state cannot be read or does not validate."""
+    """Cluster state cannot be read or does not validate; ``problems`` lists every problem found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        """Say what failed; ``problems`` names each offending key path with what is expected."""
+        self.problems = list(problems or [])
+        super().__init__(message)
 
 
 class DatapathError(AuthdError):

@@ -9,6 +9,7 @@ attested, and the SPIFFE ID convention for authd's own node identity.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -62,8 +63,7 @@ class SpiffeId:
         """Parse ``spiffe://<trust-domain><path>``; raise SpiffeIdError naming the rule broken."""
         if not text:
             raise SpiffeIdError("spiffeid: cannot be empty")
-        if len(text.encode()) > MAX_ID_BYTES:
-            raise SpiffeIdError(f"spiffeid: longer than {MAX_ID_BYTES} bytes")
+        _check_id_length(text)
         if not text.startswith(SCHEME_PREFIX):
             raise SpiffeIdError("spiffeid: scheme is missing or invalid")
         rest = text[len(SCHEME_PREFIX) :]
@@ -77,9 +77,11 @@ class SpiffeId:
 
     @classmethod
     def from_parts(cls, trust_domain: TrustDomain, path: str) -> SpiffeId:
-        """Build an ID from a trust domain and a path, validating the path."""
+        """Build an ID from a trust domain and a path, validating the path and the ID's length."""
         validate_path(path)
-        return cls(trust_domain, path)
+        spiffe_id = cls(trust_domain, path)
+        _check_id_length(str(spiffe_id))
+        return spiffe_id
 
     def member_of(self, trust_domain: TrustDomain) -> bool:
         """Whether this ID belongs to ``trust_domain``."""
@@ -116,14 +118,25 @@ def validate_path(path: str) -> None:
             )
 
 
+def _check_id_length(text: str) -> None:
+    if _utf8_length(text) > MAX_ID_BYTES:
+        raise SpiffeIdError(f"spiffeid: longer than {MAX_ID_BYTES} bytes")
+
+
 def _check_trust_domain(domain: str) -> None:
-    if len(domain.encode()) > MAX_TRUST_DOMAIN_BYTES:
+    if _utf8_length(domain) > MAX_TRUST_DOMAIN_BYTES:
         raise SpiffeIdError(f"spiffeid: trust domain longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
     if not _TRUST_DOMAIN_CHARS.fullmatch(domain):
         raise SpiffeIdError(
             "spiffeid: trust domain characters are limited to lowercase letters, numbers, dots, dashes, "
             "and underscores"
         )
+
+
+def _utf8_length(text: str) -> int:
+    # Lone surrogates are passed through so that they reach the character check and are refused
+    # there as SpiffeIdError; the strict codec would raise UnicodeEncodeError out of the parser.
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -151,6 +164,7 @@ def node_id(trust_domain: TrustDomain, node_name: str) -> SpiffeId:
     return SpiffeId.from_parts(trust_domain, f"/authd/{node_name}")
 
 
+@functools.lru_cache(maxsize=65536)
 def sni_for(spiffe_id: SpiffeId) -> str:
     """The TLS server name under which ``spiffe_id`` is attested: a valid DNS name, stable, one per ID.
 

@@ -6,7 +6,7 @@ Verification of a peer's chain (:func:`verify_chain`) follows X509-SVID section 
 2. the leaf is not a CA, has the digitalSignature key usage and neither keyCertSign nor cRLSign, and an
    extended key usage, when present, allows both TLS server and client use;
 3. every other presented certificate is a CA with keyCertSign;
-4. the leaf is valid at the given time;
+4. every presented certificate is valid at the given time;
 5. the bundle is chosen by the *leaf's* trust domain, never from a merged store: a peer claiming
    ``example.org`` must chain to ``example.org``'s authorities even when other trust domains are federated;
 6. RFC 5280 path validation against that bundle, through ``cryptography``'s verifier;
@@ -141,11 +141,7 @@ def parse_svid(chain_der: Sequence[bytes], key_der: bytes, hint: str = "") -> X5
         raise SvidError("malformed-key", f"cannot parse PKCS#8 private key: {err}") from err
     if not isinstance(key, PrivateKey):
         raise SvidError("malformed-key", f"unsupported private key type {type(key).__name__}")
-    try:
-        leaf_key = chain[0].public_key()
-    except (ValueError, UnsupportedAlgorithm) as err:
-        raise SvidError("malformed-key", f"cannot read the leaf's public key: {err}") from err
-    if _spki(key.public_key()) != _spki(leaf_key):
+    if _spki(key) != _spki(chain[0]):
         raise SvidError("key-mismatch", "leaf certificate does not match private key")
     return X509Svid(spiffe_id, chain, key, hint)
 
@@ -156,10 +152,9 @@ def verify_chain(
     """Verify a peer's presented chain (leaf first) at time ``at``; return its authorized SPIFFE ID."""
     spiffe_id = check_shape(chain)
     leaf = chain[0]
-    if at < leaf.not_valid_before_utc:
-        raise SvidError("not-yet-valid", f"leaf is valid from {leaf.not_valid_before_utc.isoformat()}")
-    if at > leaf.not_valid_after_utc:
-        raise SvidError("expired", f"leaf expired at {leaf.not_valid_after_utc.isoformat()}")
+    # cryptography checks validity too, but reports it as a failed path; checking first names the rule.
+    for position, cert in enumerate(chain):
+        _check_validity(cert, position, at)
     bundle = bundles.bundle_for(spiffe_id.trust_domain)
     if bundle is None:
         raise SvidError(
@@ -180,6 +175,8 @@ def verify_chain(
         raise SvidError(
             "untrusted-chain", f'does not chain to the bundle of "{spiffe_id.trust_domain}": {err}'
         ) from err
+    except ValueError as err:  # a part decoded lazily by the path builder, such as a Name, is malformed
+        raise SvidError("malformed-certificate", f"cannot verify the chain: {err}") from err
     authorize(spiffe_id)
     return spiffe_id
 
@@ -197,6 +194,15 @@ def check_shape(chain: Sequence[x509.Certificate]) -> SpiffeId:
         if usage is None or not usage.key_cert_sign:
             raise SvidError("signing-key-cert-sign", f"certificate {position} in the chain lacks keyCertSign")
     return spiffe_id
+
+
+def _check_validity(cert: x509.Certificate, position: int, at: datetime) -> None:
+    which = "the leaf" if position == 0 else f"certificate {position} in the chain"
+    # RFC 5280 4.1.2.5: both bounds are inclusive.
+    if at < cert.not_valid_before_utc:
+        raise SvidError("not-yet-valid", f"{which} is valid from {cert.not_valid_before_utc.isoformat()}")
+    if at > cert.not_valid_after_utc:
+        raise SvidError("expired", f"{which} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
 def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
@@ -296,7 +302,7 @@ def split_der(data: bytes) -> list[bytes]:
 def _load_certificate(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion) as err:
+    except (ValueError, x509.InvalidVersion) as err:  # InvalidVersion is not a ValueError
         raise SvidError("malformed-certificate", f"cannot parse DER certificate: {err}") from err
 
 
@@ -305,12 +311,21 @@ def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+    # All extensions are decoded on first access: any malformed, duplicated or unsupported one fails
+    # the certificate, whichever extension was asked for. DuplicateExtension and
+    # UnsupportedGeneralNameType are not ValueErrors; left uncaught, a hostile certificate would escape
+    # the verifier as a non-AuthdError.
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as err:
-        # Undecodable or duplicate extensions: raised on first access, and not all are ValueErrors.
-        raise SvidError("malformed-certificate", f"bad {kind.__name__} extension: {err}") from err
+        raise SvidError(
+            "malformed-certificate", f"bad extensions looking for {kind.__name__}: {err}"
+        ) from err
 
 
-def _spki(public_key: object) -> bytes:
+def _spki(cert_or_key: x509.Certificate | PrivateKey) -> bytes:
+    try:
+        public_key = cert_or_key.public_key()
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise SvidError("malformed-key", f"unsupported public key: {err}") from err
     if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise SvidError("malformed-key", f"unsupported public key type {type(public_key).__name__}")
     return public_key.public_bytes(

@@ -7,11 +7,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import lifecycle
+from bench import cluster, datapath, identity, lifecycle
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
     "lifecycle": lifecycle.run,
+    "identity": identity.run,
+    "cluster": cluster.run,
+    "datapath": datapath.run,
 }
 
 

@@ -25,7 +25,7 @@ def run() -> Figures:
         config = Path(tmp) / "authd.toml"
         config.write_text(
             f'[node]\nname = "bench"\nstate_dir = "{tmp}/state"\nruntime_dir = "{tmp}/run"\n'
-            '[log]\nlevel = "warning"\nformat = "json"\n'
+            '[log]\nlevel = "warning"\nformat = "json"\n[datapath]\nenabled = false\n'
         )
         for index in range(RUNS):
             seconds, kib = _start_once(config, Path(tmp) / f"notify{index}.sock")

@@ -4,22 +4,52 @@ The config model declares each key once, as a dataclass field made by :func:`set
 default, a one-line description and an optional check. Everything else derives from that declaration:
 decoding with error messages that name the key path, the bad value and what is expected; suggestions for
 misspelt keys; the documented example file; and the effective config printed by ``authd config check``.
+
+Besides scalars, durations and paths, values may be IP addresses and prefixes (:data:`IpAddress`,
+:data:`IpNetwork`) and any class with a ``parse(text)`` classmethod (:class:`TextParsed`, such as
+``SpiffeId``) that raises ``ValueError`` or an :class:`~authd.errors.AuthdError` on bad text. Keys declared
+with :func:`required` have no default: leaving one out is a problem, and a table missing one is dropped
+(the problem is reported once, for the missing key).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import ipaddress
 import json
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, Protocol, TypeVar, get_args, get_origin
+
+from authd.errors import AuthdError
 
 T = TypeVar("T")
+
+IpAddress = IPv4Address | IPv6Address
+"""An IPv4 or IPv6 address; decoded from a string such as ``"10.0.0.1"`` or ``"fd00::1"``."""
+
+IpNetwork = IPv4Network | IPv6Network
+"""An IPv4 or IPv6 prefix; decoded from ``"10.1.0.0/24"``, a bare address meaning a host prefix."""
+
+_ADDRESS_TYPES = frozenset({IPv4Address, IPv6Address})
+_NETWORK_TYPES = frozenset({IPv4Network, IPv6Network})
+
+
+class TextParsed(Protocol):
+    """A value type written as a string in TOML and built by its ``parse`` classmethod."""
+
+    @classmethod
+    def parse(cls, text: str) -> Any:  # noqa: ANN401 - each implementation returns its own class
+        """Build the value from text; raise ValueError or an AuthdError naming what is wrong."""
+        ...
+
 
 Check = Callable[[Any], str | None]
 """Returns what the value must be (``"must be an absolute path"``) when it is wrong, else None."""
@@ -37,6 +67,11 @@ def setting(default: Any, doc: str, *, check: Check | None = None, example: Any 
     return dataclasses.field(default=default, metadata={_DOC: doc, _CHECK: check, _EXAMPLE: example})
 
 
+def required(doc: str, *, check: Check | None = None, example: Any = None) -> Any:  # noqa: ANN401
+    """Declare a key that has no default and must be given."""
+    return dataclasses.field(metadata={_DOC: doc, _CHECK: check, _EXAMPLE: example})
+
+
 def section(cls: type[T], doc: str) -> T:
     """Declare a nested table whose keys all have defaults."""
     return dataclasses.field(default_factory=cls, metadata={_DOC: doc, _CHECK: None, _EXAMPLE: None})
@@ -46,30 +81,67 @@ class _Invalid(Exception):  # noqa: N818 - internal signal, never escapes this m
     """One value that does not fit its declared type or check."""
 
 
+class _Incomplete(Exception):  # noqa: N818 - internal signal, never escapes this module
+    """A table lacks a required key, or a required key is invalid; the problem is already recorded."""
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 
 
 def decode(cls: type[T], data: Mapping[str, Any], problems: list[str], prefix: str = "") -> T:
-    """Build ``cls`` from ``data``, appending one message per problem; bad keys keep their default."""
-    hints = typing.get_type_hints(cls)
+    """Build ``cls`` from ``data``, appending one message per problem; bad keys keep their default.
+
+    ``cls`` must give every key a default (nested tables and arrays of tables may have required keys).
+    """
+    missing = [f.name for f in dataclasses.fields(cls) if _is_required(f)]  # type: ignore[arg-type]
+    if missing:
+        raise TypeError(f"config: top-level {cls.__name__} needs defaults for {', '.join(missing)}")
+    return _decode(cls, data, problems, prefix)
+
+
+def _is_required(field: dataclasses.Field[Any]) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolving string annotations compiles them: once per class, not once per table of a large file.
+    return typing.get_type_hints(cls)
+
+
+def _decode(cls: type[T], data: Mapping[str, Any], problems: list[str], prefix: str) -> T:
+    hints = _type_hints(typing.cast("type", cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     problems.extend(f"{prefix}{key}: unknown key{_suggest(key, fields)}" for key in data if key not in fields)
     values: dict[str, Any] = {}
+    incomplete = False
     for name, field in fields.items():
-        if name not in data:
-            continue
         keypath = f"{prefix}{name}"
+        if name not in data:
+            if _is_required(field):
+                problems.append(f"{keypath}: missing required key")
+                incomplete = True
+            continue
+        known = len(problems)
         try:
             value = _convert(hints[name], data[name], keypath, problems)
         except _Invalid as err:
             problems.append(f"{keypath}: {err}")
+            incomplete = incomplete or _is_required(field)
+            continue
+        except _Incomplete:
+            incomplete = incomplete or _is_required(field)
             continue
         check: Check | None = field.metadata.get(_CHECK)
-        complaint = check(value) if check else None
+        # An array with a bad item was reported item by item; checking what is left would mislead.
+        complaint = check(value) if check and len(problems) == known else None
         if complaint:
             problems.append(f"{keypath}: {complaint}, got {_describe(data[name])}")
+            incomplete = incomplete or _is_required(field)
             continue
         values[name] = value
+    if incomplete:
+        raise _Incomplete
     decoded = cls(**values)
     # Rules spanning several keys of one table: the table's own ``cross_check()`` names the key at fault.
     cross_check: Callable[[], list[str]] | None = getattr(decoded, "cross_check", None)
@@ -87,6 +159,10 @@ def _convert(tp: Any, value: Any, keypath: str, problems: list[str]) -> Any:  # 
     origin = get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         inner = [arg for arg in get_args(tp) if arg is not type(None)]
+        if frozenset(inner) == _ADDRESS_TYPES:
+            return _ip_address(value)
+        if frozenset(inner) == _NETWORK_TYPES:
+            return _ip_network(value)
         return _convert(inner[0], value, keypath, problems)
     if origin is Literal:
         choices = get_args(tp)
@@ -104,11 +180,16 @@ def _convert(tp: Any, value: Any, keypath: str, problems: list[str]) -> Any:  # 
                 items.append(_convert(item_type, item, f"{keypath}[{index}]", problems))
             except _Invalid as err:
                 problems.append(f"{keypath}[{index}]: {err}")
+            except _Incomplete:
+                pass  # the item's own problems name what is missing
         return tuple(items)
+    if isinstance(tp, type) and callable(getattr(tp, "parse", None)):
+        # Checked before dataclasses: value types such as SpiffeId are dataclasses written as strings.
+        return _parse_text(typing.cast("type[TextParsed]", tp), value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Invalid(f"expected a table, got {_describe(value)}")
-        return decode(tp, value, problems, prefix=f"{keypath}.")
+        return _decode(tp, value, problems, prefix=f"{keypath}.")
     if tp is bool:
         if not isinstance(value, bool):
             raise _Invalid(f"expected true or false, got {_describe(value)}")
@@ -136,6 +217,40 @@ def _convert(tp: Any, value: Any, keypath: str, problems: list[str]) -> Any:  # 
             )
         return parse_duration(value)
     raise TypeError(f"config: no decoder for {tp!r} at {keypath}")
+
+
+def _ip_address(value: Any) -> IpAddress:  # noqa: ANN401
+    expected = 'expected an IP address like "10.0.0.1" or "fd00::1"'
+    if not isinstance(value, str):
+        raise _Invalid(f"{expected}, got {_describe(value)}")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError as err:
+        raise _Invalid(f"{expected}, got {_describe(value)}") from err
+
+
+def _ip_network(value: Any) -> IpNetwork:  # noqa: ANN401
+    expected = 'expected an IP prefix like "10.1.0.0/24" or a bare address'
+    if not isinstance(value, str):
+        raise _Invalid(f"{expected}, got {_describe(value)}")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError as err:
+        # ip_network's own words are clear for the common mistake ("... has host bits set").
+        reason = str(err) if "host bits" in str(err) else "not an IP prefix"
+        raise _Invalid(f"{expected}, got {_describe(value)} ({reason})") from err
+
+
+def _parse_text(tp: type[TextParsed], value: Any) -> Any:  # noqa: ANN401
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_describe(value)}")
+    try:
+        return tp.parse(value)
+    except (ValueError, AuthdError) as err:
+        message = str(err)
+        if repr(value) in message or json.dumps(value) in message:  # the parser quoted the value already
+            raise _Invalid(message) from err
+        raise _Invalid(f"{message}, got {_describe(value)}") from err
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -225,7 +340,9 @@ def toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, timedelta):
         return json.dumps(format_duration(value))
-    if isinstance(value, str | Path):
+    if isinstance(value, str | Path | IPv4Address | IPv6Address | IPv4Network | IPv6Network):
+        return json.dumps(str(value))
+    if callable(getattr(type(value), "parse", None)):
         return json.dumps(str(value))
     if isinstance(value, tuple | list):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"

@@ -102,7 +102,7 @@ class StreamHandler(Protocol[M_contra]):
         ...
 
 
-async def follow(  # noqa: PLR0913 - every argument is a separate, injected collaborator
+async def follow(
     name: str,
     open_stream: Callable[[], AsyncGenerator[M, None]],
     handler: StreamHandler[M],

@@ -83,7 +83,7 @@ def parse_x509_svid_response(message: workload_pb2.X509SVIDResponse, *, at: date
 class WorkloadApiClient:
     """Follows FetchX509SVID and keeps authd's own SVID and bundles in the store."""
 
-    def __init__(  # noqa: PLR0913 - collaborators are injected, not looked up
+    def __init__(
         self,
         endpoint: Endpoint,
         store: SvidStore,

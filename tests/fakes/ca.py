@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authd.identity import SpiffeId, TrustDomain
-from authd.x509svid import X509Bundle, X509Svid
+from authd.x509svid import PrivateKey, X509Bundle, X509Svid
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -32,11 +33,27 @@ class LeafOptions:
     )
     not_before: dt.datetime | None = None
     not_after: dt.datetime | None = None
+    empty_subject: bool = False  # then the SAN extension is critical, as RFC 5280 requires
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...] = ()  # more (extension, critical) pairs
+    key: PrivateKey | None = None  # None: a fresh P-256 key
+
+
+@dataclass(frozen=True)
+class CAOptions:
+    """How a minted intermediate CA deviates from a good SPIRE signing certificate."""
+
+    ca: bool = True
+    key_cert_sign: bool = True
+    path_length: int | None = None
+    not_before: dt.datetime | None = None  # None: the parent's validity
+    not_after: dt.datetime | None = None
 
 
 @dataclass
 class TestCA:
     """A CA for one trust domain: a self-signed root, or an intermediate below one."""
+
+    __test__: ClassVar[bool] = False  # a fake, not a test class, despite its name
 
     trust_domain: TrustDomain
     key: ec.EllipticCurvePrivateKey
@@ -50,28 +67,36 @@ class TestCA:
         td = TrustDomain(trust_domain)
         key = ec.generate_private_key(ec.SECP256R1())
         validity = (not_before or NOW - dt.timedelta(days=1), not_after or NOW + dt.timedelta(days=30))
-        return cls(td, key, _ca_certificate(td, key, signer=None, validity=validity))
+        return cls(td, key, _ca_certificate(td, key, signer=None, validity=validity, options=CAOptions()))
 
     def bundle(self) -> X509Bundle:
         return X509Bundle(self.trust_domain, (self.cert,))
 
-    def intermediate(self) -> TestCA:
+    def intermediate(self, options: CAOptions | None = None) -> TestCA:
         """A CA signed by this one, whose leaves present it as an intermediate."""
+        opts = options or CAOptions()
         key = ec.generate_private_key(ec.SECP256R1())
-        validity = (self.cert.not_valid_before_utc, self.cert.not_valid_after_utc)
-        cert = _ca_certificate(self.trust_domain, key, signer=(self.key, self.cert), validity=validity)
+        validity = (
+            opts.not_before or self.cert.not_valid_before_utc,
+            opts.not_after or self.cert.not_valid_after_utc,
+        )
+        cert = _ca_certificate(
+            self.trust_domain, key, signer=(self.key, self.cert), validity=validity, options=opts
+        )
         return TestCA(self.trust_domain, key, cert, (cert, *self.chain_above_leaf))
 
     def mint(self, spiffe_id: str, options: LeafOptions | None = None) -> X509Svid:
         """Mint a leaf for ``spiffe_id`` (validity: an hour around NOW unless overridden)."""
         opts = options or LeafOptions()
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = opts.key or ec.generate_private_key(ec.SECP256R1())
         uris = opts.uris if opts.uris is not None else (spiffe_id,)
         builder = (
             x509.CertificateBuilder()
             .subject_name(
                 x509.Name(
-                    [
+                    []
+                    if opts.empty_subject
+                    else [
                         x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE"),
                     ]
@@ -90,7 +115,8 @@ class TestCA:
         )
         if uris:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+                critical=opts.empty_subject,
             )
         if opts.key_usage:
             builder = builder.add_extension(
@@ -109,6 +135,8 @@ class TestCA:
             )
         if opts.eku is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(opts.eku)), critical=False)
+        for extension, critical in opts.extensions:
+            builder = builder.add_extension(extension, critical=critical)
         leaf = builder.sign(self.key, hashes.SHA256())
         svid_id = (
             SpiffeId.parse(spiffe_id)
@@ -124,6 +152,7 @@ def _ca_certificate(
     *,
     signer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None,
     validity: tuple[dt.datetime, dt.datetime],
+    options: CAOptions,
 ) -> x509.Certificate:
     signing_key = signer[0] if signer else key
     subject = x509.Name(
@@ -141,7 +170,10 @@ def _ca_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(validity[0])
         .not_valid_after(validity[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=options.ca, path_length=options.path_length if options.ca else None),
+            critical=True,
+        )
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -149,7 +181,7 @@ def _ca_certificate(
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
+                key_cert_sign=options.key_cert_sign,
                 crl_sign=True,
                 encipher_only=False,
                 decipher_only=False,

@@ -58,6 +58,7 @@ def write_config(path: Path, *, level: str = "info", timeout: str = "5s") -> Pat
     path.write_text(
         f'[node]\nname = "node-a"\nstate_dir = "{path.parent}/state"\nruntime_dir = "{path.parent}/run"\n'
         f'[log]\nlevel = "{level}"\nformat = "json"\n[daemon]\nshutdown_timeout = "{timeout}"\n'
+        "[datapath]\nenabled = false\n"
     )
     return path
 

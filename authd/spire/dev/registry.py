@@ -136,7 +136,7 @@ class EntryRegistry:
                 return f'unable to find federated bundle "{trust_domain.id_string()}"'
         return None
 
-    def find(  # noqa: PLR0913 - one argument per ListEntries filter
+    def find(
         self,
         *,
         spiffe_id: SpiffeId | None = None,

@@ -1,0 +1,199 @@
+"""The attestation client: "is identity R really at node A?", answered by a TLS 1.3 handshake.
+
+authd dials A's addresses in the order cluster state lists them (the same choice on every attempt;
+the next address only when the previous one cannot be reached), asks for R by SNI, presents its own
+node SVID, verifies the presented chain against the bundle of R's trust domain and the exact SPIFFE ID R,
+then waits for the listener's acceptance line. The result, "R at A until T", is an :class:`Attestation`.
+
+Failures are :class:`~authd.errors.AttestError` with a reason; :data:`TRANSIENT` reasons say "could not
+ask" (the last good result stays until it expires), the others are answers: A does not host R, or what
+it presented is not R.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from cryptography import x509
+
+from authd.attest.protocol import ACCEPTED, LocalIdentities
+from authd.attest.tls import ContextCache, peer_chain
+from authd.config.model import AttestConfig
+from authd.errors import AttestError, SvidError
+from authd.identity import SpiffeId, sni_for
+from authd.x509svid import BundleSet, authorize_id, verify_chain
+
+log = structlog.get_logger(__name__)
+
+TRANSIENT = frozenset({"unreachable", "timeout", "connection-error", "not-ready", "no-bundles"})
+"""Reasons that say nothing about whether the node hosts the identity."""
+
+_TLS_ANSWERS = {
+    "TLSV1_UNRECOGNIZED_NAME": "not-hosted",
+    "CERTIFICATE_VERIFY_FAILED": "untrusted-server-certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "refused-by-peer",
+    "TLSV1_ALERT_BAD_CERTIFICATE": "refused-by-peer",
+    "TLSV1_ALERT_CERTIFICATE_REQUIRED": "refused-by-peer",
+    "TLSV1_ALERT_INTERNAL_ERROR": "refused-by-peer",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "tls-version",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What to attest: ``remote_id`` at ``node``, reachable at ``addresses`` (in order) on ``port``."""
+
+    remote_id: SpiffeId
+    node: str
+    addresses: tuple[str, ...]
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    """Identity ``remote_id`` proved itself at ``node`` (through ``address``); valid until ``not_after``."""
+
+    remote_id: SpiffeId
+    node: str
+    address: str
+    chain: tuple[x509.Certificate, ...]
+    verified_at: datetime
+
+    @property
+    def not_after(self) -> datetime:
+        """When the remote leaf expires."""
+        return self.chain[0].not_valid_after_utc
+
+    @property
+    def not_before(self) -> datetime:
+        """When the remote leaf became valid."""
+        return self.chain[0].not_valid_before_utc
+
+    @property
+    def serial(self) -> int:
+        """The remote leaf's serial number: a new one means the remote SVID rotated."""
+        return self.chain[0].serial_number
+
+    def reverify(self, bundles: BundleSet, at: datetime) -> None:
+        """Check the remembered chain against new bundles (after a bundle change); raise SvidError."""
+        verify_chain(self.chain, bundles, at=at, authorize=authorize_id(self.remote_id))
+
+
+class ClientStats:
+    """Attestation attempts by result: "ok" or the failure reason; latencies of successes in seconds."""
+
+    def __init__(self) -> None:
+        """Start at zero."""
+        self.results: Counter[str] = Counter()
+        self.latencies: list[float] = []
+
+    def record_latency(self, seconds: float) -> None:
+        """Remember a latency, keeping the most recent 4096."""
+        self.latencies.append(seconds)
+        if len(self.latencies) > 4096:
+            del self.latencies[:1024]
+
+
+class Attestor:
+    """Runs attestations against other nodes' listeners, a bounded number at a time."""
+
+    def __init__(
+        self,
+        identities: LocalIdentities,
+        config: AttestConfig,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Present ``identities.own_svid()``; trust ``identities.bundles()``."""
+        self._identities = identities
+        self._timeout = config.client_timeout.total_seconds()
+        self._slots = asyncio.Semaphore(config.client_concurrency)
+        self._contexts = ContextCache()
+        self._now = now
+        self._clock = clock
+        self.stats = ClientStats()
+
+    async def attest(self, target: Target) -> Attestation:
+        """Prove that ``target.remote_id`` is at ``target.node``; raise AttestError otherwise."""
+        async with self._slots:
+            started = self._clock()
+            try:
+                attestation = await self._attest(target)
+            except AttestError as err:
+                self.stats.results[err.reason] += 1
+                raise
+            self.stats.results["ok"] += 1
+            self.stats.record_latency(self._clock() - started)
+            return attestation
+
+    async def _attest(self, target: Target) -> Attestation:
+        own = self._identities.own_svid()
+        if own is None:
+            raise AttestError("not-ready", "this node holds no SVID yet")
+        bundles = self._identities.bundles()
+        context = self._contexts.get(own, bundles, server=False)
+        unreachable: list[str] = []
+        for address in target.addresses:
+            try:
+                return await self._attempt(context, bundles, target, address)
+            except AttestError as err:
+                if err.reason != "unreachable":
+                    raise
+                unreachable.append(str(err))
+        raise AttestError(
+            "unreachable", f"no address of node {target.node} answered: {'; '.join(unreachable)}"
+        )
+
+    async def _attempt(
+        self,
+        context: ssl.SSLContext,
+        bundles: BundleSet,
+        target: Target,
+        address: str,
+    ) -> Attestation:
+        remote_id, port = target.remote_id, target.port
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        address,
+                        port,
+                        ssl=context,
+                        server_hostname=sni_for(remote_id),
+                        ssl_handshake_timeout=self._timeout,
+                    )
+                except ssl.SSLError as err:
+                    reason = _TLS_ANSWERS.get(err.reason or "", "tls-error")
+                    raise AttestError(reason, f"{address}: handshake failed: {err}") from err
+                except OSError as err:
+                    raise AttestError("unreachable", f"{address}:{port}: {err}") from err
+                chain = peer_chain(writer.get_extra_info("ssl_object"))
+                try:
+                    verify_chain(chain, bundles, at=self._now(), authorize=authorize_id(remote_id))
+                except SvidError as err:
+                    raise AttestError(err.rule, f"{address}: {err}") from err
+                try:
+                    accepted = await reader.readline()
+                except (ConnectionError, ssl.SSLError) as err:
+                    raise AttestError("refused-by-peer", f"{address}: connection closed: {err}") from err
+                if accepted != ACCEPTED:
+                    raise AttestError("refused-by-peer", f"{address} did not accept this node's identity")
+        except TimeoutError as err:
+            raise AttestError("timeout", f"{address}:{port}: no verdict within {self._timeout}s") from err
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1)
+        log.debug("attested", identity=str(remote_id), node=target.node, address=address)
+        return Attestation(remote_id, target.node, address, chain, self._now())

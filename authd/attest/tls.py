@@ -1,0 +1,107 @@
+"""TLS 1.3 contexts for attestation, built from SVIDs and bundles, and the peer chain after a handshake.
+
+The decision is always :func:`authd.x509svid.verify_chain`, run on the peer's presented chain against
+the bundle of the peer's *own* trust domain, because a merged store would let a federated CA vouch for
+identities of the local trust domain. On the server, OpenSSL is a first gate as well (Python cannot ask
+for a client certificate without verifying it): its store holds every trusted authority. The client
+lets OpenSSL check only the handshake itself, as go-spiffe does, so that a refusal names the SVID rule
+the server broke (expired, wrong ID, CA leaf...) instead of OpenSSL's generic "verify failed"; nothing
+is sent to the server before :func:`verify_chain` accepted it.
+
+Certificates and keys reach OpenSSL through anonymous memory files (memfd), never through the disk.
+Session tickets are off: every attestation proves possession of the private key afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import ssl
+from collections.abc import Iterator
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from authd.errors import AttestError
+from authd.x509svid import BundleSet, X509Svid
+
+_DER = 2  # _ssl.ENCODING_DER: the encoding constant of ssl's certificate objects
+
+
+def server_context(svid: X509Svid, bundles: BundleSet) -> ssl.SSLContext:
+    """A context that presents ``svid`` and requires a client certificate."""
+    return _context(ssl.PROTOCOL_TLS_SERVER, svid, bundles)
+
+
+def client_context(svid: X509Svid, bundles: BundleSet) -> ssl.SSLContext:
+    """A context that presents ``svid`` as client certificate; server names are checked by SPIFFE ID."""
+    return _context(ssl.PROTOCOL_TLS_CLIENT, svid, bundles)
+
+
+def _context(protocol: ssl._SSLMethod, svid: X509Svid, bundles: BundleSet) -> ssl.SSLContext:
+    authorities = b"".join(bundle.der() for bundle in bundles.bundles.values())
+    if not authorities:
+        raise AttestError("no-bundles", "no trust bundle to verify peers with")
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # the peer is identified by its SPIFFE ID, not by a DNS name
+    context.verify_mode = ssl.CERT_REQUIRED if protocol == ssl.PROTOCOL_TLS_SERVER else ssl.CERT_NONE
+    # Every bundle certificate is a trust anchor (as in SPIFFE), even when it is not self-signed.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.options |= ssl.OP_NO_TICKET
+    context.load_verify_locations(cadata=authorities)
+    with _memfd(svid.chain_pem()) as chain_path, _memfd(svid.key_pem()) as key_path:
+        context.load_cert_chain(chain_path, key_path)
+    return context
+
+
+@contextlib.contextmanager
+def _memfd(data: bytes) -> Iterator[str]:
+    fd = os.memfd_create("authd-svid", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def peer_chain(ssl_object: ssl.SSLObject) -> tuple[x509.Certificate, ...]:
+    """The certificates the peer presented, leaf first, as sent (not as OpenSSL re-built them)."""
+    # Python 3.13 made get_unverified_chain() public; 3.11 and 3.12 have it on the private object.
+    source = ssl_object if hasattr(ssl_object, "get_unverified_chain") else ssl_object._sslobj  # type: ignore[attr-defined]  # noqa: SLF001
+    raw = source.get_unverified_chain() or []
+    return tuple(x509.load_der_x509_certificate(cert.public_bytes(_DER)) for cert in raw)
+
+
+class ContextCache:
+    """Reuses a context while the SVID and the bundles it was built from are unchanged.
+
+    Building a context parses keys and certificates (about a millisecond); a handshake should not pay
+    that. Rotations change the leaf and bundle updates change the authorities, so both are in the key.
+    """
+
+    MAX_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self._cache: dict[tuple[bytes, bytes, bool], ssl.SSLContext] = {}
+
+    def get(self, svid: X509Svid, bundles: BundleSet, *, server: bool) -> ssl.SSLContext:
+        """Return a context for ``svid`` and ``bundles``, building it on first use."""
+        key = (svid.leaf.fingerprint(hashes.SHA256()), _digest(bundles), server)
+        context = self._cache.get(key)
+        if context is None:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()  # rotations leave old entries behind; start over rather than grow
+            context = (server_context if server else client_context)(svid, bundles)
+            self._cache[key] = context
+        return context
+
+
+def _digest(bundles: BundleSet) -> bytes:
+    digest = hashlib.sha256()
+    for trust_domain in sorted(bundles.bundles):
+        digest.update(trust_domain.name.encode() + b"\0" + bundles.bundles[trust_domain].der())
+    return digest.digest()

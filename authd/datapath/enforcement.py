@@ -1,0 +1,157 @@
+"""The datapath inside the daemon: load or reuse the pins, attach to interfaces, consume events.
+
+Jobs:
+- ``datapath`` (critical): loads the object (reusing pinned maps), writes the runtime config, attaches to
+  matching interfaces and keeps watching for new ones. Without a loaded datapath authd has nothing to
+  enforce with, so a load failure stops the daemon (systemd restarts it); the programs attached by the
+  previous run keep enforcing with the pinned maps meanwhile. Netlink trouble is retried inside the job.
+- ``datapath-events`` (not critical): the ring-buffer consumer. Enforcement does not depend on it, so a
+  failure is restarted with backoff rather than taking the daemon down.
+
+Stopping detaches nothing: enforcement continues while authd restarts (``authd bpf unload`` detaches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from authd.backoff import BackoffFactory
+from authd.config.model import DatapathConfig
+from authd.datapath import links, loader
+from authd.datapath.consumer import EventConsumer, OnAuthRequired, OnFlow
+from authd.datapath.layout import FlowLevel
+from authd.datapath.links import Link, LinkWatcher
+from authd.datapath.loader import Datapath, MapSizes
+from authd.datapath.maps import RuntimeConfig
+from authd.datapath.ringbuf import RingBuffer
+from authd.errors import DatapathError
+from authd.health import Component
+from authd.jobs import Job
+
+log = structlog.get_logger(__name__)
+
+_FLOW_LEVELS = {
+    "none": FlowLevel.NONE,
+    "denied": FlowLevel.DENIED,
+    "first": FlowLevel.FIRST,
+    "all": FlowLevel.ALL,
+}
+
+
+def runtime_config(config: DatapathConfig) -> RuntimeConfig:
+    """What the programs read at run time, from the ``[datapath]`` section."""
+    interval_ns = round(config.auth_required_interval.total_seconds() * 1e9)
+    return RuntimeConfig(_FLOW_LEVELS[config.flow_events], interval_ns)
+
+
+def map_sizes(config: DatapathConfig) -> MapSizes:
+    """Configured map sizes."""
+    return MapSizes(
+        ipcache=config.ipcache_entries,
+        policy=config.policy_entries,
+        auth=config.auth_map_entries,
+        events_bytes=config.events_ring_bytes,
+        flows=config.flow_table_entries,
+    )
+
+
+class Enforcement:
+    """Owns the loaded datapath for the daemon's lifetime."""
+
+    def __init__(
+        self,
+        config: DatapathConfig,
+        component: Component,
+        *,
+        on_auth_required: OnAuthRequired,
+        on_flow: OnFlow,
+        backoff: BackoffFactory,
+    ) -> None:
+        """Nothing touches the kernel until the jobs run."""
+        self._config = config
+        self._component = component
+        self._on_auth_required = on_auth_required
+        self._on_flow = on_flow
+        self._loaded = asyncio.Event()
+        self.datapath: Datapath | None = None
+        self.watcher = LinkWatcher(config.interfaces, self._attach, backoff)
+        self.consumer: EventConsumer | None = None
+        self._rescans: set[asyncio.Task[None]] = set()
+        self._stale_drained = False
+
+    def jobs(self) -> list[Job]:
+        """The daemon jobs that run the datapath."""
+        return [
+            Job("datapath", self.run, critical=True),
+            Job("datapath-events", self.run_events, critical=False),
+        ]
+
+    def _attach(self, link: Link) -> None:
+        if self.datapath is None:
+            return
+        self.datapath.attach(link.index, l3=loader.is_l3_link(link.link_type))
+
+    def _report(self) -> None:
+        count = len(self.watcher.attached)
+        if not self._config.interfaces:
+            self._component.ready("loaded; no interfaces configured (datapath.interfaces)")
+        elif count == 0:
+            self._component.ready("loaded; no interface matches datapath.interfaces yet")
+        else:
+            self._component.ready(f"attached to {count} interfaces")
+
+    async def run(self) -> None:
+        """Load, attach, then keep attaching to new matching interfaces until cancelled."""
+        datapath = await asyncio.to_thread(Datapath.load, self._config.pin_dir, map_sizes(self._config))
+        try:
+            datapath.configure(runtime_config(self._config))
+            self.datapath = datapath
+            self._loaded.set()
+            # The watcher attaches to existing links right after subscribing to link events, then reports.
+            await self.watcher.run(on_synced=self._report)
+        finally:
+            self._loaded.clear()
+            self.datapath = None
+            datapath.close()  # programs stay attached, maps stay pinned
+
+    async def run_events(self) -> None:
+        """Consume the ring buffer once the datapath is loaded."""
+        await self._loaded.wait()
+        assert self.datapath is not None  # set before _loaded
+        ring = RingBuffer(self.datapath.events_fd())
+        try:
+            self.consumer = EventConsumer(ring, self._on_auth_required, self._on_flow)
+            # Records from before this process started are stale; after a restart of this job they are not.
+            drain, self._stale_drained = not self._stale_drained, True
+            await self.consumer.run(drain_stale=drain)
+        finally:
+            ring.close()
+
+    def reload(self, new: DatapathConfig) -> None:
+        """Apply live-changeable settings: flow level, rate-limit interval and interface patterns."""
+        old, self._config = self._config, new
+        if self.datapath is None:
+            return
+        if runtime_config(old) != runtime_config(new):
+            self.datapath.configure(runtime_config(new))
+            log.info("datapath runtime config applied", flow_events=new.flow_events)
+        if old.interfaces != new.interfaces:
+            self.watcher.patterns = new.interfaces
+            for index, link in list(self.watcher.attached.items()):
+                if not links.matches(link.name, new.interfaces):
+                    loader.detach(index)
+                    self.watcher.forget(index)
+                    log.info("detached from interface", interface=link.name, ifindex=index)
+            # Reload hooks run in the event loop's signal handler: attach from a task.
+            task = asyncio.get_running_loop().create_task(self._rescan(), name="datapath-rescan")
+            self._rescans.add(task)
+            task.add_done_callback(self._rescans.discard)
+
+    async def _rescan(self) -> None:
+        try:
+            await self.watcher.attach_existing()
+        except DatapathError as err:
+            log.warning("cannot attach after reload; new links still attach as they appear", error=str(err))
+        self._report()

@@ -1,0 +1,139 @@
+"""Which interfaces get authd's programs: glob patterns over link names.
+
+The patterns apply to existing links and to links that appear later (netlink RTM_NEWLINK), the way a CNI
+hooks each new pod's host-side veth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+from pyroute2 import AsyncIPRoute, IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from authd.backoff import BackoffFactory
+from authd.errors import DatapathError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A network interface: index, name and ARPHRD link type."""
+
+    index: int
+    name: str
+    link_type: int
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` matches any glob pattern (case-sensitive, like interface names)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _link_of(msg: object) -> Link | None:
+    get = getattr(msg, "get", None)
+    if get is None:
+        return None
+    name = get("ifname")
+    index = get("index")
+    if not isinstance(name, str) or not isinstance(index, int):
+        return None
+    return Link(index=index, name=name, link_type=int(get("ifi_type") or 0))
+
+
+def list_links() -> list[Link]:
+    """Every link in the calling thread's network namespace (blocking; not inside an event loop)."""
+    try:
+        with IPRoute() as ipr:
+            return [link for msg in ipr.get_links() if (link := _link_of(msg)) is not None]
+    except NetlinkError as err:
+        raise DatapathError(f"datapath: cannot list links: {err}") from err
+
+
+async def list_links_async() -> list[Link]:
+    """Every link in the network namespace, from inside the event loop."""
+    try:
+        async with AsyncIPRoute() as ipr:
+            return [link async for msg in await ipr.get_links() if (link := _link_of(msg)) is not None]
+    except NetlinkError as err:
+        raise DatapathError(f"datapath: cannot list links: {err}") from err
+
+
+Attach = Callable[[Link], None]
+"""Attaches authd's programs to a link; raises DatapathError when it cannot."""
+
+
+class LinkWatcher:
+    """Attaches to matching links now and whenever one appears, until cancelled."""
+
+    def __init__(self, patterns: tuple[str, ...], attach: Attach, backoff: BackoffFactory) -> None:
+        """``attach`` is called once per new matching link index."""
+        self.patterns = patterns
+        self._attach = attach
+        self._backoff = backoff
+        self.attached: dict[int, Link] = {}
+        self.failures = 0
+
+    def consider(self, link: Link) -> None:
+        """Attach to ``link`` if it matches and is not attached yet; a failure is logged and counted."""
+        if link.index in self.attached or not matches(link.name, self.patterns):
+            return
+        try:
+            self._attach(link)
+        except DatapathError as err:
+            # Typically the link vanished between the event and the attach; a new one brings a new event.
+            self.failures += 1
+            log.warning("cannot attach to interface", interface=link.name, ifindex=link.index, error=str(err))
+            return
+        self.attached[link.index] = link
+        log.info("attached to interface", interface=link.name, ifindex=link.index)
+
+    def forget(self, index: int) -> None:
+        """A link went away; its index may come back as another link."""
+        self.attached.pop(index, None)
+
+    async def attach_existing(self) -> None:
+        """Attach to every matching link that exists now."""
+        for link in await list_links_async():
+            self.consider(link)
+
+    async def run(self, on_synced: Callable[[], None] = lambda: None) -> None:
+        """Watch link events; reconnects with backoff when the netlink socket fails.
+
+        ``on_synced`` is called each time existing links have been attached after (re)subscribing.
+        """
+        backoff = self._backoff()
+
+        def synced() -> None:
+            backoff.reset()
+            on_synced()
+
+        while True:
+            try:
+                await self._watch(synced)
+            except (NetlinkError, OSError) as err:
+                delay = backoff.next_delay()
+                log.warning("link watch failed, retrying", error=str(err), retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+
+    async def _watch(self, on_connected: Callable[[], None]) -> None:
+        async with AsyncIPRoute() as events:
+            # Subscribe before listing so that a link created in between is not missed.
+            await events.bind(groups=RTMGRP_LINK)
+            await self.attach_existing()
+            on_connected()
+            while True:
+                async for msg in events.get():
+                    link = _link_of(msg)
+                    if link is None:
+                        continue
+                    if msg.get("event") == "RTM_DELLINK":
+                        self.forget(link.index)
+                    elif msg.get("event") == "RTM_NEWLINK":
+                        self.consider(link)

@@ -1,0 +1,104 @@
+"""Hand-built Ethernet frames for BPF_PROG_TEST_RUN: well-formed, truncated, fragmented, with options.
+
+Checksums are left zero: the programs never look at them.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ETH_P_ARP = 0x0806
+ETH_P_8021Q = 0x8100
+
+TCP = 6
+UDP = 17
+ICMP = 1
+SYN, ACK, FIN, RST, PSH = 0x02, 0x10, 0x01, 0x04, 0x08
+
+SRC_MAC = bytes.fromhex("020000000001")
+DST_MAC = bytes.fromhex("020000000002")
+
+
+def ethernet(payload: bytes, ethertype: int, *, vlan: int | None = None) -> bytes:
+    """An Ethernet frame, optionally with one in-band 802.1Q tag."""
+    header = DST_MAC + SRC_MAC
+    if vlan is not None:
+        header += struct.pack("!HH", ETH_P_8021Q, vlan)
+    return header + struct.pack("!H", ethertype) + payload
+
+
+def tcp(sport: int, dport: int, flags: int = SYN) -> bytes:
+    """A 20-byte TCP header."""
+    return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
+
+
+def udp(sport: int, dport: int, payload: bytes = b"x") -> bytes:
+    """A UDP header and payload."""
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def ipv4(  # noqa: PLR0913 - every header field a test may break
+    src: str,
+    dst: str,
+    protocol: int,
+    payload: bytes,
+    *,
+    options: bytes = b"",
+    frag_offset: int = 0,
+    more_fragments: bool = False,
+    version: int = 4,
+    ihl: int | None = None,
+) -> bytes:
+    """An IPv4 packet; ``ihl`` overrides the header length field (to build broken ones)."""
+    words = ihl if ihl is not None else 5 + len(options) // 4
+    flags_frag = (0x2000 if more_fragments else 0) | (frag_offset // 8)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        (version << 4) | words,
+        0,
+        20 + len(options) + len(payload),
+        1,
+        flags_frag,
+        64,
+        protocol,
+        0,
+        IPv4Address(src).packed,
+        IPv4Address(dst).packed,
+    )
+    return header + options + payload
+
+
+def ipv6(src: str, dst: str, nexthdr: int, payload: bytes, *, version: int = 6) -> bytes:
+    """An IPv6 packet; extension headers go in ``payload`` with :func:`ipv6_ext`/:func:`ipv6_fragment`."""
+    return (
+        struct.pack("!IHBB", version << 28, len(payload), nexthdr, 64)
+        + IPv6Address(src).packed
+        + IPv6Address(dst).packed
+        + payload
+    )
+
+
+def ipv6_ext(nexthdr: int, length_units: int = 0) -> bytes:
+    """A hop-by-hop, routing or destination-options header of (length_units + 1) * 8 bytes."""
+    return struct.pack("!BB", nexthdr, length_units) + b"\x01\x04" + b"\x00" * (4 + 8 * length_units)
+
+
+def ipv6_fragment(nexthdr: int, offset: int, *, more: bool = False) -> bytes:
+    """An IPv6 fragment header."""
+    return struct.pack("!BBHI", nexthdr, 0, (offset // 8) << 3 | (1 if more else 0), 7)
+
+
+def tcp_frame(src: str, dst: str, sport: int = 40000, dport: int = 80, flags: int = SYN) -> bytes:
+    """An Ethernet frame with a TCP segment over IPv4 or IPv6, chosen by the addresses."""
+    if ip_address(src).version == 4:
+        return ethernet(ipv4(src, dst, TCP, tcp(sport, dport, flags)), ETH_P_IP)
+    return ethernet(ipv6(src, dst, TCP, tcp(sport, dport, flags)), ETH_P_IPV6)
+
+
+def arp_frame() -> bytes:
+    """An ARP request."""
+    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + SRC_MAC + bytes(4) + bytes(6) + bytes(4)
+    return ethernet(body, ETH_P_ARP)

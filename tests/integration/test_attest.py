@@ -1,0 +1,286 @@
+"""Attestation listener and client over loopback TLS 1.3, with real certificates from an in-memory CA."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import socket
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from authd.attest.client import Attestation, Attestor, Target
+from authd.attest.listener import Listener, bind
+from authd.attest.tls import client_context
+from authd.config.model import AttestConfig
+from authd.errors import AttestError
+from authd.identity import SpiffeId, sni_for
+from authd.x509svid import BundleSet, X509Svid
+from tests.fakes.ca import LeafOptions, TestCA
+from tests.fakes.identities import FakeIdentities, FakeNodes
+from tests.waiting import eventually
+
+NOW = dt.datetime.now(dt.UTC)
+LIVE = LeafOptions(not_before=NOW - dt.timedelta(minutes=1), not_after=NOW + dt.timedelta(hours=1))
+TD = "example.org"
+WEB = SpiffeId.parse(f"spiffe://{TD}/ns/app/sa/web")
+DB = SpiffeId.parse(f"spiffe://{TD}/ns/app/sa/db")
+NODE_A = SpiffeId.parse(f"spiffe://{TD}/authd/node-a")
+NODE_B = SpiffeId.parse(f"spiffe://{TD}/authd/node-b")
+
+CONFIG = AttestConfig(
+    handshake_timeout=dt.timedelta(seconds=0.5),
+    client_timeout=dt.timedelta(seconds=2),
+    per_source_rate=1000,
+    per_source_burst=1000,
+)
+
+
+def live_ca(trust_domain: str) -> TestCA:
+    return TestCA.create(
+        trust_domain, not_before=NOW - dt.timedelta(days=1), not_after=NOW + dt.timedelta(days=1)
+    )
+
+
+@dataclass
+class Cluster:
+    ca: TestCA
+    federated: TestCA
+    node_a: FakeIdentities
+    node_b: FakeIdentities
+    listener: Listener
+    port: int
+
+    def attestor(self, identities: FakeIdentities | None = None) -> Attestor:
+        return Attestor(identities or self.node_b, CONFIG)
+
+    def target(self, spiffe_id: SpiffeId, port: int | None = None) -> Target:
+        return Target(spiffe_id, "node-a", ("127.0.0.1",), port or self.port)
+
+
+@contextlib.asynccontextmanager
+async def serving(listener: Listener, address: str = "127.0.0.1") -> AsyncIterator[int]:
+    sock = bind(address, 0)
+    task = asyncio.create_task(listener.serve(sock))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    ca, federated = live_ca(TD), live_ca("federated.org")
+    bundles = BundleSet.of([ca.bundle(), federated.bundle()])
+    node_a = FakeIdentities(ca.mint(str(NODE_A), LIVE), trusted=bundles)
+    node_a.host(ca.mint(str(WEB), LIVE))
+    node_b = FakeIdentities(ca.mint(str(NODE_B), LIVE), trusted=bundles)
+    listener = Listener(node_a, FakeNodes({NODE_B: "node-b"}), CONFIG)
+    async with serving(listener) as port:
+        yield Cluster(ca, federated, node_a, node_b, listener, port)
+
+
+async def refusal(cluster: Cluster, reason: str) -> None:
+    await eventually(lambda: cluster.listener.stats.refused[reason] >= 1)
+
+
+async def test_attests_a_hosted_identity(cluster: Cluster) -> None:
+    result = await cluster.attestor().attest(cluster.target(WEB))
+    assert isinstance(result, Attestation)
+    assert result.remote_id == WEB
+    assert result.node == "node-a"
+    assert result.not_after == cluster.node_a.local[WEB].not_after
+    assert cluster.listener.stats.served == 1
+    assert not cluster.listener.stats.refused
+
+
+async def test_refuses_sni_of_an_identity_not_hosted(cluster: Cluster) -> None:
+    with pytest.raises(AttestError) as caught:
+        await cluster.attestor().attest(cluster.target(DB))
+    assert caught.value.reason == "not-hosted"
+    await refusal(cluster, "unknown-sni")
+
+
+async def raw_tls(port: int, context: ssl.SSLContext, server_name: str) -> bytes:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname=server_name
+    )
+    try:
+        return await reader.read(100)
+    finally:
+        writer.close()
+
+
+def bare_client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def test_refuses_a_client_without_certificate(cluster: Cluster) -> None:
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        assert await raw_tls(cluster.port, bare_client_context(), sni_for(WEB)) == b""
+    await refusal(cluster, "no-client-certificate")
+    assert cluster.listener.stats.served == 0
+
+
+async def test_refuses_a_client_of_another_trust_domain(cluster: Cluster) -> None:
+    stranger = live_ca("stranger.org")
+    svid = stranger.mint("spiffe://stranger.org/authd/node-x", LIVE)
+    context = client_context(svid, BundleSet.of([stranger.bundle(), cluster.ca.bundle()]))
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        assert await raw_tls(cluster.port, context, sni_for(WEB)) == b""
+    await refusal(cluster, "untrusted-client-certificate")
+
+
+async def test_refuses_a_federated_ca_claiming_the_local_trust_domain(cluster: Cluster) -> None:
+    forged = cluster.federated.mint(str(NODE_B), LIVE)
+    with pytest.raises(AttestError) as caught:
+        await cluster.attestor(FakeIdentities(forged, trusted=cluster.node_b.trusted)).attest(
+            cluster.target(WEB)
+        )
+    assert caught.value.reason == "refused-by-peer"
+    await refusal(cluster, "untrusted-chain")
+
+
+async def test_refuses_a_client_that_is_not_a_known_node(cluster: Cluster) -> None:
+    workload = cluster.ca.mint(str(DB), LIVE)
+    with pytest.raises(AttestError) as caught:
+        await cluster.attestor(FakeIdentities(workload, trusted=cluster.node_b.trusted)).attest(
+            cluster.target(WEB)
+        )
+    assert caught.value.reason == "refused-by-peer"
+    await refusal(cluster, "unknown-node")
+    assert cluster.listener.stats.served == 0
+
+
+async def test_hostile_connections_are_cut_while_legitimate_ones_proceed(cluster: Cluster) -> None:
+    idle = await asyncio.open_connection("127.0.0.1", cluster.port)
+    truncated = await asyncio.open_connection("127.0.0.1", cluster.port)
+    truncated[1].write(bytes.fromhex("160301020001"))  # a TLS record header promising more than it sends
+    garbage = await asyncio.open_connection("127.0.0.1", cluster.port)
+    garbage[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    started = asyncio.get_running_loop().time()
+    result = await cluster.attestor().attest(cluster.target(WEB))
+    assert result.remote_id == WEB
+    assert asyncio.get_running_loop().time() - started < 0.5
+    await refusal(cluster, "not-tls")
+    await eventually(lambda: cluster.listener.stats.refused["deadline"] >= 2)
+    for reader, writer in (idle, truncated, garbage):
+        await asyncio.wait_for(reader.read(), 2)  # the listener closed it: read() reached EOF
+        assert reader.at_eof()
+        writer.close()
+
+
+async def test_refuses_beyond_the_concurrency_cap() -> None:
+    ca = live_ca(TD)
+    node_a = FakeIdentities(ca.mint(str(NODE_A), LIVE), trusted=BundleSet.of([ca.bundle()]))
+    config = AttestConfig(handshake_timeout=dt.timedelta(seconds=1), max_concurrent_handshakes=2)
+    listener = Listener(node_a, FakeNodes(), config)
+    async with serving(listener) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await eventually(lambda: listener.stats.refused["overloaded"] == 1)
+        for _reader, writer in held:
+            writer.close()
+
+
+async def test_rate_limits_one_source() -> None:
+    ca = live_ca(TD)
+    node_a = FakeIdentities(ca.mint(str(NODE_A), LIVE), trusted=BundleSet.of([ca.bundle()]))
+    config = AttestConfig(handshake_timeout=dt.timedelta(seconds=1), per_source_rate=1, per_source_burst=2)
+    listener = Listener(node_a, FakeNodes(), config)
+    async with serving(listener) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        await eventually(lambda: listener.stats.refused["rate-limited"] == 2)
+        for _reader, writer in held:
+            writer.close()
+
+
+# --------------------------------------------------------------------- the client refuses bad servers
+
+
+@contextlib.asynccontextmanager
+async def impostor(presented: X509Svid) -> AsyncIterator[int]:
+    """A TLS 1.3 server that presents ``presented`` whatever it is asked for."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(*write_pem(presented))
+
+    async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"authd-attest/1 ok\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def write_pem(svid: X509Svid) -> tuple[str, str]:
+    directory = Path(tempfile.mkdtemp(prefix="authd-impostor-"))
+    (directory / "chain.pem").write_bytes(svid.chain_pem())
+    (directory / "key.pem").write_bytes(svid.key_pem())
+    return str(directory / "chain.pem"), str(directory / "key.pem")
+
+
+def ca_as_leaf(ca: TestCA) -> X509Svid:
+    return X509Svid(SpiffeId.parse(f"spiffe://{TD}/ca"), (ca.cert,), ca.key)
+
+
+@pytest.mark.parametrize(
+    ("presented", "reason"),
+    [
+        (lambda c: c.ca.mint(str(DB), LIVE), "unexpected-id"),
+        (lambda c: c.federated.mint(str(WEB), LIVE), "untrusted-chain"),
+        (
+            lambda c: c.ca.mint(
+                str(WEB),
+                LeafOptions(not_before=NOW - dt.timedelta(hours=2), not_after=NOW - dt.timedelta(hours=1)),
+            ),
+            "expired",
+        ),
+        (
+            lambda c: c.ca.mint(
+                str(WEB), LeafOptions(ca=True, key_cert_sign=True, not_before=LIVE.not_before)
+            ),
+            "leaf-ca",
+        ),
+        (lambda c: ca_as_leaf(c.ca), "root-path"),
+        (lambda _c: live_ca("stranger.org").mint("spiffe://stranger.org/x", LIVE), "unknown-trust-domain"),
+    ],
+    ids=["other-identity", "federated-ca-claims-local", "expired", "ca-leaf", "ca-certificate", "unknown-td"],
+)
+async def test_client_refuses_a_server_presenting(
+    cluster: Cluster, presented: Callable[[Cluster], X509Svid], reason: str
+) -> None:
+    async with impostor(presented(cluster)) as port:
+        with pytest.raises(AttestError) as caught:
+            await cluster.attestor().attest(cluster.target(WEB, port))
+    assert caught.value.reason == reason
+
+
+async def test_client_falls_back_to_the_next_address_in_order(cluster: Cluster) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    target = Target(WEB, "node-a", ("127.0.0.2", "127.0.0.1"), cluster.port)
+    attestor = cluster.attestor()
+    result = await attestor.attest(target)
+    assert result.address == "127.0.0.1"
+    with pytest.raises(AttestError) as caught:
+        await attestor.attest(Target(WEB, "node-a", ("127.0.0.1",), dead_port))
+    assert caught.value.reason == "unreachable"
+    assert attestor.stats.results == {"ok": 1, "unreachable": 1}

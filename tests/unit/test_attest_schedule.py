@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import pytest
+
+from authd.attest.client import Target
+from authd.attest.schedule import Attestations, Peer
+from authd.backoff import BackoffPolicy
+from authd.errors import AttestError
+from authd.identity import SpiffeId
+from authd.x509svid import BundleSet, X509Svid
+from tests.fakes.attest import ScriptedAttestClient
+from tests.fakes.ca import LeafOptions, TestCA
+from tests.waiting import eventually
+
+WEB = SpiffeId.parse("spiffe://example.org/web")
+DB = SpiffeId.parse("spiffe://example.org/db")
+FAST = BackoffPolicy(initial=0.05, maximum=0.05, jitter=0)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def ca() -> TestCA:
+    return TestCA.create(
+        "example.org", not_before=now() - dt.timedelta(days=1), not_after=now() + dt.timedelta(days=1)
+    )
+
+
+def svid(authority: TestCA, spiffe_id: SpiffeId, lifetime: float, *, age: float = 0.0) -> X509Svid:
+    start = now() - dt.timedelta(seconds=age)
+    return authority.mint(
+        str(spiffe_id), LeafOptions(not_before=start, not_after=start + dt.timedelta(seconds=lifetime))
+    )
+
+
+def target(spiffe_id: SpiffeId, node: str = "node-a") -> Target:
+    return Target(spiffe_id, node, ("192.0.2.1",), 4250)
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+@contextlib.asynccontextmanager
+async def running(
+    client: ScriptedAttestClient, *, renew_after: float = 0.6
+) -> AsyncIterator[tuple[Attestations, Changes]]:
+    changes = Changes()
+    attestations = Attestations(
+        client, renew_after=renew_after, backoff=FAST, max_in_flight=4, on_change=changes
+    )
+    task = asyncio.create_task(attestations.run())
+    try:
+        yield attestations, changes
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_each_wanted_peer_is_attested_once() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
+    client.script(str(WEB), "node-b", svid(authority, WEB, 3600))
+    async with running(client) as (attestations, changes):
+        attestations.want({Peer(WEB, "node-a"): target(WEB), Peer(WEB, "node-b"): target(WEB, "node-b")})
+        await eventually(lambda: len(attestations.results()) == 2)
+        assert not attestations.request(Peer(WEB, "node-a"))  # fresh result: nothing to do
+        await asyncio.sleep(0.05)
+    assert client.calls == {(str(WEB), "node-a"): 1, (str(WEB), "node-b"): 1}
+    assert changes.count == 2
+
+
+async def test_requests_while_in_flight_share_one_handshake() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
+    client.gate = asyncio.Event()
+    async with running(client) as (attestations, _changes):
+        attestations.want({Peer(WEB, "node-a"): target(WEB)})
+        await eventually(lambda: client.calls[(str(WEB), "node-a")] == 1)
+        assert [attestations.request(Peer(WEB, "node-a")) for _ in range(5)] == [False] * 5
+        client.gate.set()
+        await eventually(lambda: attestations.result(Peer(WEB, "node-a")) is not None)
+    assert client.calls[(str(WEB), "node-a")] == 1
+
+
+async def test_renews_and_retries_until_the_remote_rotates() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    first = svid(authority, WEB, 10, age=7)  # past its renewal point (0.6 of 10 s) from the start
+    rotated = svid(authority, WEB, 3600)
+    client.script(str(WEB), "node-a", first, first, first, rotated)
+    async with running(client) as (attestations, changes):
+        attestations.want({Peer(WEB, "node-a"): target(WEB)})
+        await eventually(lambda: attestations.result(Peer(WEB, "node-a")) is not None)
+        await eventually(lambda: client.calls[(str(WEB), "node-a")] == 4, within=3)
+        result = attestations.result(Peer(WEB, "node-a"))
+        assert result is not None
+        assert result.serial == rotated.leaf.serial_number
+    assert attestations.stats.attempts["rotated-not-yet"] == 2
+    assert (
+        changes.count == 2
+    )  # first result, then the rotated one; repeats of the same certificate are silent
+
+
+async def test_transient_failure_keeps_the_result_and_an_answer_drops_it() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    good = svid(authority, WEB, 3600)
+    client.script(str(WEB), "node-a", good)
+    async with running(client, renew_after=0.999) as (attestations, changes):
+        peer = Peer(WEB, "node-a")
+        attestations.want({peer: target(WEB)})
+        await eventually(lambda: attestations.result(peer) is not None)
+        client.answers[(str(WEB), "node-a")].clear()
+        client.script(str(WEB), "node-a", AttestError("unreachable", "down"))
+        attestations.bundles_changed(BundleSet.of([authority.bundle()]))  # still verifies: nothing happens
+        assert attestations.result(peer) is not None
+        # Force a re-attestation through a bundle change that fails verification...
+        attestations.bundles_changed(BundleSet({}))
+        assert attestations.result(peer) is None
+        assert changes.count == 2
+        await eventually(lambda: attestations.stats.attempts["unreachable"] >= 1)
+        # ...then a success, then an answer that the identity is not hosted any more.
+        client.answers[(str(WEB), "node-a")].clear()
+        client.script(str(WEB), "node-a", good)
+        await eventually(lambda: attestations.result(peer) is not None)
+        client.answers[(str(WEB), "node-a")].clear()
+        client.script(str(WEB), "node-a", AttestError("unreachable", "down"))
+        attestations.request(peer)  # fresh: refused
+        attestations._peers[peer].result = None  # expire it without waiting an hour
+        assert attestations.request(peer)
+        await eventually(lambda: attestations.stats.attempts["unreachable"] >= 2)
+
+
+async def test_not_hosted_answer_drops_a_held_result() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    short = svid(authority, WEB, 10, age=7)
+    client.script(str(WEB), "node-a", short, AttestError("not-hosted", "gone"))
+    async with running(client) as (attestations, changes):
+        peer = Peer(WEB, "node-a")
+        attestations.want({peer: target(WEB)})
+        await eventually(lambda: attestations.stats.attempts["not-hosted"] >= 1)
+        assert attestations.stats.attempts["ok"] == 1
+        assert attestations.result(peer) is None
+        assert changes.count == 2  # appeared, then dropped
+
+
+async def test_unwanted_peers_are_forgotten() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
+    client.script(str(DB), "node-a", svid(authority, DB, 3600))
+    async with running(client) as (attestations, changes):
+        attestations.want({Peer(WEB, "node-a"): target(WEB), Peer(DB, "node-a"): target(DB)})
+        await eventually(lambda: len(attestations.results()) == 2)
+        attestations.want({Peer(DB, "node-a"): target(DB)})
+        assert set(attestations.results()) == {Peer(DB, "node-a")}
+        assert not attestations.request(Peer(WEB, "node-a"))
+    assert changes.count == 3
+
+
+@pytest.mark.parametrize("reason", ["unreachable", "timeout"])
+async def test_failures_are_retried_with_backoff(reason: str) -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(
+        str(WEB), "node-a", AttestError(reason, "x"), AttestError(reason, "x"), svid(authority, WEB, 3600)
+    )
+    async with running(client) as (attestations, _changes):
+        attestations.want({Peer(WEB, "node-a"): target(WEB)})
+        await eventually(lambda: attestations.result(Peer(WEB, "node-a")) is not None)
+    assert client.calls[(str(WEB), "node-a")] == 3
+    assert attestations.stats.attempts[reason] == 2

@@ -1,0 +1,271 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from authd.attest.schedule import Attestations
+from authd.authmanager import AuthManager
+from authd.backoff import BackoffPolicy
+from authd.cluster.desired import AuthPair
+from authd.cluster.handles import HandleRegistry
+from authd.cluster.model import ClusterState
+from authd.errors import AttestError
+from authd.x509svid import X509Svid
+from tests.fakes.attest import ScriptedAttestClient
+from tests.fakes.authtables import FakeAuthTable, FakeSvids, FakeTables
+from tests.fakes.ca import LeafOptions, TestCA
+from tests.fakes.cluster import endpoint, node, rule, sid, state
+from tests.waiting import eventually
+
+FAST = BackoffPolicy(initial=0.05, maximum=0.05, jitter=0)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+CA = TestCA.create(
+    "example.org", not_before=now() - dt.timedelta(days=1), not_after=now() + dt.timedelta(days=2)
+)
+
+
+def svid(path: str, hours: float = 1.0) -> X509Svid:
+    return CA.mint(
+        str(sid(path)),
+        LeafOptions(not_before=now() - dt.timedelta(minutes=1), not_after=now() + dt.timedelta(hours=hours)),
+    )
+
+
+def two_nodes(*extra_rules: tuple[str, str], web_and_db: bool = True) -> ClusterState:
+    endpoints = [endpoint("web", "node-a", "10.1.0.5"), endpoint("cache", "node-a", "10.1.0.6")]
+    if web_and_db:
+        endpoints.append(endpoint("db", "node-b", "10.2.0.5"))
+    rules = [rule(f"spiffe://example.org/{s}", f"spiffe://example.org/{d}", "both") for s, d in extra_rules]
+    return state([node("node-a"), node("node-b")], endpoints, rules)
+
+
+@dataclass
+class Harness:
+    manager: AuthManager
+    table: FakeAuthTable
+    tables: FakeTables
+    svids: FakeSvids
+    client: ScriptedAttestClient
+    attestations: Attestations
+    handles: HandleRegistry
+
+    def pair(self, local: str, remote: str, node_name: str) -> AuthPair:
+        handles = self.handles
+        local_h, remote_h = handles.identity_handle(sid(local)), handles.identity_handle(sid(remote))
+        node_h = handles.node_handle(node_name)
+        assert local_h is not None
+        assert remote_h is not None
+        assert node_h is not None
+        return AuthPair(sid(local), sid(remote), node_name, local_h, remote_h, node_h)
+
+    async def settle(self) -> None:
+        """Let the loop pick up what was marked, then return."""
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def manager(table: FakeAuthTable | None = None, *, synced: bool = True) -> AsyncIterator[Harness]:
+    client = ScriptedAttestClient()
+    handles = HandleRegistry(None, "node-a")
+    svids = FakeSvids(synced=synced)
+    holder: list[AuthManager] = []
+    attestations = Attestations(
+        client,
+        renew_after=0.6,
+        backoff=FAST,
+        max_in_flight=8,
+        on_change=lambda: holder[0].attestations_changed(),  # noqa: PLW0108 - the manager is made below,
+    )
+    auth_table, tables = table or FakeAuthTable(), FakeTables()
+    mgr = AuthManager(
+        node_name="node-a",
+        handles=handles,
+        table=auth_table,
+        tables=tables,
+        svids=svids,
+        attestations=attestations,
+        attest_port=4250,
+    )
+    holder.append(mgr)
+    tasks = [asyncio.create_task(attestations.run()), asyncio.create_task(mgr.run())]
+    try:
+        yield Harness(mgr, auth_table, tables, svids, client, attestations, handles)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_known_pair_is_authenticated_before_traffic_with_the_earlier_expiry() -> None:
+    db = svid("db", hours=2)
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", db)
+        web = svid("web", hours=1)
+        h.svids.local[sid("web")] = web
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        assert h.table.entries == {h.pair("web", "db", "node-b"): web.not_after}
+        assert h.client.calls == {(str(sid("db")), "node-b"): 1}
+        assert h.tables.ipcache
+        assert h.tables.policy
+
+
+async def test_local_rotation_moves_the_expiry_without_a_handshake() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db", hours=3))
+        h.svids.local[sid("web")] = svid("web", hours=1)
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        rotated = svid("web", hours=2)
+        h.svids.local[sid("web")] = rotated
+        h.manager.svids_changed()
+        await eventually(lambda: set(h.table.entries.values()) == {rotated.not_after})
+        assert h.client.calls == {(str(sid("db")), "node-b"): 1}
+
+
+async def test_removing_the_endpoint_removes_its_entries_and_its_peer() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        h.manager.cluster_changed(two_nodes(("web", "db"), web_and_db=False))
+        await eventually(lambda: not h.table.entries)
+        assert not h.attestations.results()
+
+
+async def test_removing_the_local_svid_removes_its_entries() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        del h.svids.local[sid("web")]
+        h.manager.svids_changed()
+        await eventually(lambda: not h.table.entries)
+
+
+async def test_pairs_on_the_local_node_need_no_handshake() -> None:
+    async with manager() as h:
+        web, cache = svid("web", hours=1), svid("cache", hours=2)
+        h.svids.local.update({sid("web"): web, sid("cache"): cache})
+        h.manager.cluster_changed(two_nodes(("web", "cache")))
+        await eventually(lambda: len(h.table.entries) == 2)
+        assert h.table.entries == {
+            h.pair("web", "cache", "node-a"): web.not_after,
+            h.pair("cache", "web", "node-a"): web.not_after,
+        }
+        assert not h.client.calls
+
+
+async def test_restored_entries_stay_while_the_peer_is_unreachable_and_go_when_it_refuses() -> None:
+    web = svid("web")
+    restored_expiry = now() + dt.timedelta(minutes=10)
+    table = FakeAuthTable()
+    async with manager(table) as h:
+        h.handles.assign([sid("web"), sid("db"), sid("cache")], ["node-b"])
+        pair = h.pair("web", "db", "node-b")
+        table.entries[pair] = restored_expiry
+        h.svids.local[sid("web")] = web
+        h.client.script(str(sid("db")), "node-b", AttestError("unreachable", "node-b is down"))
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: h.attestations.stats.attempts["unreachable"] >= 2)
+        assert table.entries == {pair: restored_expiry}
+        h.client.answers[(str(sid("db")), "node-b")].clear()
+        h.client.script(str(sid("db")), "node-b", AttestError("not-hosted", "db moved away"))
+        await eventually(lambda: not table.entries)
+
+
+async def test_nothing_still_wanted_is_deleted_before_the_svids_synced() -> None:
+    table = FakeAuthTable()
+    async with manager(table, synced=False) as h:
+        h.handles.assign([sid("web"), sid("db"), sid("cache")], ["node-b"])
+        wanted = h.pair("web", "cache", "node-a")
+        unwanted = h.pair("cache", "db", "node-b")
+        expired = h.pair("web", "db", "node-b")
+        table.entries.update(
+            {
+                wanted: now() + dt.timedelta(minutes=5),
+                unwanted: now() + dt.timedelta(minutes=5),
+                expired: now() - dt.timedelta(seconds=1),
+            }
+        )
+        h.client.script(str(sid("db")), "node-b", AttestError("unreachable", "x"))
+        h.manager.cluster_changed(two_nodes(("web", "cache"), ("web", "db")))
+        await eventually(lambda: h.manager.stats.reconciles >= 1)
+        await h.settle()
+        assert set(table.entries) == {wanted}
+        h.svids.synced = True
+        h.manager.svids_changed()
+        await eventually(lambda: not table.entries)
+
+
+async def test_handshakes_grow_with_identities_not_pairs() -> None:
+    locals_ = [f"l{i}" for i in range(20)]
+    remotes = [f"r{i}" for i in range(20)]
+    endpoints = [endpoint(p, "node-a", f"10.1.0.{i + 1}") for i, p in enumerate(locals_)]
+    endpoints += [endpoint(p, "node-b", f"10.2.0.{i + 1}") for i, p in enumerate(remotes)]
+    cluster = (
+        state(
+            [node("node-a"), node("node-b")],
+            endpoints,
+            [rule("spiffe://example.org/r*", "spiffe://example.org/l*")],
+        )
+        if False
+        else state(
+            [node("node-a"), node("node-b")],
+            endpoints,
+            [
+                rule(f"spiffe://example.org/{r}", f"spiffe://example.org/{loc}")
+                for r in remotes
+                for loc in locals_
+            ],
+        )
+    )
+    async with manager() as h:
+        for path in remotes:
+            h.client.script(str(sid(path)), "node-b", svid(path))
+        h.svids.local.update({sid(p): svid(p) for p in locals_})
+        h.manager.cluster_changed(cluster)
+        await eventually(lambda: len(h.table.entries) == 400, within=10)
+        assert sum(h.client.calls.values()) == 20
+
+
+async def test_auth_required_attests_on_demand_and_repairs_a_flushed_entry() -> None:
+    async with manager() as h:
+        h.svids.local[sid("web")] = svid("web")
+        h.client.script(str(sid("db")), "node-b", AttestError("unreachable", "x"))
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: h.attestations.stats.attempts["unreachable"] >= 1)
+        h.client.answers[(str(sid("db")), "node-b")].clear()
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        pair = h.pair("web", "db", "node-b")
+        h.manager.auth_required(pair.local_handle, pair.remote_handle, pair.node_handle)
+        await eventually(lambda: pair in h.table.entries)
+        h.table.entries.clear()  # someone flushed the map by hand
+        h.manager.auth_required(pair.local_handle, pair.remote_handle, pair.node_handle)
+        await eventually(lambda: pair in h.table.entries)
+        h.manager.auth_required(999_999, pair.remote_handle, pair.node_handle)
+        assert h.manager.stats.auth_required["unknown-identity"] == 1
+        assert h.manager.stats.auth_required["known"] >= 1
+
+
+async def test_entries_are_removed_when_they_expire() -> None:
+    async with manager() as h:
+        # Expires within two seconds (certificate times are whole seconds).
+        short = svid("web", hours=0.0005)
+        h.svids.local.update({sid("web"): short, sid("cache"): svid("cache")})
+        h.manager.cluster_changed(two_nodes(("web", "cache")))
+        await eventually(lambda: len(h.table.entries) == 2)
+        await eventually(lambda: not h.table.entries, within=5)
