@@ -15,9 +15,10 @@ a limited rate, and the last good state stays. Nothing a SPIRE message contains 
 store.
 
 Readers use :meth:`own_svid`, :meth:`svid_for`, :meth:`local_svids`, :meth:`bundle_for` and
-:meth:`bundles`, and :meth:`subscribe` for events. A subscription is a bounded queue: a consumer too
-slow to keep up loses the queued events and receives one :attr:`EventKind.RESYNC` instead, after which
-it must re-read the state it cares about. Nothing ever blocks the writers.
+:meth:`bundles`, :attr:`synced` (the local SVIDs reflect SPIRE: every workload stream answered once, so
+an absent SVID really is absent), and :meth:`subscribe` for events. A subscription is a bounded queue:
+a consumer too slow to keep up loses the queued events and receives one :attr:`EventKind.RESYNC`
+instead, after which it must re-read the state it cares about. Nothing ever blocks the writers.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class EventKind(enum.StrEnum):
     ROTATED = "rotated"
     REMOVED = "removed"
     BUNDLE_CHANGED = "bundle-changed"
+    SYNCED = "synced"
     RESYNC = "resync"
 
 
@@ -170,6 +172,7 @@ class SvidStore:
         self._bundles_by_origin: dict[BundleOrigin, dict[TrustDomain, X509Bundle]] = {}
         self._bundles = BundleSet({})
         self._subscriptions: list[Subscription] = []
+        self._local_synced = False
         self._ready = asyncio.Event()
         self._monotonic = monotonic
         self._logged_at: dict[tuple[str, str], float] = {}
@@ -204,6 +207,11 @@ class SvidStore:
         own_ok = self._own is not None or not self._needs_own
         bundles_ok = bool(self._bundles.bundles) or not self._needs_bundles
         return own_ok and bundles_ok
+
+    @property
+    def synced(self) -> bool:
+        """Whether the local SVIDs reflect SPIRE: ready, and every workload stream answered once."""
+        return self.ready and self._local_synced
 
     async def wait_ready(self) -> None:
         """Return once the store has been ready (at once if it is)."""
@@ -274,6 +282,13 @@ class SvidStore:
         self.stats.applied[source] += 1
         self._emit(list(_svid_events(previous, svid, own=False)))
         return True
+
+    def set_local_synced(self, synced: bool) -> None:  # noqa: FBT001 - a state, not a mode switch
+        """The delegated client says whether every workload stream has answered (or been refused) once."""
+        became = synced and not self._local_synced
+        self._local_synced = synced
+        if became:
+            self._emit([SvidEvent(EventKind.SYNCED)])
 
     def remove_local(self, spiffe_id: SpiffeId, reason: str) -> None:
         """Forget the SVID of ``spiffe_id`` (workload gone, or SPIRE no longer issues it)."""

@@ -80,6 +80,12 @@ class _Stream:
     expected: set[SpiffeId] = field(default_factory=set)
     last: delegatedidentity_pb2.SubscribeToX509SVIDsResponse | None = None
     task: asyncio.Task[None] | None = None
+    refused: bool = False
+
+    @property
+    def answered(self) -> bool:
+        """Whether SPIRE has said its piece: a first message, or a refusal for good."""
+        return self.last is not None or self.refused
 
     @property
     def name(self) -> str:
@@ -171,6 +177,10 @@ class DelegatedIdentityClient:
         for spiffe_id in list(self._store.local_svids()):
             if spiffe_id not in self._wanted:
                 self._store.remove_local(spiffe_id, "workload no longer on this node")
+        self._report_synced()
+
+    def _report_synced(self) -> None:
+        self._store.set_local_synced(all(stream.answered for stream in self._streams.values()))
 
     # ------------------------------------------------------------------------------------------ bundles
 
@@ -222,8 +232,10 @@ class DelegatedIdentityClient:
             )
         except SpireError:
             # Already logged where the decision was made; this stream stays down, the others go on.
+            stream.refused = True
             for spiffe_id in stream.expected:
                 self._store.remove_local(spiffe_id, "SPIRE refused the subscription")
+            self._report_synced()
 
     async def _open_svids(
         self, selectors: SelectorSet
@@ -267,6 +279,7 @@ class DelegatedIdentityClient:
             if good:
                 # Two entries may give the same ID; the longest-lived SVID is a stable choice.
                 self._store.set_local(spiffe_id, max(good, key=lambda svid: svid.not_after), source=SOURCE)
+        self._report_synced()
 
     def _reapply(self, stream: _Stream) -> None:
         """The IDs wanted from a stream changed: take them from its last message, without waiting."""

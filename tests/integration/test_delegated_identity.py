@@ -106,6 +106,10 @@ async def background(coroutine: Coroutine[Any, Any, None]) -> AsyncIterator[asyn
         await asyncio.gather(task, return_exceptions=True)
 
 
+def is_synced(store: SvidStore) -> bool:
+    return store.synced  # a call, so mypy does not narrow the property across awaits
+
+
 def leaf_der(svid: X509Svid) -> bytes:
     return svid.leaf.public_bytes(serialization.Encoding.DER)
 
@@ -123,15 +127,16 @@ async def test_two_workloads_rotate_with_events_and_no_gap() -> None:
             client = DelegatedIdentityClient(
                 admin_endpoint(directory), store, backoff=CountingBackoff(), status=StreamBoard(lambda: None)
             )
-            client.set_workloads({W1: [S1], W2: [S2, Selector("unix", "gid:1002")]})
             held: dict[SpiffeId, X509Svid] = {}
             rotations = {W1: 0, W2: 0}
             with store.subscribe() as events:
                 async with background(client.run()):
+                    await until(events, lambda: store.ready)  # bundles first, to verify every SVID
+                    client.set_workloads({W1: [S1], W2: [S2, Selector("unix", "gid:1002")]})
                     async with asyncio.timeout(20):
                         while min(rotations.values()) < 2:
                             event = await events.get()
-                            if event.kind is EventKind.BUNDLE_CHANGED:
+                            if event.kind in (EventKind.BUNDLE_CHANGED, EventKind.SYNCED):
                                 continue
                             assert event.spiffe_id in (W1, W2)
                             current = store.svid_for(event.spiffe_id)
@@ -286,8 +291,10 @@ async def test_workloads_follow_set_workloads_and_entry_changes() -> None:
             )
             with store.subscribe() as events:
                 async with background(client.run()):
+                    assert not is_synced(store)
                     client.set_workloads({W1: [S1]})
                     await next_event(events, lambda e: e.kind is EventKind.ADDED and e.spiffe_id == W1)
+                    await until(events, lambda: store.synced)
                     # A second workload appears on the node; its entry is registered a moment later.
                     client.set_workloads({W1: [S1], W2: [S2]})
                     await create(directory, RegistrationEntry(W2, PARENT, (S2,)))
@@ -303,6 +310,7 @@ async def test_workloads_follow_set_workloads_and_entry_changes() -> None:
                         await entries.delete_entries([listed[0].id])
                     await next_event(events, lambda e: e.kind is EventKind.REMOVED and e.spiffe_id == W2)
                     assert store.local_svids() == {}
+                    assert store.synced  # SPIRE answered: W2 has no identity, which is the truth
                     assert w1_entry
 
 
@@ -477,3 +485,4 @@ async def test_refused_subscription_stops_alone() -> None:
                     assert not task.done()
                     assert store.svid_for(W1) is not None
                     assert backoff.delays == 0  # refused for good: not retried
+                    await until(events, lambda: store.synced)  # a refusal is an answer too

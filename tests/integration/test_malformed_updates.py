@@ -141,8 +141,11 @@ async def running(
 
 
 async def next_change(events: Subscription) -> SvidEvent:
+    """The next change to an SVID or bundle (the one-time SYNCED signal is not a change)."""
     async with asyncio.timeout(10):
-        return await events.get()
+        while (event := await events.get()).kind is EventKind.SYNCED:
+            pass
+        return event
 
 
 async def test_workload_api_garbage_is_rejected_and_last_good_svid_kept(agent: FakeSpireAgent) -> None:

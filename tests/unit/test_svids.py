@@ -4,10 +4,12 @@ import datetime as dt
 
 import pytest
 
+from authd.attest.protocol import LocalIdentities
+from authd.authmanager import SvidView
 from authd.errors import SvidError
 from authd.identity import SpiffeId, TrustDomain
 from authd.svids import BundleOrigin, EventKind, SvidEvent, SvidStore
-from authd.x509svid import X509Bundle
+from authd.x509svid import BundleSource, X509Bundle
 from tests.fakes.ca import NOW, LeafOptions
 from tests.fakes.ca import TestCA as FakeCA
 
@@ -28,6 +30,10 @@ def store_at(now: dt.datetime = NOW, *, needs_own: bool = True) -> SvidStore:
 
 def is_ready(store: SvidStore) -> bool:
     return store.ready
+
+
+def is_synced(store: SvidStore) -> bool:
+    return store.synced
 
 
 def drain(store_events: object) -> list[SvidEvent]:
@@ -195,3 +201,27 @@ def test_slow_subscriber_gets_resync_instead_of_blocking_the_store(ca: FakeCA) -
     slow.close()
     store.remove_local(SpiffeId.parse("spiffe://example.org/w0"), "gone")
     assert drain(slow) == []
+
+
+def test_store_serves_the_views_its_consumers_declare() -> None:
+    store = store_at()
+    # mypy checks these assignments structurally: the auth manager's and the attestation's protocols.
+    views: tuple[SvidView, LocalIdentities, BundleSource] = (store, store, store)
+    assert all(view is store for view in views)
+
+
+def test_synced_needs_ready_and_every_workload_stream_answered(ca: FakeCA) -> None:
+    store = store_at(needs_own=False)
+    with store.subscribe() as events:
+        store.set_local_synced(True)
+        assert not is_synced(store)  # no bundles yet
+        store.set_bundles(BundleOrigin.DELEGATED_IDENTITY_API, {TD: ca.bundle()})
+        assert is_synced(store)
+        store.set_local_synced(False)
+        assert not is_synced(store)
+        store.set_local_synced(True)
+        assert [e.kind for e in drain(events)] == [
+            EventKind.SYNCED,
+            EventKind.BUNDLE_CHANGED,
+            EventKind.SYNCED,
+        ]
