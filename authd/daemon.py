@@ -19,16 +19,26 @@ from typing import Any
 import structlog
 
 from authd import log as logsetup
+from authd.attest.client import Attestor
+from authd.attest.listener import Listener
+from authd.attest.listener import bind as bind_listener
+from authd.attest.schedule import Attestations
+from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
+from authd.cluster.file import FileClusterSource
+from authd.cluster.handles import STATE_FILE, HandleRegistry
+from authd.cluster.source import LiveDirectory, local_node_name
 from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
 from authd.datapath.events import AuthRequiredEvent
+from authd.datapath.tables import PinnedAuthTable, PinnedTables
 from authd.errors import ConfigError, ControlError, DaemonError
-from authd.flows import FlowLog, NoNames, serve_observe
+from authd.flows import FlowLog, serve_observe
 from authd.health import Health
 from authd.jobs import Job, Supervisor
 from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
+from authd.svids import EventKind, SvidStore
 
 log = structlog.get_logger(__name__)
 
@@ -63,12 +73,15 @@ class Daemon:
             socket_path(config.node.runtime_dir), on_listening=lambda: control_health.ready("listening")
         )
         self._jobs.append(Job("control", self.control.run, critical=False))
+        self.node_name = local_node_name(config.node.name)
+        self.handles = HandleRegistry.open(_state_dir(config.node.state_dir) / STATE_FILE, self.node_name)
+        self.manager: AuthManager | None = None
         self._build_datapath()
-        # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE. Cluster state
-        # calls self.identity_plane.set_workloads() with the workloads on this node.
+        # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
         self.identity_plane = IdentityPlane.from_config(config.spire, lambda: self.health.register("svids"))
         if self.identity_plane is not None:
             self._jobs.extend(self.identity_plane.jobs())
+            self._build_attestation(self.identity_plane.store)
 
     def _build_datapath(self) -> None:
         if not self.config.datapath.enabled:
@@ -76,14 +89,13 @@ class Daemon:
             return
         from authd.datapath.enforcement import Enforcement  # noqa: PLC0415 - loads libbpf only when enabled
 
-        # TODO(issue 5): the auth manager consumes auth-required events; cluster state supplies names.
-        self.flow_log = FlowLog(NoNames())
+        self.flow_log = FlowLog(self.handles)
         self.control.register("observe", lambda request: serve_observe(self.flow_log, request))
         daemon_cfg = self.config.daemon
         enforcement = Enforcement(
             self.config.datapath,
             self.health.register("datapath"),
-            on_auth_required=_log_auth_required,
+            on_auth_required=self._auth_required,
             on_flow=self.flow_log.add,
             backoff=BackoffPolicy(
                 initial=daemon_cfg.restart_backoff_initial.total_seconds(),
@@ -93,6 +105,102 @@ class Daemon:
         self.enforcement = enforcement
         self._jobs.extend(enforcement.jobs())
         self._reload_hooks.append(lambda _old, new: enforcement.reload(new.datapath))
+
+    def _build_attestation(self, store: SvidStore) -> None:
+        """Cluster state, attestation (listener, client, schedule) and, with a datapath, the auth manager."""
+        config = self.config
+        self.cluster = FileClusterSource(
+            config.cluster.file,
+            self.node_name,
+            self.health.register("cluster"),
+            poll_interval=config.cluster.poll_interval.total_seconds(),
+        )
+        self._jobs.append(Job("cluster-file", self.cluster.run, critical=False))
+        self.listener = Listener(store, LiveDirectory(self.cluster), config.attest)
+        self._jobs.append(Job("attest-listener", self._serve_attestations, critical=False))
+        self.attestor = Attestor(store, config.attest)
+        self.attestations = Attestations(
+            self.attestor,
+            renew_after=config.attest.renew_after,
+            backoff=BackoffPolicy(
+                initial=config.attest.retry_initial.total_seconds(),
+                maximum=config.attest.retry_max.total_seconds(),
+            ),
+            max_in_flight=config.attest.client_concurrency,
+            on_change=self._attestations_changed,
+        )
+        self._jobs.append(Job("attest-schedule", self.attestations.run, critical=False))
+        self._jobs.append(Job("cluster-workloads", self._follow_local_workloads, critical=False))
+        if self.config.datapath.enabled:
+            self._jobs.append(Job("auth-manager", self._run_auth_manager, critical=False))
+
+    async def _serve_attestations(self) -> None:
+        attest = self.config.attest
+        sock = await asyncio.to_thread(bind_listener, attest.listen_address, attest.port)
+        try:
+            await self.listener.serve(sock)
+        finally:
+            sock.close()
+
+    async def _follow_local_workloads(self) -> None:
+        """Tell the identity plane which workloads run here, so it fetches exactly their SVIDs."""
+        assert self.identity_plane is not None
+        async for state in self.cluster.snapshots():
+            local = {
+                endpoint.spiffe_id: endpoint.selectors for endpoint in state.endpoints_on(self.node_name)
+            }
+            self.identity_plane.set_workloads(local)
+
+    async def _run_auth_manager(self) -> None:
+        """Once the datapath is loaded, keep its maps in line with cluster state, SVIDs and attestations."""
+        assert self.identity_plane is not None
+        store = self.identity_plane.store
+        datapath = await self.enforcement.wait_loaded()
+        with datapath.maps() as maps:
+            if self.handles.fresh:
+                flushed = maps.auth.flush()
+                log.warning("no identity handle state: auth map flushed", entries=flushed)
+                self.handles.fresh = False
+            manager = AuthManager(
+                node_name=self.node_name,
+                handles=self.handles,
+                table=PinnedAuthTable(maps.auth, self.handles),
+                tables=PinnedTables(maps.ipcache, maps.policy),
+                svids=store,
+                attestations=self.attestations,
+                attest_port=self.config.attest.port,
+            )
+            self.manager = manager
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(manager.run(), name="auth-reconcile")
+                    group.create_task(self._feed_cluster(manager), name="auth-cluster")
+                    group.create_task(self._feed_svids(manager, store), name="auth-svids")
+            finally:
+                self.manager = None
+
+    async def _feed_cluster(self, manager: AuthManager) -> None:
+        async for state in self.cluster.snapshots():
+            manager.cluster_changed(state)
+
+    async def _feed_svids(self, manager: AuthManager, store: SvidStore) -> None:
+        with store.subscribe() as events:
+            manager.svids_changed()
+            async for event in events:
+                if event.kind in (EventKind.BUNDLE_CHANGED, EventKind.RESYNC):
+                    self.attestations.bundles_changed(store.bundles())
+                manager.svids_changed()
+
+    def _attestations_changed(self) -> None:
+        if self.manager is not None:
+            self.manager.attestations_changed()
+
+    def _auth_required(self, event: AuthRequiredEvent) -> None:
+        key = event.key
+        if self.manager is None:
+            log.debug("auth required before the auth manager runs", local=key.local, remote=key.remote)
+            return
+        self.manager.auth_required(key.local, key.remote, key.remote_node)
 
     async def run(self) -> int:
         """Run until stopped by a signal or a critical failure; return the process exit status."""
@@ -199,14 +307,10 @@ async def _datapath_disabled(request: dict[str, Any]) -> AsyncIterator[dict[str,
     yield {}
 
 
-def _log_auth_required(event: AuthRequiredEvent) -> None:
-    log.debug(
-        "auth required",
-        local=event.key.local,
-        remote=event.key.remote,
-        remote_node=event.key.remote_node,
-        reason=event.reason.name,
-    )
+def _state_dir(path: Path) -> Path:
+    """Create the state directory (owner-only) if it is missing."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
 
 def _live_datapath_change(old: Config, new: Config) -> set[str]:

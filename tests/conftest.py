@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +19,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(f"{len(privileged)} privileged tests need root, and CI requires them")
     for item in privileged:
         item.add_marker(pytest.mark.skip(reason="needs root (network namespaces, BPF)"))
+
+
+def _netns() -> set[str]:
+    root = Path("/run/netns")
+    return {entry.name for entry in root.iterdir()} if root.is_dir() else set()
+
+
+def _pins() -> set[str]:
+    root = Path("/sys/fs/bpf")
+    try:
+        return {entry.name for entry in root.iterdir()}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _leaves_nothing_behind() -> Iterator[None]:
+    """Fail the run if tests left network namespaces or bpffs pins behind (they must clean up)."""
+    netns, pins = _netns(), _pins()
+    yield
+    left_netns, left_pins = sorted(_netns() - netns), sorted(_pins() - pins)
+    assert not left_netns, f"tests left network namespaces behind: {left_netns}"
+    assert not left_pins, f"tests left bpffs pins behind under /sys/fs/bpf: {left_pins}"

@@ -81,6 +81,12 @@ class Enforcement:
         self._rescans: set[asyncio.Task[None]] = set()
         self._stale_drained = False
 
+    async def wait_loaded(self) -> Datapath:
+        """Return the datapath once the ``datapath`` job has loaded it."""
+        await self._loaded.wait()
+        assert self.datapath is not None  # set before _loaded
+        return self.datapath
+
     def jobs(self) -> list[Job]:
         """The daemon jobs that run the datapath."""
         return [
