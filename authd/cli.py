@@ -21,6 +21,7 @@ from authd.errors import AuthdError, ConfigError
 if TYPE_CHECKING:
     from authd.config import Config
     from authd.datapath.maps import PinnedMaps
+    from authd.spire.sync import SyncPlan
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 DEFAULT_CONFIG = Path("/etc/authd/authd.toml")
@@ -94,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_bpf(commands, with_config)
 
     _add_dev_spire(commands, common)
+
+    spire = commands.add_parser("spire", help="work with the SPIRE server")
+    spire_commands = spire.add_subparsers(title="spire commands", metavar="COMMAND", required=True)
+    sync = spire_commands.add_parser(
+        "sync",
+        parents=[with_config],
+        help="make SPIRE's registration entries match the endpoints in cluster state",
+        description="Creates one entry per endpoint (its SPIFFE ID, parented to its node's SPIRE agent, with "
+        "its selectors) through the server's Entry API at spire.server_socket, and deletes entries it "
+        "created earlier that cluster state no longer has. Entries it did not create are never touched.",
+    )
+    sync.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    sync.add_argument("--node", action="append", help="only the endpoints of this node (repeatable)")
+    sync.set_defaults(command=_spire_sync)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(command=_version)
@@ -341,6 +356,30 @@ def _dev_spire(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     log.configure(args.log_level or "info", args.log_format)
     asyncio.run(run_until_signalled(options))
+    return 0
+
+
+def _spire_sync(args: argparse.Namespace) -> int:
+    from authd.cluster.file import load_cluster  # noqa: PLC0415 - keep the CLI's import light
+    from authd.spire.entries import EntryClient  # noqa: PLC0415
+    from authd.spire.sync import sync  # noqa: PLC0415
+
+    _quiet_logs()
+    config = _config_or_defaults(args.config)
+    state = load_cluster(config.cluster.file)
+
+    async def run() -> SyncPlan:
+        async with EntryClient(config.spire.server_socket) as client:
+            return await sync(client, state, nodes=args.node, dry_run=args.dry_run)
+
+    plan = asyncio.run(run())
+    verb = "would " if args.dry_run else ""
+    for entry in plan.create:
+        selectors = ",".join(str(s) for s in entry.selectors)
+        print(f"{verb}create {entry.spiffe_id} parent={entry.parent_id} selectors={selectors}")
+    for entry in plan.delete:
+        print(f"{verb}delete {entry.spiffe_id} parent={entry.parent_id} id={entry.id}")
+    print(f"{len(plan.create)} to create, {len(plan.delete)} to delete, {plan.unchanged} unchanged")
     return 0
 
 

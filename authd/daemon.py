@@ -32,12 +32,14 @@ from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
 from authd.datapath.events import AuthRequiredEvent
 from authd.datapath.tables import PinnedAuthTable, PinnedTables
-from authd.errors import ConfigError, ControlError, DaemonError
+from authd.errors import ConfigError, ControlError, DaemonError, SpireError
 from authd.flows import FlowLog, serve_observe
 from authd.health import Health
 from authd.jobs import Job, Supervisor
 from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
+from authd.spire.entries import EntryClient
+from authd.spire.sync import sync as sync_entries
 from authd.svids import EventKind, SvidStore
 
 log = structlog.get_logger(__name__)
@@ -133,6 +135,21 @@ class Daemon:
         self._jobs.append(Job("cluster-workloads", self._follow_local_workloads, critical=False))
         if self.config.datapath.enabled:
             self._jobs.append(Job("auth-manager", self._run_auth_manager, critical=False))
+        if config.spire.sync_interval.total_seconds() > 0:
+            self._jobs.append(Job("spire-sync", self._sync_spire_entries, critical=False))
+
+    async def _sync_spire_entries(self) -> None:
+        """Register cluster state's endpoints with the SPIRE server, again every ``spire.sync_interval``."""
+        interval = self.config.spire.sync_interval.total_seconds()
+        async with EntryClient(self.config.spire.server_socket) as client:
+            while True:
+                state = self.cluster.current()
+                if state is not None:
+                    try:
+                        await sync_entries(client, state)
+                    except SpireError as err:
+                        log.warning("spire sync failed, retrying later", error=str(err), retry_in_s=interval)
+                await asyncio.sleep(interval)
 
     async def _serve_attestations(self) -> None:
         attest = self.config.attest

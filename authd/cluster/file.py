@@ -82,6 +82,9 @@ class NodeTable:
         None, "the SPIFFE ID authd on this node runs as (default spiffe://<trust_domain>/authd/<name>)"
     )
     attest_port: int | None = setting(None, "this node's attestation port, if not the default", check=_port)
+    agent_id: SpiffeId | None = setting(
+        None, "SPIFFE ID of the node's SPIRE agent (default spiffe://<td>/spire/agent/<name>)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +139,7 @@ def parse_cluster(text: str, *, source: str = "<cluster>") -> ClusterState:
                 )
                 continue
             spiffe_id = node_id(decoded.trust_domain, table.name)
-        nodes.append(Node(table.name, table.addresses, spiffe_id, table.attest_port))
+        nodes.append(Node(table.name, table.addresses, spiffe_id, table.attest_port, table.agent_id))
     if problems:
         raise ClusterStateError(f"cluster: {len(problems)} problem(s) in {source}", problems)
     endpoints = [Endpoint(e.spiffe_id, e.node, e.prefixes, e.selectors) for e in decoded.endpoint]

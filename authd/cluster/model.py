@@ -58,12 +58,21 @@ class Node:
     """A node running authd: its name, addresses in preference order, node SPIFFE ID, attestation port.
 
     ``attest_port`` overrides the cluster-wide attestation port for this node; None means the default.
+    ``agent_id`` is the SPIFFE ID of the node's SPIRE agent, the parent of its workloads' registration
+    entries; None means ``spiffe://<trust domain>/spire/agent/<name>`` (see :meth:`spire_agent_id`).
     """
 
     name: str
     addresses: tuple[IpAddress, ...]
     spiffe_id: SpiffeId
     attest_port: int | None = None
+    agent_id: SpiffeId | None = None
+
+    def spire_agent_id(self) -> SpiffeId:
+        """The parent ID of this node's registration entries."""
+        if self.agent_id is not None:
+            return self.agent_id
+        return SpiffeId.from_parts(self.spiffe_id.trust_domain, f"/spire/agent/{self.name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +281,8 @@ def _digest(nodes: Iterable[Node], endpoints: Iterable[Endpoint], rules: Iterabl
     """SHA-256 over a canonical JSON form: order-free except for node address preference."""
     content = {
         "nodes": sorted(
-            [n.name, [str(a) for a in n.addresses], str(n.spiffe_id), n.attest_port] for n in nodes
+            [n.name, [str(a) for a in n.addresses], str(n.spiffe_id), n.attest_port, str(n.agent_id or "")]
+            for n in nodes
         ),
         "endpoints": sorted(
             [

@@ -266,6 +266,10 @@ class SpireConfig:
         "longest delay between attempts to reopen a SPIRE stream",
         check=positive_duration,
     )
+    sync_interval: timedelta = setting(
+        timedelta(0),
+        "run `authd spire sync` from the daemon this often, on the node that reaches the server (0: never)",
+    )
 
     def cross_check(self) -> list[str]:
         """SPIRE's agent refuses an admin socket inside the Workload API socket's directory; so do we."""

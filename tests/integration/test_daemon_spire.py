@@ -60,14 +60,16 @@ async def test_authd_becomes_ready_once_spire_serves_its_identity() -> None:
             [{"spiffe_id": str(AUTHD_ID), "node": "node-a", "selectors": [str(ME)]}],
         )
         cluster = directory / "cluster.toml"
-        cluster.write_text('trust_domain = "example.org"\n[[node]]\nname = "node-a"\naddresses = ["127.0.0.1"]\n')
+        cluster.write_text(
+            'trust_domain = "example.org"\n[[node]]\nname = "node-a"\naddresses = ["127.0.0.1"]\n'
+        )
         config = directory / "authd.toml"
         config.write_text(
             f'[node]\nname = "node-a"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
             '[log]\nformat = "json"\n'
             f'[cluster]\nfile = "{cluster}"\n'
             f'[attest]\nlisten_address = "127.0.0.1"\nport = {free_port()}\n'
-            '[datapath]\nenabled = false\n'
+            "[datapath]\nenabled = false\n"
             f'[spire]\nworkload_socket = "{directory}/node-a/public/api.sock"\n'
             f'admin_socket = "{directory}/node-a/private/admin.sock"\n'
             'reconnect_backoff_initial = "50ms"\nreconnect_backoff_max = "300ms"\n'

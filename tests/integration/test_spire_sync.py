@@ -1,0 +1,110 @@
+"""``authd spire sync`` against dev-spire's Entry API: creates, keeps, deletes only what it owns."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from authd.cluster.model import ClusterState
+from authd.identity import Selector, SpiffeId
+from authd.spire.entries import EntryClient, RegistrationEntry
+from authd.spire.sync import MANAGED_HINT, sync
+from tests.fakes.cluster import endpoint, node, state
+from tests.integration.devspire import entry_socket, options, running, short_dir
+
+AGENT_A = SpiffeId.parse("spiffe://example.org/spire/agent/node-a")
+AGENT_B = SpiffeId.parse("spiffe://example.org/spire/agent/node-b")
+
+
+def cluster(*paths: str) -> ClusterState:
+    nodes = [node("node-a", "192.0.2.1"), node("node-b", "192.0.2.2")]
+    endpoints = [
+        endpoint(
+            path, "node-a" if i % 2 == 0 else "node-b", f"10.0.0.{i + 1}", selectors=[f"unix:uid:{1000 + i}"]
+        )
+        for i, path in enumerate(paths)
+    ]
+    return state(nodes, endpoints)
+
+
+def summary(entries: list[RegistrationEntry]) -> set[tuple[str, str, tuple[str, ...], str]]:
+    return {(str(e.spiffe_id), str(e.parent_id), tuple(map(str, e.selectors)), e.hint) for e in entries}
+
+
+async def test_sync_creates_is_idempotent_and_removes_only_its_own_entries() -> None:
+    with short_dir() as directory:
+        async with (
+            running(options(directory, nodes=("node-a", "node-b"))),
+            EntryClient(entry_socket(directory)) as client,
+        ):
+            foreign = RegistrationEntry(
+                SpiffeId.parse("spiffe://example.org/other"), AGENT_A, (Selector("unix", "uid:42"),)
+            )
+            assert (await client.create_entries([foreign]))[0].ok
+            first = await sync(client, cluster("web", "db"))
+            assert (len(first.create), len(first.delete)) == (2, 0)
+            assert summary(await client.list_entries()) == {
+                ("spiffe://example.org/other", str(AGENT_A), ("unix:uid:42",), ""),
+                ("spiffe://example.org/web", str(AGENT_A), ("unix:uid:1000",), MANAGED_HINT),
+                ("spiffe://example.org/db", str(AGENT_B), ("unix:uid:1001",), MANAGED_HINT),
+            }
+            again = await sync(client, cluster("web", "db"))
+            assert (again.empty, again.unchanged) == (True, 2)
+            dry = await sync(client, cluster("web"), dry_run=True)
+            assert [str(e.spiffe_id) for e in dry.delete] == ["spiffe://example.org/db"]
+            assert len(await client.list_entries()) == 3
+            await sync(client, cluster("web"))
+            assert {str(e.spiffe_id) for e in await client.list_entries()} == {
+                "spiffe://example.org/other",
+                "spiffe://example.org/web",
+            }
+
+
+async def test_sync_of_one_node_leaves_the_other_nodes_entries() -> None:
+    with short_dir() as directory:
+        async with (
+            running(options(directory, nodes=("node-a", "node-b"))),
+            EntryClient(entry_socket(directory)) as client,
+        ):
+            await sync(client, cluster("web", "db"))
+            result = await sync(client, cluster(), nodes=["node-a"])
+            assert [str(e.spiffe_id) for e in result.delete] == ["spiffe://example.org/web"]
+            assert {str(e.spiffe_id) for e in await client.list_entries()} == {"spiffe://example.org/db"}
+
+
+async def test_cli_dry_run_prints_the_plan(tmp_path: Path) -> None:
+    with short_dir() as directory:
+        async with running(options(directory, nodes=("node-a", "node-b"))):
+            cluster_file = tmp_path / "cluster.toml"
+            cluster_file.write_text(
+                'trust_domain = "example.org"\n'
+                '[[node]]\nname = "node-a"\naddresses = ["192.0.2.1"]\n'
+                '[[endpoint]]\nspiffe_id = "spiffe://example.org/web"\nnode = "node-a"\n'
+                'prefixes = ["10.0.0.1"]\nselectors = ["unix:uid:1000"]\n'
+            )
+            config = tmp_path / "authd.toml"
+            config.write_text(
+                f'[cluster]\nfile = "{cluster_file}"\n[spire]\nserver_socket = "{entry_socket(directory)}"\n'
+            )
+            code, stdout, stderr = await authd_cli("spire", "sync", "--config", str(config), "--dry-run")
+            assert code == 0, stderr
+            assert stdout.splitlines() == [
+                (
+                    "would create spiffe://example.org/web parent=spiffe://example.org/spire/agent/node-a "
+                    "selectors=unix:uid:1000"
+                ),
+                "1 to create, 0 to delete, 0 unchanged",
+            ]
+            async with EntryClient(entry_socket(directory)) as client:
+                assert await client.list_entries() == []
+
+
+async def authd_cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI without blocking the loop that serves dev-spire."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authd", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
