@@ -29,7 +29,7 @@ class HarnessError(AuthdError):
 
 def sh(*argv: str) -> str:
     """Run a command; raise HarnessError with its stderr when it fails."""
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603 - fixed tools
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise HarnessError(f"harness: {' '.join(argv)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -90,7 +90,7 @@ class Processes:
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` with stdout and stderr appended to ``log_path``."""
         with log_path.open("ab") as output:
-            proc = subprocess.Popen(  # noqa: S603 - the harness's own commands
+            proc = subprocess.Popen(
                 list(argv),
                 stdout=output,
                 stderr=subprocess.STDOUT,

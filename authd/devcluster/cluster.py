@@ -1,0 +1,459 @@
+"""A whole authd cluster on one machine: the network, dev-spire, one authd per node, workloads, teardown.
+
+Used as a context manager; leaving it (normally, on an exception or on Ctrl-C) stops every process, unloads
+every node's BPF programs and pins, deletes every namespace and removes the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from authd.devcluster import traffic
+from authd.devcluster.netns import HarnessError, Namespaces, Processes, in_netns, sh, sweep
+from authd.devcluster.network import Network, NodeNet, WorkloadNet
+
+log = structlog.get_logger(__name__)
+
+BPFFS = Path("/sys/fs/bpf")
+ATTEST_PORT = 4250
+TCP_PORT = 8080
+UDP_PORT = 8081
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """A workload: its name (the last segment of its SPIFFE ID), node and uid.
+
+    ``registered`` puts it in cluster state, and so in SPIRE through ``authd spire sync``.
+    """
+
+    name: str
+    node: str
+    uid: int
+    registered: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A policy rule between workload names (``*`` for any identity)."""
+
+    source: str
+    destination: str
+    enforce: str = "ingress"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """What to build."""
+
+    nodes: tuple[str, ...] = ("node-a", "node-b")
+    workloads: tuple[WorkloadSpec, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    trust_domain: str = "example.org"
+    svid_ttl: float = 3600.0
+    prefix: str = "adc"
+    log_level: str = "info"
+
+    def spiffe_id(self, workload: str) -> str:
+        """The SPIFFE ID of a workload name."""
+        return f"spiffe://{self.trust_domain}/ns/demo/sa/{workload}"
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A running TCP flow and where its report goes."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class _Node:
+    net: NodeNet
+    config: Path
+    notify: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class DevCluster:
+    """Builds the cluster described by ``spec`` on enter and removes every trace of it on exit."""
+
+    spec: ClusterSpec
+    keep_logs: Path | None = None
+    workdir: Path = field(init=False)
+    network: Network = field(init=False)
+    _nodes: dict[str, _Node] = field(default_factory=dict, init=False)
+    _namespaces: Namespaces = field(default_factory=Namespaces, init=False)
+    _processes: Processes = field(default_factory=Processes, init=False)
+    _spire: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _servers: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict, init=False)
+    _notify_sockets: dict[str, socket.socket] = field(default_factory=dict, init=False)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Self:
+        """Build everything; on any failure tear down what was built, then re-raise."""
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Tear down, keeping logs if asked to."""
+        self.down()
+
+    def up(self) -> None:
+        """Network, dev-spire, SPIRE entries, one authd per node (READY), workload servers."""
+        spec = self.spec
+        _sweep(spec.prefix)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{spec.prefix}-"))
+        self.workdir.chmod(0o755)  # workloads run as other uids and read the traffic tool from here
+        (self.workdir / "logs").mkdir()
+        shutil.copy(traffic.__file__, self.workdir / "traffic.py")
+        (self.workdir / "traffic.py").chmod(0o644)
+        self.network = Network(spec.prefix, self._namespaces)
+        for name in spec.nodes:
+            self.network.add_node(name)
+        for workload in spec.workloads:
+            self.network.add_workload(workload.node, workload.name)
+        self.write_cluster_state(spec)
+        self._write_spire_entries()
+        for name, net in self.network.nodes.items():
+            self._nodes[name] = _Node(net, self._write_config(net), self.workdir / f"{name}.notify")
+        self.start_spire()
+        self.spire_sync()
+        for name in self._nodes:
+            self.start_authd(name, wait=False)
+        for name in self._nodes:
+            self.wait_ready(name)
+        for workload in spec.workloads:
+            self.start_servers(workload.name)
+
+    def down(self) -> None:
+        """Stop everything, unload every node's datapath, delete namespaces and files."""
+        self._processes.stop_all()
+        for notify in self._notify_sockets.values():
+            notify.close()
+        for name, node in self._nodes.items():
+            with contextlib.suppress(HarnessError, OSError):
+                self.authd(name, "bpf", "unload")
+            with contextlib.suppress(OSError):
+                shutil.rmtree(node.config.parent / "state", ignore_errors=True)
+        self._namespaces.delete_all()
+        for pins in BPFFS.glob(f"{self.spec.prefix}-*"):
+            shutil.rmtree(pins, ignore_errors=True)
+        workdir = getattr(self, "workdir", None)
+        if workdir is not None and workdir.exists():
+            if self.keep_logs is not None:
+                shutil.copytree(workdir / "logs", self.keep_logs, dirs_exist_ok=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------- cluster state
+
+    def write_cluster_state(self, spec: ClusterSpec) -> None:
+        """Write (atomically replace) the cluster state file every node watches."""
+        self.spec = spec
+        lines = [f'trust_domain = "{spec.trust_domain}"', ""]
+        for name, net in self.network.nodes.items():
+            lines += ["[[node]]", f'name = "{name}"', f'addresses = ["{net.address}"]', ""]
+        for workload in spec.workloads:
+            if not workload.registered:
+                continue
+            address = self.network.workloads[workload.name].address
+            lines += [
+                "[[endpoint]]",
+                f'spiffe_id = "{spec.spiffe_id(workload.name)}"',
+                f'node = "{workload.node}"',
+                f'prefixes = ["{address}"]',
+                f'selectors = ["unix:uid:{workload.uid}"]',
+                "",
+            ]
+        for rule in spec.rules:
+            source = "*" if rule.source == "*" else spec.spiffe_id(rule.source)
+            destination = "*" if rule.destination == "*" else spec.spiffe_id(rule.destination)
+            lines += [
+                "[[policy]]",
+                f'source = "{source}"',
+                f'destination = "{destination}"',
+                f'enforce = "{rule.enforce}"',
+                "",
+            ]
+        path = self.cluster_file
+        staging = path.with_suffix(".tmp")
+        staging.write_text("\n".join(lines))
+        staging.replace(path)
+
+    def register(self, workload: str) -> None:
+        """Add a workload to cluster state and SPIRE, as an operator would at run time."""
+        workloads = tuple(
+            replace(w, registered=True) if w.name == workload else w for w in self.spec.workloads
+        )
+        self.write_cluster_state(replace(self.spec, workloads=workloads))
+        self.spire_sync()
+
+    def remove_node(self, node: str) -> None:
+        """Remove a node (and its workloads) from cluster state."""
+        spec = self.spec
+        self.network.nodes.pop(node)
+        workloads = tuple(w for w in spec.workloads if w.node != node)
+        self.write_cluster_state(
+            replace(spec, nodes=tuple(n for n in spec.nodes if n != node), workloads=workloads)
+        )
+
+    @property
+    def cluster_file(self) -> Path:
+        """The shared cluster state file."""
+        return self.workdir / "cluster.toml"
+
+    # ---------------------------------------------------------------------------------------- SPIRE
+
+    @property
+    def spire_dir(self) -> Path:
+        """dev-spire's directory (sockets and state)."""
+        return self.workdir / "spire"
+
+    def _write_spire_entries(self) -> None:
+        lines = []
+        for name in self.spec.nodes:
+            lines += [
+                "[[entry]]",
+                f'spiffe_id = "spiffe://{self.spec.trust_domain}/authd/{name}"',
+                f'node = "{name}"',
+                'selectors = ["unix:uid:0"]',
+                "",
+            ]
+        (self.workdir / "spire-entries.toml").write_text("\n".join(lines))
+
+    def start_spire(self) -> None:
+        """Start dev-spire (in the root network namespace: it only serves Unix sockets)."""
+        argv = [
+            sys.executable, "-m", "authd", "dev-spire",
+            "--dir", str(self.spire_dir),
+            "--trust-domain", self.spec.trust_domain,
+            "--entries", str(self.workdir / "spire-entries.toml"),
+            "--svid-ttl", str(self.spec.svid_ttl),
+            "--log-format", "json",
+        ]  # fmt: skip
+        for name in self.spec.nodes:
+            argv += [
+                "--node",
+                name,
+                "--authorized-delegate",
+                f"spiffe://{self.spec.trust_domain}/authd/{name}",
+            ]
+        self._spire = self._processes.start(
+            "dev-spire", argv, log_path=self.workdir / "logs" / "dev-spire.log"
+        )
+        _wait_until((self.spire_dir / "server" / "api.sock").exists, 30, "dev-spire's sockets")
+
+    def stop_spire(self, sig: int = signal.SIGTERM) -> None:
+        """Stop dev-spire (SPIRE down)."""
+        if self._spire is not None:
+            self._processes.stop(self._spire, sig=sig)
+            self._spire = None
+
+    def spire_sync(self) -> str:
+        """Register cluster state's endpoints with dev-spire (``authd spire sync``)."""
+        first = next(iter(self._nodes.values()))
+        return sh(sys.executable, "-m", "authd", "spire", "sync", "--config", str(first.config))
+
+    # ----------------------------------------------------------------------------------------- authd
+
+    def _write_config(self, net: NodeNet) -> Path:
+        directory = self.workdir / net.name
+        directory.mkdir()
+        spire = self.spire_dir / net.name
+        config = directory / "authd.toml"
+        config.write_text(
+            f'[node]\nname = "{net.name}"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
+            f'[log]\nlevel = "{self.spec.log_level}"\nformat = "json"\n'
+            f'[spire]\nworkload_socket = "{spire}/public/api.sock"\n'
+            f'admin_socket = "{spire}/private/admin.sock"\n'
+            f'server_socket = "{self.spire_dir}/server/api.sock"\n'
+            'reconnect_backoff_initial = "100ms"\nreconnect_backoff_max = "2s"\n'
+            f'[cluster]\nfile = "{self.cluster_file}"\npoll_interval = "200ms"\n'
+            f'[attest]\nlisten_address = "{net.address}"\nport = {ATTEST_PORT}\n'
+            'retry_initial = "200ms"\nretry_max = "2s"\n'
+            f'[datapath]\npin_dir = "{BPFFS}/{self.spec.prefix}-{net.name}"\ninterfaces = ["lxc*"]\n'
+        )
+        return config
+
+    def start_authd(self, node: str, *, wait: bool = True) -> None:
+        """Start authd in the node's network namespace; with ``wait``, return once it sent READY=1."""
+        entry = self._nodes[node]
+        entry.notify.unlink(missing_ok=True)
+        previous = self._notify_sockets.pop(node, None)
+        if previous is not None:
+            previous.close()
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(entry.notify))
+        self._notify_sockets[node] = notify
+        argv = in_netns(
+            entry.net.netns, [sys.executable, "-m", "authd", "run", "--config", str(entry.config)]
+        )
+        entry.proc = self._processes.start(
+            f"authd-{node}", argv, log_path=self.workdir / "logs" / f"authd-{node}.log",
+            env={"NOTIFY_SOCKET": str(entry.notify)},
+        )  # fmt: skip
+        if wait:
+            self.wait_ready(node)
+
+    def wait_ready(self, node: str, timeout: float = 60.0) -> None:
+        """Wait for READY=1 from the node's authd."""
+        notify = self._notify_sockets[node]
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            proc = self._nodes[node].proc
+            if remaining <= 0 or (proc is not None and proc.poll() is not None):
+                raise HarnessError(
+                    f"harness: authd on {node} did not become ready; see {self.log_path(node)}"
+                )
+            notify.settimeout(min(remaining, 1.0))
+            with contextlib.suppress(TimeoutError):
+                if "READY=1" in notify.recv(4096).decode().splitlines():
+                    return
+
+    def stop_authd(self, node: str, sig: int = signal.SIGTERM) -> int:
+        """Stop the node's authd with ``sig`` (SIGKILL for a crash); return its exit status."""
+        entry = self._nodes[node]
+        if entry.proc is None:
+            return 0
+        status = self._processes.stop(entry.proc, sig=sig)
+        entry.proc = None
+        return status
+
+    def authd(self, node: str, *args: str) -> str:
+        """Run an ``authd`` command against the node's config, inside the node's namespace."""
+        entry = self._nodes[node]
+        argv = in_netns(
+            entry.net.netns, [sys.executable, "-m", "authd", *args, "--config", str(entry.config)]
+        )
+        return sh(*argv)
+
+    def auth_entries(self, node: str) -> list[dict[str, Any]]:
+        """The node's auth map (``authd bpf auth list --json``)."""
+        return [json.loads(line) for line in self.authd(node, "bpf", "auth", "list", "--json").splitlines()]
+
+    def counters(self, node: str) -> dict[str, int]:
+        """The node's datapath counters."""
+        rows = [json.loads(line) for line in self.authd(node, "bpf", "counters", "--json").splitlines()]
+        return {str(row["counter"]): int(row["value"]) for row in rows}
+
+    def observe(self, node: str, *extra: str) -> list[str]:
+        """The node's recent flow log lines (``authd observe --last``)."""
+        return self.authd(node, "observe", "--last", "4096", *extra).splitlines()
+
+    def log_path(self, node: str) -> Path:
+        """Where the node's authd logs go."""
+        return self.workdir / "logs" / f"authd-{node}.log"
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``condition`` until it holds; raise HarnessError naming ``what`` after ``timeout``."""
+        _wait_until(condition, timeout, what)
+
+    # ------------------------------------------------------------------------------------ workloads
+
+    def workload(self, name: str) -> WorkloadNet:
+        """A workload's network details."""
+        return self.network.workloads[name]
+
+    def _as_workload(self, name: str, argv: list[str]) -> list[str]:
+        spec = next(w for w in self.spec.workloads if w.name == name)
+        python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+        tool = [python, str(self.workdir / "traffic.py")]
+        drop = ["setpriv", f"--reuid={spec.uid}", f"--regid={spec.uid}", "--clear-groups", "--"]
+        return in_netns(self.workload(name).netns, [*drop, *tool, *argv])
+
+    def start_servers(self, name: str) -> None:
+        """Start the workload's TCP and UDP echo servers."""
+        logs = self.workdir / "logs"
+        self._servers[name] = [
+            self._processes.start(
+                f"{name}-tcp", self._as_workload(name, ["tcp-server", "--port", str(TCP_PORT)]),
+                log_path=logs / f"{name}-tcp.log",
+            ),
+            self._processes.start(
+                f"{name}-udp", self._as_workload(name, ["udp-server", "--port", str(UDP_PORT)]),
+                log_path=logs / f"{name}-udp.log",
+            ),
+        ]  # fmt: skip
+        _wait_until(lambda: "listening" in (logs / f"{name}-tcp.log").read_text(), 10, f"{name}'s TCP server")
+        _wait_until(lambda: "listening" in (logs / f"{name}-udp.log").read_text(), 10, f"{name}'s UDP server")
+
+    def tcp(self, client: str, server: str, *, duration: float = 0.0, interval: float = 0.01,
+            connect_timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+        """Run a TCP flow from ``client`` to ``server``'s echo server; return the client's report."""
+        argv = self._as_workload(client, [
+            "tcp-flow", "--to", str(self.workload(server).address), "--port", str(TCP_PORT),
+            "--duration", str(duration), "--interval", str(interval),
+            "--connect-timeout", str(connect_timeout),
+        ])  # fmt: skip
+        result = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=duration + connect_timeout + 60
+        )
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    def start_tcp(self, client: str, server: str, *, interval: float = 0.01) -> Flow:
+        """Start a TCP flow that runs until :meth:`finish`; its report is written when it stops."""
+        argv = self._as_workload(client, [
+            "tcp-flow", "--to", str(self.workload(server).address), "--port", str(TCP_PORT),
+            "--interval", str(interval),
+        ])  # fmt: skip
+        log_path = self.workdir / "logs" / f"{client}-to-{server}-flow.log"
+        return Flow(self._processes.start(f"{client}-flow", argv, log_path=log_path), log_path)
+
+    def finish(self, flow: Flow) -> dict[str, Any]:
+        """Stop a flow started by :meth:`start_tcp` (SIGTERM) and return its report."""
+        self._processes.stop(flow.proc)
+        reports = [line for line in flow.log_path.read_text().splitlines() if line.startswith("{")]
+        if not reports:
+            raise HarnessError(f"harness: the flow wrote no report; see {flow.log_path}")
+        return dict(json.loads(reports[-1]))
+
+    def udp(self, client: str, server: str, *, count: int = 10, interval: float = 0.01) -> dict[str, Any]:
+        """Send ``count`` datagrams from ``client`` to ``server``'s echo server; return the report."""
+        argv = self._as_workload(client, [
+            "udp-flow", "--to", str(self.workload(server).address), "--port", str(UDP_PORT),
+            "--count", str(count), "--interval", str(interval),
+        ])  # fmt: skip
+        result = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise HarnessError(f"harness: timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _sweep(prefix: str) -> None:
+    """Remove what a crashed earlier run with the same prefix left behind."""
+    leftovers = sweep(prefix)
+    for pins in BPFFS.glob(f"{prefix}-*"):
+        shutil.rmtree(pins, ignore_errors=True)
+        leftovers.append(str(pins))
+    if leftovers:
+        log.warning("removed leftovers of an earlier run", leftovers=leftovers)
