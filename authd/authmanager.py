@@ -31,8 +31,9 @@ import structlog
 
 from authd.attest.client import Attestation, Target
 from authd.attest.schedule import Attestations, Peer
-from authd.cluster.desired import AuthPair, AuthType, DesiredState, IpcacheEntry, PolicyKey, desired_state
+from authd.cluster.desired import AuthPair, DesiredState, desired_state
 from authd.cluster.model import ClusterState, IpNetwork
+from authd.datapath import AuthType, IpcacheEntry, PolicyKey
 from authd.errors import SpiffeIdError
 from authd.identity import SpiffeId
 from authd.x509svid import X509Svid

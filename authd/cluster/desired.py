@@ -18,54 +18,24 @@ Three outputs, each a plain value the auth manager diffs against what the pinned
 Handles come from a :class:`HandleLookup` (the registry); assign them for the whole state first
 (``registry.assign(state.identities, state.nodes)``), these functions never allocate.
 
-The map key and value types mirror the datapath's (same names, fields and enum values) and are to be
-unified with ``authd.datapath`` when both land.
+Keys and values are the datapath's own types (:mod:`authd.datapath`), the mirror of its C header.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from authd.cluster.model import ClusterState, IdentityPattern, IpNetwork
+from authd.datapath.layout import IDENTITY_ANY, NODE_LOCAL, AuthType, Direction
+from authd.datapath.maps import IpcacheEntry, PolicyKey
 from authd.errors import ClusterStateError
 from authd.identity import SpiffeId
 
-ANY = 0xFFFF_FFFF
-"""The remote-identity wildcard of the policy map (also :data:`authd.cluster.handles.ANY`)."""
-LOCAL_NODE = 0
-
-
-class Direction(enum.IntEnum):
-    """Traffic direction as seen from the local endpoint."""
-
-    INGRESS = 1
-    EGRESS = 2
-
-
-class AuthType(enum.IntEnum):
-    """How a pair must be authenticated."""
-
-    SPIRE = 1
-
-
-@dataclass(frozen=True, slots=True)
-class IpcacheEntry:
-    """What an address resolves to: an identity handle and the handle of the node hosting it."""
-
-    identity: int
-    node: int
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyKey:
-    """A policy map key: local identity, remote identity (or ANY), direction."""
-
-    local: int
-    remote: int
-    direction: Direction
+ANY = IDENTITY_ANY
+"""The remote-identity wildcard of the policy map."""
+LOCAL_NODE = NODE_LOCAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,8 @@
 """The pinned maps as the auth manager sees them: auth pairs with SPIFFE IDs, desired ipcache and policy.
 
 :class:`PinnedAuthTable` implements :class:`authd.authmanager.AuthTable` and :class:`PinnedTables`
-implements :class:`authd.authmanager.DatapathTables`. They translate between the cluster state's values
-(:mod:`authd.cluster.desired`, whose key types mirror the datapath's field for field) and the typed maps,
-and write only differences, in batches.
+implements :class:`authd.authmanager.DatapathTables`. They translate auth pairs (SPIFFE IDs with their
+handles) to map keys, and write only differences, in batches.
 """
 
 from __future__ import annotations
@@ -15,11 +14,8 @@ from typing import Protocol
 import structlog
 
 from authd.cluster.desired import AuthPair
-from authd.cluster.desired import AuthType as DesiredAuthType
-from authd.cluster.desired import IpcacheEntry as DesiredIpcacheEntry
-from authd.cluster.desired import PolicyKey as DesiredPolicyKey
 from authd.cluster.model import IpNetwork
-from authd.datapath.layout import AuthType, Direction
+from authd.datapath.layout import AuthType
 from authd.datapath.maps import AuthKey, AuthMap, IpcacheEntry, IpcacheMap, PolicyKey, PolicyMap
 from authd.errors import SpiffeIdError
 from authd.identity import SpiffeId
@@ -97,29 +93,24 @@ class PinnedTables:
         self._ipcache = ipcache
         self._policy = policy
 
-    def sync_ipcache(self, desired: Mapping[IpNetwork, DesiredIpcacheEntry]) -> int:
+    def sync_ipcache(self, desired: Mapping[IpNetwork, IpcacheEntry]) -> int:
         """Make the ipcache equal to ``desired``; return how many entries changed.
 
         New and changed prefixes are written before stale ones are deleted, so an address that moves to
         another prefix is never unknown in between.
         """
-        wanted = {net: IpcacheEntry(entry.identity, entry.node) for net, entry in desired.items()}
         current = dict(self._ipcache.items())
-        upserts = {net: entry for net, entry in wanted.items() if current.get(net) != entry}
-        stale = [net for net in current if net not in wanted]
+        upserts = {net: entry for net, entry in desired.items() if current.get(net) != entry}
+        stale = [net for net in current if net not in desired]
         self._ipcache.update_many(upserts)
         self._ipcache.delete_many(stale)
         return len(upserts) + len(stale)
 
-    def sync_policy(self, desired: Mapping[DesiredPolicyKey, DesiredAuthType]) -> int:
+    def sync_policy(self, desired: Mapping[PolicyKey, AuthType]) -> int:
         """Make the policy map equal to ``desired``; return how many entries changed."""
-        wanted = {
-            PolicyKey(key.local, key.remote, Direction(key.direction)): AuthType(auth_type)
-            for key, auth_type in desired.items()
-        }
         current = dict(self._policy.items())
-        upserts = {key: auth_type for key, auth_type in wanted.items() if current.get(key) != auth_type}
-        stale = [key for key in current if key not in wanted]
+        upserts = {key: auth_type for key, auth_type in desired.items() if current.get(key) != auth_type}
+        stale = [key for key in current if key not in desired]
         self._policy.update_many(upserts)
         self._policy.delete_many(stale)
         return len(upserts) + len(stale)

@@ -6,8 +6,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from authd.cluster.desired import AuthPair, AuthType, IpcacheEntry, PolicyKey
+from authd.cluster.desired import AuthPair
 from authd.cluster.model import IpNetwork
+from authd.datapath import AuthType, IpcacheEntry, PolicyKey
 from authd.identity import SpiffeId
 from authd.x509svid import X509Svid
 

@@ -10,7 +10,7 @@ import pytest
 from authd.authmanager import AuthTable, DatapathTables
 from authd.cluster import desired
 from authd.cluster.handles import HandleRegistry
-from authd.datapath.layout import AuthType, Direction
+from authd.datapath.layout import IDENTITY_ANY, AuthType, Direction
 from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey
 from authd.datapath.tables import PinnedAuthTable, PinnedTables
 from authd.identity import SpiffeId
@@ -57,19 +57,13 @@ def test_auth_pairs_round_trip_through_the_map(maps: PinnedMaps, handles: Handle
 def test_sync_writes_only_differences(maps: PinnedMaps) -> None:
     tables: DatapathTables = PinnedTables(maps.ipcache, maps.policy)
     net_a, net_b, net_c = ip_network("10.0.1.5/32"), ip_network("fd00::/64"), ip_network("10.0.2.0/24")
-    assert (
-        tables.sync_ipcache({net_a: desired.IpcacheEntry(256, 0), net_b: desired.IpcacheEntry(257, 1)}) == 2
-    )
-    assert (
-        tables.sync_ipcache({net_a: desired.IpcacheEntry(256, 0), net_b: desired.IpcacheEntry(257, 1)}) == 0
-    )
-    assert (
-        tables.sync_ipcache({net_a: desired.IpcacheEntry(258, 0), net_c: desired.IpcacheEntry(257, 1)}) == 3
-    )
+    assert tables.sync_ipcache({net_a: IpcacheEntry(256, 0), net_b: IpcacheEntry(257, 1)}) == 2
+    assert tables.sync_ipcache({net_a: IpcacheEntry(256, 0), net_b: IpcacheEntry(257, 1)}) == 0
+    assert tables.sync_ipcache({net_a: IpcacheEntry(258, 0), net_c: IpcacheEntry(257, 1)}) == 3
     assert dict(maps.ipcache.items()) == {net_a: IpcacheEntry(258, 0), net_c: IpcacheEntry(257, 1)}
 
-    any_in = desired.PolicyKey(256, desired.ANY, desired.Direction.INGRESS)
-    web_out = desired.PolicyKey(256, 257, desired.Direction.EGRESS)
-    assert tables.sync_policy({any_in: desired.AuthType.SPIRE, web_out: desired.AuthType.SPIRE}) == 2
-    assert tables.sync_policy({any_in: desired.AuthType.SPIRE}) == 1
+    any_in = PolicyKey(256, IDENTITY_ANY, Direction.INGRESS)
+    web_out = PolicyKey(256, 257, Direction.EGRESS)
+    assert tables.sync_policy({any_in: AuthType.SPIRE, web_out: AuthType.SPIRE}) == 2
+    assert tables.sync_policy({any_in: AuthType.SPIRE}) == 1
     assert dict(maps.policy.items()) == {PolicyKey(256, 0xFFFFFFFF, Direction.INGRESS): AuthType.SPIRE}

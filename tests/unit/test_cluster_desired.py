@@ -9,10 +9,6 @@ import pytest
 from authd.cluster.desired import (
     ANY,
     AuthPair,
-    AuthType,
-    Direction,
-    IpcacheEntry,
-    PolicyKey,
     attestations,
     auth_pairs,
     desired_state,
@@ -21,6 +17,7 @@ from authd.cluster.desired import (
 )
 from authd.cluster.handles import HandleRegistry
 from authd.cluster.model import ClusterState, PolicyRule
+from authd.datapath import AuthType, Direction, IpcacheEntry, PolicyKey
 from authd.errors import ClusterStateError
 from authd.identity import SpiffeId
 from tests.fakes.cluster import endpoint, node, rule, sid, state
