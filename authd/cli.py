@@ -20,6 +20,7 @@ from authd.errors import AuthdError, ConfigError
 
 if TYPE_CHECKING:
     from authd.config import Config
+    from authd.datapath.inspect import HandleNames
     from authd.datapath.maps import PinnedMaps
     from authd.spire.sync import SyncPlan
 
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     cluster_check.set_defaults(command=_cluster_check)
 
     _add_observe(commands, with_config)
+    _add_status(commands, with_config)
     _add_bpf(commands, with_config)
 
     _add_dev_spire(commands, common)
@@ -156,6 +158,50 @@ def _observe(args: argparse.Namespace) -> int:
             print(json.dumps(response), flush=args.follow)
         else:
             print(render(Flow.from_json(response)), flush=args.follow)
+    return 0
+
+
+def _add_status(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    status = commands.add_parser(
+        "status",
+        parents=[parent],
+        help="ask the running daemon how it is: SPIRE, SVIDs, peers, auth map, datapath, recent errors",
+    )
+    status.add_argument("--json", action="store_true", help="the daemon's report as one JSON object")
+    status.set_defaults(command=_status)
+
+
+EX_NOT_RUNNING = 3  # as `systemctl status` for a unit that is not active
+
+
+def _status(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+    from authd.errors import ControlError  # noqa: PLC0415
+    from authd.status import render  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    path = socket_path(config.node.runtime_dir)
+    try:
+        reports = list(ControlClient(path).request("status"))
+    except ControlError as err:
+        if not err.not_running:
+            raise
+        print(
+            f"authd is not running: {err}\n"
+            "  start it:   systemctl start authd  (or `authd run --config FILE` in a terminal)\n"
+            "  its logs:   journalctl -u authd -e\n"
+            f"  the socket: {path} (node.runtime_dir in {args.config})",
+            file=sys.stderr,
+        )
+        return EX_NOT_RUNNING
+    if not reports:
+        raise ControlError("control: the daemon closed the connection without a status report")
+    if args.json:
+        print(json.dumps(reports[0], indent=2))
+    else:
+        print(render(reports[0]))
     return 0
 
 
@@ -225,13 +271,28 @@ def _bpf_maps(args: argparse.Namespace) -> PinnedMaps:
     return PinnedMaps(_config_or_defaults(args.config).datapath.pin_dir)
 
 
+def _handle_names(args: argparse.Namespace) -> HandleNames | None:
+    """The daemon's handle state, to show SPIFFE IDs and node names next to handles; None if unreadable."""
+    from authd.cluster.handles import STATE_FILE, HandleRegistry  # noqa: PLC0415
+    from authd.cluster.source import local_node_name  # noqa: PLC0415
+    from authd.errors import ClusterStateError  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    path = config.node.state_dir / STATE_FILE
+    try:
+        return HandleRegistry.read_only(path, local_node_name(config.node.name))
+    except ClusterStateError as err:
+        print(f"authd: handles shown without names: {err}", file=sys.stderr)
+        return None
+
+
 def _bpf_auth_list(args: argparse.Namespace) -> int:
     from authd.datapath.inspect import auth_rows  # noqa: PLC0415
 
     with _bpf_maps(args) as maps:
-        _print_rows(
-            args, auth_rows(maps), ["local", "remote", "remote_node", "auth_type", "expires", "expired"]
-        )
+        rows = auth_rows(maps, names=_handle_names(args))
+        columns = ["local", "local_id", "remote", "remote_id", "remote_node", "remote_node_name", "expires"]
+        _print_rows(args, rows, [*columns, "expired"])
     return 0
 
 
@@ -245,7 +306,8 @@ def _bpf_ipcache(args: argparse.Namespace) -> int:
     from authd.datapath.inspect import ipcache_rows  # noqa: PLC0415
 
     with _bpf_maps(args) as maps:
-        _print_rows(args, ipcache_rows(maps), ["prefix", "identity", "node"])
+        rows = ipcache_rows(maps, names=_handle_names(args))
+        _print_rows(args, rows, ["prefix", "identity", "spiffe_id", "node", "node_name"])
     return 0
 
 
@@ -253,7 +315,8 @@ def _bpf_policy(args: argparse.Namespace) -> int:
     from authd.datapath.inspect import policy_rows  # noqa: PLC0415
 
     with _bpf_maps(args) as maps:
-        _print_rows(args, policy_rows(maps), ["local", "remote", "direction", "auth_type"])
+        rows = policy_rows(maps, names=_handle_names(args))
+        _print_rows(args, rows, ["local", "local_id", "remote", "remote_id", "direction", "auth_type"])
     return 0
 
 
@@ -283,10 +346,12 @@ def _run(args: argparse.Namespace) -> int:
     from authd import log  # noqa: PLC0415 - keep the CLI's import light
     from authd.config import load_config  # noqa: PLC0415
     from authd.daemon import Daemon  # noqa: PLC0415
+    from authd.logbook import Logbook  # noqa: PLC0415
 
     config = load_config(args.config)
-    log.configure(args.log_level or config.log.level, config.log.format)
-    status = asyncio.run(Daemon(config, args.config).run())
+    logbook = Logbook()
+    log.configure(args.log_level or config.log.level, config.log.format, logbook=logbook)
+    status = asyncio.run(Daemon(config, args.config, logbook=logbook).run())
     if status != 0:
         # A job that ignored cancellation would make interpreter shutdown wait for it forever.
         sys.stdout.flush()

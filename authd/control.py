@@ -175,7 +175,13 @@ class ControlClient:
             try:
                 sock.connect(str(self.path))
             except FileNotFoundError as err:
-                raise ControlError(f"control: no socket at {self.path}: is authd running?") from err
+                raise ControlError(
+                    f"control: no socket at {self.path}: is authd running?", not_running=True
+                ) from err
+            except ConnectionRefusedError as err:
+                raise ControlError(
+                    f"control: nothing listens at {self.path}: is authd running?", not_running=True
+                ) from err
             except PermissionError as err:
                 raise ControlError(f"control: permission denied on {self.path}: run as root") from err
             except OSError as err:

@@ -30,16 +30,20 @@ from authd.cluster.handles import STATE_FILE, HandleRegistry
 from authd.cluster.source import LiveDirectory, local_node_name
 from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
+from authd.daemonview import DaemonView
 from authd.datapath.events import AuthRequiredEvent
 from authd.datapath.tables import PinnedAuthTable, PinnedTables
 from authd.errors import ConfigError, ControlError, DaemonError, SpireError
 from authd.flows import FlowLog, serve_observe
 from authd.health import Health
+from authd.httpapi import HttpServer
 from authd.jobs import Job, Supervisor
+from authd.logbook import Logbook
 from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
 from authd.spire.entries import EntryClient
 from authd.spire.sync import sync as sync_entries
+from authd.status import StatusOp
 from authd.svids import EventKind, SvidStore
 
 log = structlog.get_logger(__name__)
@@ -53,9 +57,20 @@ EXIT_FAILURE = 1
 class Daemon:
     """One authd node daemon."""
 
-    def __init__(self, config: Config, config_path: Path, *, notifier: Notifier | None = None) -> None:
-        """Wire the components from a validated config; nothing runs until :meth:`run`."""
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        *,
+        notifier: Notifier | None = None,
+        logbook: Logbook | None = None,
+    ) -> None:
+        """Wire the components from a validated config; nothing runs until :meth:`run`.
+
+        ``logbook``: the one installed in logging (by the CLI), whose recent warnings ``authd status`` shows.
+        """
         self.config = config
+        self.logbook = logbook or Logbook()
         self._config_path = config_path
         self._notifier = notifier or Notifier()
         self.health = Health()
@@ -84,6 +99,44 @@ class Daemon:
         if self.identity_plane is not None:
             self._jobs.extend(self.identity_plane.jobs())
             self._build_attestation(self.identity_plane.store)
+        self._build_operator_surfaces()
+
+    def _build_operator_surfaces(self) -> None:
+        """The ``status`` op on the control socket and, with ``[http]`` on, /metrics, /healthz, /readyz."""
+        plane = self.identity_plane
+        enforcement = getattr(self, "enforcement", None)
+        attestation = plane is not None
+        self.view = DaemonView(
+            node=self.node_name,
+            health=self.health,
+            svids=plane.store if plane is not None else None,
+            streams=plane.board if plane is not None else None,
+            attestor=self.attestor if attestation else None,
+            attestations=self.attestations if attestation else None,
+            listener=self.listener if attestation else None,
+            cluster=self.cluster if attestation else None,
+            auth=lambda: self.manager.stats if self.manager is not None else None,
+            datapath=enforcement.snapshot if enforcement is not None else lambda: None,
+            datapath_enabled=enforcement is not None,
+            restarts=self._supervisor.restarts,
+            recent=self.logbook.entries,
+        )
+        http = self.config.http
+        runtime = {
+            "config": str(self._config_path),
+            "control_socket": str(self.control.path),
+            "state_dir": str(self.config.node.state_dir),
+            "metrics": f"http://{http.listen_address}:{http.port}/metrics" if http.enabled else "disabled",
+        }
+        if enforcement is not None:
+            runtime["pin_dir"] = str(self.config.datapath.pin_dir)
+        self.control.register("status", StatusOp(self.view, runtime=runtime))
+        if http.enabled:
+            http_health = self.health.register("http", gates_ready=False)
+            self.http = HttpServer(
+                http, self.view, on_listening=lambda where: http_health.ready(f"serving on {where}")
+            )
+            self._jobs.append(Job("http", self.http.run, critical=False))
 
     def _build_datapath(self) -> None:
         if not self.config.datapath.enabled:
@@ -312,10 +365,9 @@ class Daemon:
             log.info("config reloaded")
         self._notifier.reloaded(self.health.summary())
 
-    @staticmethod
-    def _apply_logging(old: Config, new: Config) -> None:
+    def _apply_logging(self, old: Config, new: Config) -> None:
         if old.log != new.log:
-            logsetup.configure(new.log.level, new.log.format)
+            logsetup.configure(new.log.level, new.log.format, logbook=self.logbook)
 
 
 async def _datapath_disabled(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -77,7 +77,15 @@ class AttestError(AuthdError):
 
 
 class ControlError(AuthdError):
-    """The daemon's control socket cannot be reached, or the daemon answered badly."""
+    """The daemon's control socket cannot be reached, or the daemon answered badly.
+
+    ``not_running``: nothing listens at the socket (it is missing, or stale after a crash).
+    """
+
+    def __init__(self, message: str, *, not_running: bool = False) -> None:
+        """Say what failed, and whether it means the daemon is not running."""
+        self.not_running = not_running
+        super().__init__(message)
 
 
 class DaemonError(AuthdError):

@@ -13,19 +13,26 @@ from typing import Literal
 
 import structlog
 
+from authd.logbook import Logbook
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 Format = Literal["auto", "json", "console"]
 
 
-def configure(level: str, fmt: Format = "auto") -> None:
-    """Set up structlog and stdlib logging; safe to call again (SIGHUP changes the level)."""
+def configure(level: str, fmt: Format = "auto", *, logbook: Logbook | None = None) -> None:
+    """Set up structlog and stdlib logging; safe to call again (SIGHUP changes the level).
+
+    ``logbook`` also keeps the last warnings and errors, of authd and of the libraries, for ``authd status``.
+    """
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if logbook is not None:
+        shared.append(logbook)
     renderer: structlog.types.Processor
     if use_json:
         renderer = structlog.processors.JSONRenderer()

@@ -61,6 +61,21 @@ class _PeerState:
     due: datetime | None = None
     in_flight: bool = False
     refused: bool = False
+    last_failure: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """What ``authd status`` shows of one wanted peer: its valid result, if any, and its last failure.
+
+    ``last_failure`` is the reason of the latest failed attempt, "" once an attempt has succeeded since.
+    """
+
+    peer: Peer
+    result: Attestation | None
+    refused: bool
+    last_failure: str
+    in_flight: bool
 
 
 @dataclass
@@ -141,6 +156,13 @@ class Attestations:
             if state.result is not None and state.result.not_after > now
         }
 
+    def peers(self) -> list[PeerStatus]:
+        """Every wanted peer, sorted, with its valid result and its last failure."""
+        return [
+            PeerStatus(peer, self.result(peer), state.refused, state.last_failure, state.in_flight)
+            for peer, state in sorted(self._peers.items())
+        ]
+
     def refused(self, peer: Peer) -> bool:
         """Whether the last attempt for ``peer`` was answered with a refusal (not hosted, not it)."""
         state = self._peers.get(peer)
@@ -206,6 +228,7 @@ class Attestations:
         previous = state.result
         state.result = result
         state.refused = False
+        state.last_failure = ""
         now = self._now()
         renew = result.not_before + (result.not_after - result.not_before) * self._renew_after
         if previous is not None and previous.serial == result.serial and renew <= now:
@@ -231,6 +254,7 @@ class Attestations:
         if self._peers.get(peer) is not state:
             return
         delay = state.backoff.next_delay()
+        state.last_failure = err.reason
         newly_refused = err.reason not in TRANSIENT and not state.refused
         state.refused = err.reason not in TRANSIENT
         if state.refused:

@@ -102,6 +102,20 @@ class HandleRegistry:
             return cls(path, local_node)
         return cls(path, local_node, identities, nodes, fresh=False)
 
+    @classmethod
+    def read_only(cls, path: Path, local_node: str) -> HandleRegistry:
+        """Load ``path`` to look names up (``authd bpf ... list``); never moves or writes anything.
+
+        Raises ClusterStateError when the file is missing, unreadable or invalid.
+        """
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise ClusterStateError(f"handles: cannot read state file {path}: {detail}") from err
+        identities, nodes = _parse(text)
+        return cls(None, local_node, identities, nodes, fresh=False)
+
     # ---------------------------------------------------------------------------------------- lookups
 
     def identity_handle(self, spiffe_id: SpiffeId) -> int | None:

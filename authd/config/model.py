@@ -285,6 +285,19 @@ class SpireConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The HTTP endpoints: /metrics (Prometheus), /healthz and /readyz."""
+
+    enabled: bool = setting(default=True, doc="serve the HTTP endpoints")
+    listen_address: str = setting(
+        "127.0.0.1",
+        "address to serve on; the endpoints have no authentication, so loopback unless a scraper needs more",
+        check=ip_address,
+    )
+    port: int = setting(9464, "TCP port", check=port_number)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole authd configuration."""
 
@@ -295,3 +308,4 @@ class Config:
     cluster: ClusterConfig = section(ClusterConfig, "cluster state")
     datapath: DatapathConfig = section(DatapathConfig, "the BPF datapath")
     spire: SpireConfig = section(SpireConfig, "SPIRE agent and server")
+    http: HttpConfig = section(HttpConfig, "metrics and health over HTTP")

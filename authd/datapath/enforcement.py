@@ -14,6 +14,7 @@ Stopping detaches nothing: enforcement continues while authd restarts (``authd b
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import structlog
 
@@ -57,6 +58,17 @@ def map_sizes(config: DatapathConfig) -> MapSizes:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DatapathSnapshot:
+    """What metrics and ``authd status`` show of the running datapath, read when they ask."""
+
+    counters: dict[str, int]
+    auth_capacity: int
+    interfaces: tuple[str, ...]
+    events_decoded: int
+    events_malformed: int
+
+
 class Enforcement:
     """Owns the loaded datapath for the daemon's lifetime."""
 
@@ -86,6 +98,26 @@ class Enforcement:
         await self._loaded.wait()
         assert self.datapath is not None  # set before _loaded
         return self.datapath
+
+    def snapshot(self) -> DatapathSnapshot | None:
+        """Counters, auth map capacity and attached interfaces; None while no datapath is loaded."""
+        datapath = self.datapath
+        if datapath is None:
+            return None
+        try:
+            with datapath.maps() as maps:
+                counters, capacity = maps.counters.read(), maps.auth.capacity
+        except DatapathError as err:  # pins removed under a running daemon (`authd bpf unload`)
+            log.debug("datapath maps unreadable", error=str(err))
+            return None
+        consumer = self.consumer
+        return DatapathSnapshot(
+            counters=counters,
+            auth_capacity=capacity,
+            interfaces=tuple(sorted(link.name for link in self.watcher.attached.values())),
+            events_decoded=consumer.decoded if consumer is not None else 0,
+            events_malformed=consumer.malformed if consumer is not None else 0,
+        )
 
     def jobs(self) -> list[Job]:
         """The daemon jobs that run the datapath."""

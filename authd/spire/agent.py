@@ -16,6 +16,7 @@ workloads run on this node.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
@@ -33,6 +34,14 @@ from authd.svids import SvidStore
 log = structlog.get_logger(__name__)
 
 
+def stream_kind(name: str) -> str:
+    """A stream's name without its selectors ("delegated-svids[unix:uid:1000]" -> "delegated-svids").
+
+    Metrics label streams by kind: selectors would make one series per workload.
+    """
+    return name.split("[", 1)[0]
+
+
 class StreamBoard:
     """Which streams are up and why the others are not; calls ``on_change`` on every transition."""
 
@@ -40,6 +49,8 @@ class StreamBoard:
         """Start with no stream known."""
         self._on_change = on_change
         self._down: dict[str, str] = {}
+        self.failures: Counter[str] = Counter()
+        """Failures (each followed by a reconnect, or by giving up) per stream kind, for the metrics."""
 
     def stream_up(self, name: str) -> None:
         """A message arrived on ``name``."""
@@ -49,6 +60,7 @@ class StreamBoard:
 
     def stream_down(self, name: str, reason: str) -> None:
         """``name`` failed."""
+        self.failures[stream_kind(name)] += 1
         if self._down.get(name) != reason:
             self._down[name] = reason
             self._on_change()
@@ -78,9 +90,9 @@ class IdentityPlane:
         """Build the clients; nothing connects until the jobs run."""
         self.store = store
         self._health = health
-        self._board = StreamBoard(self._report)
-        self._workload = WorkloadApiClient(workload, store, backoff=backoff, status=self._board)
-        self._delegated = DelegatedIdentityClient(admin, store, backoff=backoff, status=self._board)
+        self.board = StreamBoard(self._report)
+        self._workload = WorkloadApiClient(workload, store, backoff=backoff, status=self.board)
+        self._delegated = DelegatedIdentityClient(admin, store, backoff=backoff, status=self.board)
 
     @classmethod
     def from_config(
@@ -126,7 +138,7 @@ class IdentityPlane:
                 self._report()
 
     def _report(self) -> None:
-        down = self._board.down
+        down = self.board.down
         problems = [f"{name}: {reason}" for name, reason in sorted(down.items())]
         if self.store.own_svid() is None and self.store.stats.redactions:
             problems.insert(0, "own SVID redacted by SPIRE")
