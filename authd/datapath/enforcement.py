@@ -179,7 +179,9 @@ class Enforcement:
             self.watcher.patterns = new.interfaces
             for index, link in list(self.watcher.attached.items()):
                 if not links.matches(link.name, new.interfaces):
-                    loader.detach(index)
+                    attached = self.datapath.attachments.pop(index, None)
+                    ours = (attached.ingress_prog_id, attached.egress_prog_id) if attached else ()
+                    loader.detach(index, ours=ours)
                     self.watcher.forget(index)
                     log.info("detached from interface", interface=link.name, ifindex=index)
             # Reload hooks run in the event loop's signal handler: attach from a task.

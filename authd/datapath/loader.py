@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -223,16 +224,17 @@ def _is_authd_prog(prog_id: int) -> bool:
         os.close(fd)
 
 
-def detach(ifindex: int) -> bool:
+def detach(ifindex: int, *, ours: Collection[int] = ()) -> bool:
     """Remove authd's programs from ``ifindex`` (calling thread's netns); return whether any were there.
 
     Only filters at authd's handle and priority that run an authd program are removed; the clsact qdisc
-    stays, since other filters may use it.
+    stays, since other filters may use it. ``ours``: ids of programs this process attached, known to be
+    authd's without asking the kernel (which needs CAP_SYS_ADMIN for a program by id; the unit lacks it).
     """
     removed = False
     for point in (libbpf.BPF_TC_INGRESS, libbpf.BPF_TC_EGRESS):
         prog_id = libbpf.tc_query(ifindex, point, handle=TC_HANDLE, priority=TC_PRIORITY)
-        if prog_id is not None and _is_authd_prog(prog_id):
+        if prog_id is not None and (prog_id in ours or _is_authd_prog(prog_id)):
             removed = libbpf.tc_detach(ifindex, point, handle=TC_HANDLE, priority=TC_PRIORITY) or removed
     return removed
 

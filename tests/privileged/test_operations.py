@@ -230,6 +230,15 @@ def test_authd_runs_in_the_units_sandbox_with_its_capabilities(cluster: DevClust
         assert peer["attested"], report
         assert report["datapath"]["interfaces"] == ["lxc0"]
         assert report["healthy"], report
+        # A reload that drops the interface detaches from it, without CAP_SYS_ADMIN to look programs up.
+        config = cluster._nodes["node-b"].config
+        original = config.read_text()
+        config.write_text(original.replace('interfaces = ["lxc*"]', 'interfaces = ["aopnone*"]'))
+        try:
+            proc.send_signal(signal.SIGHUP)
+            cluster.wait_for(lambda: "authd" not in _tc_filters(cluster, "node-b"), 10, "detach on reload")
+        finally:
+            config.write_text(original)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -239,6 +248,16 @@ def test_authd_runs_in_the_units_sandbox_with_its_capabilities(cluster: DevClust
                 proc.kill()
                 proc.wait()
     cluster.start_authd("node-b")
+
+
+def _tc_filters(cluster: DevCluster, node: str) -> str:
+    netns = cluster.network.nodes[node].netns
+    return subprocess.run(
+        in_netns(netns, ["tc", "filter", "show", "dev", "lxc0", "ingress"]),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def test_the_sandbox_enforces_what_it_emulates(tmp_path: Path) -> None:
