@@ -19,7 +19,7 @@ from authd.attest.listener import ListenerStats
 from authd.attest.schedule import PeerStatus, ScheduleStats
 from authd.authmanager import ManagerStats
 from authd.cluster.source import SourceStats
-from authd.health import ComponentStatus
+from authd.health import ComponentStatus, State
 from authd.identity import SpiffeId
 from authd.logbook import Entry
 from authd.svids import StoreStats
@@ -157,3 +157,12 @@ class DaemonView:
     recent: Callable[[], list[Entry]] = list
     """The logbook's recent warnings and errors."""
     now: Callable[[], datetime] = _utcnow
+
+
+def ready_now(health: HealthSource) -> bool:
+    """Started (every gating component was ready once) and no gating component is failed now.
+
+    What /readyz and ``authd_ready`` say; a degraded component still serves its last good state.
+    """
+    failed = any(s.gates_ready and s.state is State.FAILED for s in health.snapshot())
+    return health.is_ready and not failed

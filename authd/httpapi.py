@@ -19,8 +19,7 @@ import structlog
 from aiohttp import web
 
 from authd.config.model import HttpConfig
-from authd.daemonview import DaemonView, HealthSource
-from authd.health import State
+from authd.daemonview import DaemonView, HealthSource, ready_now
 from authd.metrics import CONTENT_TYPE, registry_for, render
 
 log = structlog.get_logger(__name__)
@@ -40,12 +39,6 @@ def components(health: HealthSource) -> list[dict[str, Any]]:
     ]
 
 
-def is_ready(health: HealthSource) -> bool:
-    """Started (every gating component was ready once) and no gating component is failed now."""
-    failed = any(s.gates_ready and s.state is State.FAILED for s in health.snapshot())
-    return health.is_ready and not failed
-
-
 def application(view: DaemonView) -> web.Application:
     """The aiohttp application serving the three endpoints from ``view``."""
     registry = registry_for(view)
@@ -57,7 +50,7 @@ def application(view: DaemonView) -> web.Application:
         return web.json_response({"alive": True, "healthy": view.health.healthy})
 
     async def readyz(_request: web.Request) -> web.Response:
-        ready = is_ready(view.health)
+        ready = ready_now(view.health)
         body = {"ready": ready, "components": components(view.health)}
         return web.json_response(body, status=200 if ready else 503)
 

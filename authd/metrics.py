@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from authd import __version__
-from authd.daemonview import DaemonView
+from authd.daemonview import DaemonView, ready_now
 from authd.health import State
 from authd.histogram import Histogram
 
@@ -68,8 +68,8 @@ class AuthdCollector(Collector):
         view = self._view
         yield GaugeMetricFamily(
             "authd_ready",
-            "1 once every gating component was ready (as /readyz)",
-            value=_flag(view.health.is_ready),
+            "1 while ready, as /readyz answers 200",
+            value=_flag(ready_now(view.health)),
         )
         yield GaugeMetricFamily(
             "authd_healthy", "1 while no component has failed", value=_flag(view.health.healthy)

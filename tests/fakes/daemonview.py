@@ -1,0 +1,155 @@
+"""A daemon's worth of components for the metrics collector and the status report, with nothing running.
+
+Real stats objects (they are plain data) filled by hand, a real SVID store fed SVIDs from the test CA, and
+small stand-ins for the schedule and the stream board.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from authd.attest.client import Attestation, ClientStats
+from authd.attest.listener import ListenerStats
+from authd.attest.schedule import Peer, PeerStatus, ScheduleStats
+from authd.authmanager import ManagerStats
+from authd.cluster.source import SourceStats
+from authd.daemonview import DaemonView
+from authd.datapath.enforcement import DatapathSnapshot
+from authd.health import Health
+from authd.identity import SpiffeId, TrustDomain
+from authd.logbook import Entry
+from authd.svids import BundleOrigin, SvidStore
+from tests.fakes.ca import NOW
+from tests.fakes.ca import TestCA as FakeCA
+
+TD = TrustDomain("example.org")
+OWN = SpiffeId.parse("spiffe://example.org/authd/node-a")
+WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
+DB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/db")
+API = SpiffeId.parse("spiffe://example.org/ns/shop/sa/api")
+
+
+@dataclass
+class FakeBoard:
+    """The SPIRE stream board."""
+
+    down: Mapping[str, str] = field(default_factory=dict)
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class FakeSchedule:
+    """The attestation schedule: fixed peer statuses."""
+
+    statuses: list[PeerStatus] = field(default_factory=list)
+    stats: ScheduleStats = field(default_factory=ScheduleStats)
+
+    def peers(self) -> list[PeerStatus]:
+        return list(self.statuses)
+
+
+@dataclass
+class FakeAttestor:
+    """The attestation client's stats."""
+
+    stats: ClientStats
+
+
+@dataclass
+class FakeListener:
+    """The attestation listener's stats."""
+
+    stats: ListenerStats
+
+
+@dataclass
+class FakeClusterSource:
+    """The cluster source's stats."""
+
+    stats: SourceStats
+
+
+@dataclass
+class Parts:
+    """The pieces a test may change before reading the view again."""
+
+    health: Health
+    store: SvidStore
+    board: FakeBoard
+    attestor: ClientStats
+    schedule: FakeSchedule
+    listener: ListenerStats
+    cluster: SourceStats
+    manager: ManagerStats
+    snapshot: DatapathSnapshot
+    recent: list[Entry]
+    restarts: dict[str, int]
+
+
+def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
+    """A view of a node holding its own SVID and WEB's, with DB at node-b attested and API refused."""
+    health = Health()
+    svids, datapath = health.register("svids"), health.register("datapath")
+    svids.ready()
+    datapath.degraded("attached to 0 interfaces")
+    store = SvidStore(clock=lambda: NOW)
+    store.set_own(ca.mint(str(OWN)))
+    store.set_local(WEB, ca.mint(str(WEB)))
+    store.set_bundles(BundleOrigin.DELEGATED_IDENTITY_API, {TD: ca.bundle()})
+    db = ca.mint(str(DB))
+    attested = Attestation(DB, "node-b", "10.0.0.2", db.chain, NOW)
+    schedule = FakeSchedule(
+        [
+            PeerStatus(Peer(API, "node-b"), None, refused=True, last_failure="not-hosted", in_flight=False),
+            PeerStatus(Peer(DB, "node-b"), attested, refused=False, last_failure="", in_flight=False),
+        ]
+    )
+    attestor = ClientStats()
+    for seconds in (0.002, 0.004, 0.03):
+        attestor.record_latency(seconds)
+    attestor.results.update({"ok": 3, "not-hosted": 2})
+    listener = ListenerStats()
+    listener.served = 7
+    listener.refused.update({"rate-limited": 1})
+    cluster = SourceStats(applied=2, rejected=1, version="ab" * 32, problems=["node[2].name: bad"])
+    manager = ManagerStats(reconciles=4, upserts=3, deletes=1, entries=3)
+    manager.auth_required.update({"attesting": 2})
+    snapshot = DatapathSnapshot(
+        counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "ringbuf_full": 1},
+        auth_capacity=1024,
+        interfaces=("lxc0", "lxc1"),
+        events_decoded=12,
+        events_malformed=0,
+    )
+    parts = Parts(
+        health=health,
+        store=store,
+        board=FakeBoard({"delegated-svids[unix:uid:1000]": "UNAVAILABLE"}, Counter({"delegated-svids": 3})),
+        attestor=attestor,
+        schedule=schedule,
+        listener=listener,
+        cluster=cluster,
+        manager=manager,
+        snapshot=snapshot,
+        recent=[Entry("2026-11-25T12:00:00Z", "warning", "attestation failed", {"reason": "not-hosted"})],
+        restarts={"http": 1},
+    )
+    view = DaemonView(
+        node="node-a",
+        health=health,
+        svids=store,
+        streams=parts.board,
+        attestor=FakeAttestor(attestor),
+        attestations=schedule,
+        listener=FakeListener(listener),
+        cluster=FakeClusterSource(cluster),
+        auth=lambda: parts.manager,
+        datapath=lambda: parts.snapshot,
+        datapath_enabled=True,
+        restarts=parts.restarts,
+        recent=lambda: list(parts.recent),
+        now=lambda: NOW,
+    )
+    return view, parts
