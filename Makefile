@@ -9,7 +9,7 @@ BUILD  := build
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 \
 	systemd python3-seccomp
 
-.PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts
+.PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts wheel-check
 
 all: venv
 
@@ -57,8 +57,26 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+test: lint typecheck wheel-check
 	$(VENV)/bin/pytest
+
+# What `pip install .` builds: the wheel must carry the BPF object, the protobuf modules, the unit and the
+# docs, and work from a fresh venv that holds only it and its dependencies (docs/install.md's /opt/authd).
+WHEEL_DIR := $(BUILD)/wheel
+WHEEL_MUST_HOLD := authd/datapath/authd.bpf.o authd/spire/_proto/workload_pb2.py \
+	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py \
+	authd-$$v.data/data/share/authd/systemd/authd.service authd-$$v.data/data/share/doc/authd/install.md
+wheel-check: venv
+	rm -rf $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps -w $(WHEEL_DIR) .
+	@v=$$($(PY) -c 'import authd; print(authd.__version__)'); listing=$$($(PY) -m zipfile -l $(WHEEL_DIR)/authd-*.whl); \
+	for f in $(WHEEL_MUST_HOLD); do echo "$$listing" | grep -q " *$$f " || { echo "wheel lacks $$f"; exit 1; }; done
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/authd-*.whl
+	cd $(WHEEL_DIR) && venv/bin/authd --help >/dev/null && venv/bin/authd version
+	cd $(WHEEL_DIR) && venv/bin/python -c 'import authd.daemon; from authd.datapath.loader import object_path; \
+		assert object_path().is_file(), object_path()'
+	test -f $(WHEEL_DIR)/venv/share/authd/systemd/authd.service
 
 bench: venv
 	mkdir -p $(BUILD)
