@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import structlog
@@ -84,6 +85,8 @@ async def test_status_op_answers_once(ca: FakeCA) -> None:
 
 def test_logbook_keeps_recent_warnings_and_errors_only() -> None:
     book = Logbook(size=3)
+    saved, root = structlog.get_config(), logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
     logsetup.configure("info", "json", logbook=book)
     try:
         log = structlog.get_logger("test")
@@ -91,8 +94,10 @@ def test_logbook_keeps_recent_warnings_and_errors_only() -> None:
         for n in range(4):
             log.warning("attestation failed", reason="timeout", n=n, detail="x" * 500)
         log.error("critical job failed", job="datapath")
-    finally:
-        logsetup.configure("info", "json")
+    finally:  # logging is process-wide: leave it as the other tests expect it
+        structlog.configure(**saved)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
     entries = book.entries()
     assert [e.event for e in entries] == ["attestation failed", "attestation failed", "critical job failed"]
     assert entries[0].fields["n"] == "2"
