@@ -175,6 +175,15 @@ class AuthdCollector(Collector):
                 "authd_attestation_duration_seconds", "time to a successful attestation", stats.latency
             )
         if view.attestations is not None:
+            outcomes = CounterMetricFamily(
+                "authd_attestation_schedule_attempts",
+                "scheduled attestations by outcome: ok, rotated-not-yet (the peer still shows the old SVID "
+                "past its renewal point) or the failure reason",
+                labels=["outcome"],
+            )
+            for outcome, count in sorted(view.attestations.stats.attempts.items()):
+                outcomes.add_metric([outcome], count)
+            yield outcomes
             peers = view.attestations.peers()
             yield GaugeMetricFamily(
                 "authd_attestation_peers", "remote (identity, node) pairs wanted", value=len(peers)

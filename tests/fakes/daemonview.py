@@ -106,6 +106,7 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
             PeerStatus(Peer(DB, "node-b"), attested, refused=False, last_failure="", in_flight=False),
         ]
     )
+    schedule.stats.attempts.update({"ok": 3, "rotated-not-yet": 1})
     attestor = ClientStats()
     for seconds in (0.002, 0.004, 0.03):
         attestor.record_latency(seconds)

@@ -183,3 +183,19 @@ def test_a_persisted_entry_for_the_local_node_stays_assigned(path: Path) -> None
     registry.assign([], ["node-b"])
     assert registry.node_handle("node-b") == 2  # handle 1 is still held by the old entry
     assert registry.node_name(1) == "node-a"
+
+
+def test_read_only_names_handles_and_never_touches_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "handles.json"
+    with pytest.raises(ClusterStateError, match="cannot read state file"):
+        HandleRegistry.read_only(path, "node-a")
+    writer = HandleRegistry.open(path, "node-a")
+    writer.assign([sid("web")], ["node-b"])
+    reader = HandleRegistry.read_only(path, "node-a")
+    assert reader.identity_name(256) == "spiffe://example.org/web"
+    assert (reader.node_name(0), reader.node_name(1)) == ("node-a", "node-b")
+    path.write_text("{not json")
+    with pytest.raises(ClusterStateError, match="not JSON"):
+        HandleRegistry.read_only(path, "node-a")
+    assert path.read_text() == "{not json"  # a reader does not move a corrupt file aside; the daemon does
+    assert not path.with_name("handles.json.corrupt").exists()

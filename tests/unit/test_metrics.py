@@ -47,6 +47,7 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_attestations_total", result="ok") == 3
     assert value(found, "authd_attestations_total", result="not-hosted") == 2
     assert value(found, "authd_attestation_peers") == 2
+    assert value(found, "authd_attestation_schedule_attempts_total", outcome="rotated-not-yet") == 1
     assert value(found, "authd_attestation_peers_attested") == 1
     assert value(found, "authd_attestations_served_total") == 7
     assert value(found, "authd_attestations_refused_total", reason="rate-limited") == 1
