@@ -26,7 +26,8 @@ from authd.devcluster.netns import in_netns
 
 pytestmark = pytest.mark.privileged
 
-UNIT = Path(__file__).parents[2] / "systemd" / "authd.service"
+ROOT = Path(__file__).parents[2]
+UNIT = ROOT / "systemd" / "authd.service"
 SANDBOX = Path(__file__).with_name("unit_sandbox.py")
 SPEC = ClusterSpec(
     prefix="aop",
@@ -171,7 +172,7 @@ def _start_sandboxed(cluster: DevCluster, node: str) -> tuple[subprocess.Popen[b
     log_path = cluster.workdir / "logs" / f"authd-{node}-sandbox.log"
     sandbox = [
         "/usr/bin/python3", str(SANDBOX), str(UNIT),
-        "--keep", str(cluster.workdir),
+        "--keep", str(cluster.workdir), "--keep", str(ROOT),  # a checkout under /tmp stays visible
         "--rw", str(node_dir / "state"), "--rw", str(node_dir / "run"),
         "--",
         sys.executable, "-m", "authd", "run", "--config", str(entry.config),
@@ -277,7 +278,8 @@ def test_the_sandbox_enforces_what_it_emulates(tmp_path: Path) -> None:
         "        results.append(errno.errorcode[err.errno])\n"
         "print(' '.join(results))\n"
     )
-    argv = ["/usr/bin/python3", str(SANDBOX), str(UNIT), "--keep", str(tmp_path), "--rw", str(writable), "--"]
+    argv = ["/usr/bin/python3", str(SANDBOX), str(UNIT), "--keep", str(tmp_path), "--keep", str(ROOT)]
+    argv += ["--rw", str(writable), "--"]
     out = subprocess.run(
         [*argv, "/usr/bin/python3", "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )

@@ -9,6 +9,7 @@ Emulated, read from the unit's ``[Service]`` section:
 - ProtectSystem=strict, ReadWritePaths=, ProtectKernelTunables=, ProtectControlGroups=: a private mount
   namespace in which every mount is read-only except ReadWritePaths and ``--rw`` paths (what
   StateDirectory= and RuntimeDirectory= would make writable);
+- ProtectProc=, ProcSubset=: a proc instance of its own with ``hidepid=`` and ``subset=pid``;
 - PrivateTmp=: an empty tmpfs on /tmp and /var/tmp, with the ``--keep`` paths (the test's own files
   under /tmp, which a real install keeps under /etc, /var/lib and /run) carried over;
 - PrivateDevices=: a tmpfs /dev with null, zero, full, random, urandom and tty;
@@ -19,7 +20,7 @@ Emulated, read from the unit's ``[Service]`` section:
   RestrictNamespaces=: one seccomp filter, loaded last, built from ``systemd-analyze syscall-filter``.
 
 Not emulated (the caller reports these as unverified): ProtectHome= (the test interpreter may live
-under /root), ProtectProc=/ProcSubset=, ProtectKernelModules=/Logs=, ProtectClock=, ProtectHostname=,
+under /root), ProtectKernelModules=/Logs=, ProtectClock=, ProtectHostname=,
 LockPersonality=, RestrictRealtime=, RestrictSUIDSGID=, RemoveIPC=, KeyringMode=, IPAddressDeny=,
 DevicePolicy=, UMask=, and the cgroup side of everything.
 
@@ -131,6 +132,17 @@ def _private_devices() -> None:
         os.close(fd)
 
 
+def _private_proc(settings: list[tuple[str, str]]) -> None:
+    """A proc instance of its own, as systemd mounts it for ProtectProc= and ProcSubset=."""
+    options = []
+    if _last(settings, "ProtectProc") in {"invisible", "noaccess", "ptraceable"}:
+        options.append(f"hidepid={_last(settings, 'ProtectProc')}")
+    if _last(settings, "ProcSubset") == "pid":
+        options.append("subset=pid")
+    if options:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ",".join(options))
+
+
 def _read_only(roots: list[str], writable: list[str]) -> None:
     """Remount every mount under ``roots`` read-only, except the writable ones, /proc, /dev and tmp."""
     for point in _mount_points():
@@ -157,9 +169,11 @@ def build_file_system(settings: list[tuple[str, str]], rw: list[str], keep: list
     for path in writable:
         if Path(path).exists():
             _mount(path, path, None, MS_BIND | MS_REC)
+    _private_proc(settings)
     roots = ["/"] if _last(settings, "ProtectSystem") == "strict" else ["/usr", "/boot", "/efi"]
     if _yes(settings, "ProtectKernelTunables"):
-        _mount("/proc/sys", "/proc/sys", None, MS_BIND | MS_REC)
+        if Path("/proc/sys").exists():  # absent with ProcSubset=pid
+            _mount("/proc/sys", "/proc/sys", None, MS_BIND | MS_REC)
         roots += ["/proc/sys", "/sys"]
     if _yes(settings, "ProtectControlGroups"):
         roots.append("/sys/fs/cgroup")
