@@ -8,7 +8,7 @@ BUILD  := build
 # Debian packages the tests, the demo and the build need; installed only when missing.
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3
 
-.PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts
+.PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts
 
 all: venv
 
@@ -62,6 +62,10 @@ test: lint typecheck
 bench: venv
 	mkdir -p $(BUILD)
 	$(PY) -m bench --output $(BUILD)/bench.json
+
+# A two-node cluster on this machine, narrated (authd/devcluster/demo.py); as root, under two minutes.
+demo: venv
+	$(PY) -m authd.devcluster.demo
 
 clean:
 	rm -rf $(BUILD) dist .pytest_cache .mypy_cache .ruff_cache
