@@ -71,6 +71,7 @@ class ClusterSpec:
     svid_ttl: float = 3600.0
     prefix: str = "adc"
     log_level: str = "info"
+    ipv6: bool = False  # dual stack: workloads get an IPv6 address too, in cluster state as well
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -135,7 +136,7 @@ class DevCluster:
         (self.workdir / "logs").mkdir()
         shutil.copy(traffic.__file__, self.workdir / "traffic.py")
         (self.workdir / "traffic.py").chmod(0o644)
-        self.network = Network(spec.prefix, self._namespaces)
+        self.network = Network(spec.prefix, self._namespaces, ipv6=spec.ipv6)
         for name in spec.nodes:
             self.network.add_node(name)
         for workload in spec.workloads:
@@ -197,12 +198,12 @@ class DevCluster:
         for workload in spec.workloads:
             if not workload.registered or workload.node not in spec.nodes:
                 continue
-            address = self.network.workloads[workload.name].address
+            prefixes = ", ".join(f'"{a}"' for a in self.network.workloads[workload.name].addresses())
             lines += [
                 "[[endpoint]]",
                 f'spiffe_id = "{spec.spiffe_id(workload.name)}"',
                 f'node = "{workload.node}"',
-                f'prefixes = ["{address}"]',
+                f"prefixes = [{prefixes}]",
                 f'selectors = ["unix:uid:{workload.uid}"]',
                 "",
             ]
@@ -423,7 +424,7 @@ class DevCluster:
 
     def handle_names(self, node: str) -> dict[str, dict[int, str]]:
         """What the node's handles stand for: ``{"identity": {handle: workload}, "node": {handle: node}}``."""
-        by_address = {str(w.address): w for w in self.network.workloads.values()}
+        by_address = {str(a): w for w in self.network.workloads.values() for a in w.addresses()}
         names: dict[str, dict[int, str]] = {"identity": {}, "node": {0: node}}
         with self.maps(node) as maps:
             for network, entry in maps.ipcache.items():
@@ -459,6 +460,15 @@ class DevCluster:
         """A workload's network details."""
         return self.network.workloads[name]
 
+    def address(self, name: str, family: int = 4) -> str:
+        """A workload's IPv4 (``family`` 4) or IPv6 (6, with ``ClusterSpec.ipv6``) address."""
+        workload = self.network.workloads[name]
+        if family == 6:
+            if workload.address6 is None:
+                raise HarnessError("harness: IPv6 needs ClusterSpec(ipv6=True)")
+            return str(workload.address6)
+        return str(workload.address)
+
     def _as_workload(self, name: str, argv: list[str]) -> list[str]:
         spec = next(w for w in self.spec.workloads if w.name == name)
         python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
@@ -483,16 +493,16 @@ class DevCluster:
         _wait_until(lambda: "listening" in (logs / f"{name}-udp.log").read_text(), 10, f"{name}'s UDP server")
 
     def tcp(self, client: str, server: str, *, duration: float = 0.2, interval: float = 0.01,
-            connect_timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+            connect_timeout: float = 5.0, family: int = 4) -> dict[str, Any]:  # fmt: skip
         """Run a TCP flow from ``client`` to ``server``'s echo server for ``duration`` (> 0) seconds.
 
         Return the client's report: ``connected``, ``local_port``, ``syn_retrans``, ``sent``, ``echoed``,
-        ``total_retrans`` (see :mod:`authd.devcluster.traffic`).
+        ``total_retrans`` (see :mod:`authd.devcluster.traffic`). ``family`` 6 connects over IPv6.
         """
         if duration <= 0:
             raise HarnessError("harness: tcp() needs a duration; use start_tcp() for a flow that runs on")
         argv = self._as_workload(client, [
-            "tcp-flow", "--to", str(self.workload(server).address), "--port", str(TCP_PORT),
+            "tcp-flow", "--to", self.address(server, family), "--port", str(TCP_PORT),
             "--duration", str(duration), "--interval", str(interval),
             "--connect-timeout", str(connect_timeout),
         ])  # fmt: skip
@@ -501,10 +511,10 @@ class DevCluster:
         )
         return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    def start_tcp(self, client: str, server: str, *, interval: float = 0.01) -> Flow:
+    def start_tcp(self, client: str, server: str, *, interval: float = 0.01, family: int = 4) -> Flow:
         """Start a TCP flow that runs until :meth:`finish`; its report is written when it stops."""
         argv = self._as_workload(client, [
-            "tcp-flow", "--to", str(self.workload(server).address), "--port", str(TCP_PORT),
+            "tcp-flow", "--to", self.address(server, family), "--port", str(TCP_PORT),
             "--interval", str(interval),
         ])  # fmt: skip
         log_path = self.workdir / "logs" / f"{client}-to-{server}-flow.log"
@@ -518,10 +528,11 @@ class DevCluster:
             raise HarnessError(f"harness: the flow wrote no report; see {flow.log_path}")
         return dict(json.loads(reports[-1]))
 
-    def udp(self, client: str, server: str, *, count: int = 10, interval: float = 0.01) -> dict[str, Any]:
+    def udp(self, client: str, server: str, *, count: int = 10, interval: float = 0.01,
+            family: int = 4) -> dict[str, Any]:  # fmt: skip
         """Send ``count`` datagrams from ``client`` to ``server``'s echo server; return the report."""
         argv = self._as_workload(client, [
-            "udp-flow", "--to", str(self.workload(server).address), "--port", str(UDP_PORT),
+            "udp-flow", "--to", self.address(server, family), "--port", str(UDP_PORT),
             "--count", str(count), "--interval", str(interval),
         ])  # fmt: skip
         result = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)

@@ -28,6 +28,22 @@ def total_retransmits(sock: socket.socket) -> int:
     return int(struct.unpack_from("I", info, _TCP_INFO_TOTAL_RETRANS)[0])
 
 
+def _listening(kind: socket.SocketKind, port: int) -> socket.socket:
+    """A socket bound to every address of the namespace: IPv6 and IPv4 (mapped), or IPv4 without IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, kind)
+    except OSError:  # IPv6 disabled in this kernel
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.bind(("0.0.0.0", port))  # noqa: S104 - inside a test namespace
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(128)
+    sock.setblocking(False)  # noqa: FBT003 - the socket API's own spelling
+    return sock
+
+
 async def tcp_server(port: int) -> None:
     """Echo every byte back on every connection."""
 
@@ -38,7 +54,7 @@ async def tcp_server(port: int) -> None:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(echo, "0.0.0.0", port)  # noqa: S104 - inside a test namespace
+    server = await asyncio.start_server(echo, sock=_listening(socket.SOCK_STREAM, port))
     print(json.dumps({"listening": port}), flush=True)
     async with server:
         await server.serve_forever()
@@ -56,7 +72,7 @@ class _UdpEcho(asyncio.DatagramProtocol):
 async def udp_server(port: int) -> None:
     """Echo every datagram back to its sender."""
     loop = asyncio.get_running_loop()
-    await loop.create_datagram_endpoint(_UdpEcho, local_addr=("0.0.0.0", port))  # noqa: S104
+    await loop.create_datagram_endpoint(_UdpEcho, sock=_listening(socket.SOCK_DGRAM, port))
     print(json.dumps({"listening": port}), flush=True)
     await asyncio.Future()
 

@@ -19,13 +19,18 @@ def assert_lossless(report: dict[str, Any]) -> None:
 
 
 def connection_flows(
-    cluster: DevCluster, node: str, client: str, report: dict[str, Any], within: float = 10.0
+    cluster: DevCluster,
+    node: str,
+    client: str,
+    report: dict[str, Any],
+    within: float = 10.0,
+    family: int = 4,
 ) -> list[dict[str, Any]]:
     """The flows ``node`` reported for exactly this connection (client address and port), once any came.
 
     Flow events reach authd through a ring buffer, a moment after the packet; this waits for the first.
     """
-    address = str(cluster.workload(client).address)
+    address = cluster.address(client, family)
     found: list[dict[str, Any]] = []
 
     def reported() -> bool:

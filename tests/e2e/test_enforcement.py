@@ -2,7 +2,8 @@
 an authd killed with SIGKILL and restarted loses no packet of a running flow, and a workload registered
 at run time connects without a drop.
 
-SVIDs live an hour here, so that nothing rotates under these tests (test_rotation covers rotation).
+The cluster is dual stack: the same checks pass over IPv4 and IPv6. SVIDs live an hour here, so that
+nothing rotates under these tests (test_svid_lifetimes covers rotation).
 """
 
 from __future__ import annotations
@@ -28,22 +29,27 @@ SPEC = ClusterSpec(
     ),
     rules=(Rule("*", "backend"), Rule("*", "db")),
     prefix="ae2",
+    ipv6=True,
 )
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 
+@FAMILIES
 @pytest.mark.parametrize(
     ("client", "server"),
     [("frontend", "backend"), ("frontend", "db"), ("backend", "db")],
     ids=["across-nodes", "across-nodes-2", "same-node"],
 )
-def test_registered_pair_is_allowed_from_its_first_syn(cluster: DevCluster, client: str, server: str) -> None:
+def test_registered_pair_is_allowed_from_its_first_syn(
+    cluster: DevCluster, client: str, server: str, family: int
+) -> None:
     cluster.wait_for_entry("node-b", server, client)
     before = denied(cluster, "node-b")
 
-    report = cluster.tcp(client, server, duration=0.3)
+    report = cluster.tcp(client, server, duration=0.3, family=family)
 
     assert_lossless(report)
-    flows = connection_flows(cluster, "node-b", client, report)
+    flows = connection_flows(cluster, "node-b", client, report, family=family)
     syn = [f for f in flows if f["direction"] == "INGRESS" and f["tcp_flags"] == ["SYN"]]
     assert syn, flows
     assert syn[0]["verdict"] == "ALLOWED"
@@ -70,24 +76,26 @@ def test_observe_prints_the_allowed_syn_the_hubble_way(cluster: DevCluster) -> N
     ), lines
 
 
-def test_registered_pair_exchanges_udp_from_the_first_datagram(cluster: DevCluster) -> None:
+@FAMILIES
+def test_registered_pair_exchanges_udp_from_the_first_datagram(cluster: DevCluster, family: int) -> None:
     cluster.wait_for_entry("node-b", "backend", "frontend")
     before = denied(cluster, "node-b")
 
-    report = cluster.udp("frontend", "backend", count=20)
+    report = cluster.udp("frontend", "backend", count=20, family=family)
 
     assert report["lost"] == 0, report
     assert report["first_echoed"], report
     assert denied(cluster, "node-b") == before
 
 
-def test_unregistered_workload_is_denied_auth_required(cluster: DevCluster) -> None:
+@FAMILIES
+def test_unregistered_workload_is_denied_auth_required(cluster: DevCluster, family: int) -> None:
     before = cluster.counters("node-b")
 
-    report = cluster.tcp("intruder", "backend", connect_timeout=1.5)
+    report = cluster.tcp("intruder", "backend", connect_timeout=1.5, family=family)
 
     assert not report["connected"], report
-    flows = connection_flows(cluster, "node-b", "intruder", report)
+    flows = connection_flows(cluster, "node-b", "intruder", report, family=family)
     assert flows
     assert all(f["verdict"] == "DENIED" for f in flows), flows
     assert {f["drop_reason"] for f in flows} == {"AUTH_REQUIRED"}
@@ -99,10 +107,11 @@ def test_unregistered_workload_is_denied_auth_required(cluster: DevCluster) -> N
     assert after["allowed_auth"] == before["allowed_auth"]
 
 
-def test_unregistered_workload_udp_is_dropped(cluster: DevCluster) -> None:
+@FAMILIES
+def test_unregistered_workload_udp_is_dropped(cluster: DevCluster, family: int) -> None:
     before = cluster.counters("node-b")
 
-    report = cluster.udp("intruder", "backend", count=5)
+    report = cluster.udp("intruder", "backend", count=5, family=family)
 
     assert report["echoed"] == 0, report
     assert cluster.counters("node-b")["denied_auth_required"] - before["denied_auth_required"] == 5
