@@ -223,6 +223,13 @@ class Demo:
         )
         drops = sum(readings.denied(after[n]) - readings.denied(before[n]) for n in after)
         say.check(drops == 0, f"denied counters of both nodes unchanged during the connection: {drops} drops")
+        denied_flows = readings.from_source(
+            cluster.flows("node-b", "--verdict", "denied"), self.address("frontend"), report.get("local_port")
+        )
+        say.check(
+            not denied_flows,
+            f"no DENIED flow for this connection in node-b's `authd observe` ({len(denied_flows)})",
+        )
 
     def summary(self) -> None:
         """Part 4: counters and attestations."""
