@@ -253,7 +253,10 @@ def ca_as_leaf(ca: TestCA) -> X509Svid:
         ),
         (
             lambda c: c.ca.mint(
-                str(WEB), LeafOptions(ca=True, key_cert_sign=True, not_before=LIVE.not_before)
+                str(WEB),
+                LeafOptions(
+                    ca=True, key_cert_sign=True, not_before=LIVE.not_before, not_after=LIVE.not_after
+                ),
             ),
             "leaf-ca",
         ),
