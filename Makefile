@@ -9,7 +9,7 @@ BUILD  := build
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 \
 	systemd python3-seccomp
 
-.PHONY: all test lint typecheck bench clean distclean system-deps venv artifacts wheel-check
+.PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts wheel-check
 
 all: venv
 
@@ -81,6 +81,10 @@ wheel-check: venv
 bench: venv
 	mkdir -p $(BUILD)
 	$(PY) -m bench --output $(BUILD)/bench.json
+
+# A two-node cluster on this machine, narrated (authd/devcluster/demo.py); as root, under two minutes.
+demo: venv
+	$(PY) -m authd.devcluster.demo
 
 clean:
 	rm -rf $(BUILD) dist .pytest_cache .mypy_cache .ruff_cache

@@ -97,6 +97,9 @@ struct {
 #define VLAN_MAX_TAGS 2
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_ACK 0x10
+#define ND_FIRST_TYPE 133 /* ICMPv6 router solicitation */
+#define ND_LAST_TYPE 137  /* ICMPv6 redirect */
+#define ND_HOP_LIMIT 255
 
 enum parse_result {
 	PARSE_IP = 0,
@@ -114,6 +117,9 @@ struct packet {
 	__u16 dst_port;
 	__u8 src[16];
 	__u8 dst[16];
+	__u8 hop_limit;    /* IPv6 only */
+	__u8 v6_fragment;  /* IPv6: a fragment header was seen (a first fragment has no F_FRAGMENT) */
+	__u8 icmp6_type;   /* ICMPv6 only */
 };
 
 /* Ports and TCP flags; a truncated L4 header leaves them unset, which changes no verdict. */
@@ -133,6 +139,10 @@ static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct pa
 		if (bpf_skb_load_bytes(skb, off, buf, 4) < 0)
 			return;
 		break;
+	case IPPROTO_ICMPV6:
+		if (bpf_skb_load_bytes(skb, off, buf, 1) == 0)
+			p->icmp6_type = buf[0];
+		return;
 	default:
 		return;
 	}
@@ -175,6 +185,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	if (ip6.version != 6)
 		return PARSE_MALFORMED;
 	p->family = AUTHD_FAMILY_IPV6;
+	p->hop_limit = ip6.hop_limit;
 	__builtin_memcpy(p->src, &ip6.saddr, 16);
 	__builtin_memcpy(p->dst, &ip6.daddr, 16);
 	nexthdr = ip6.nexthdr;
@@ -201,6 +212,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 		case IPPROTO_FRAGMENT:
 			if (bpf_skb_load_bytes(skb, off, ext, 4) < 0)
 				goto unknown;
+			p->v6_fragment = 1;
 			nexthdr = ext[0];
 			off += 8;
 			if (((((__u16)ext[2] << 8) | ext[3]) & 0xfff8) != 0) {
@@ -247,6 +259,18 @@ static __always_inline int parse_eth(struct __sk_buff *skb, struct packet *p)
 		off += 4;
 	}
 	return parse_l3(skb, off, proto, p);
+}
+
+/* IPv6 neighbour discovery (RFC 4861) is how IPv6 finds link-layer addresses, as ARP does for IPv4,
+ * and ARP is not IP and passes. Dropping it would cut a workload off its own link whatever the policy:
+ * its node could no longer resolve its address. Only what the kernel accepts as neighbour discovery
+ * passes: ICMPv6 types 133-137, unfragmented, with hop limit 255, which no router forwards, so that only
+ * on-link senders (the node, the workload) can use this. */
+static __always_inline int is_neighbor_discovery(const struct packet *p)
+{
+	return p->family == AUTHD_FAMILY_IPV6 && p->protocol == IPPROTO_ICMPV6 && !p->v6_fragment &&
+	       p->hop_limit == ND_HOP_LIMIT &&
+	       p->icmp6_type >= ND_FIRST_TYPE && p->icmp6_type <= ND_LAST_TYPE;
 }
 
 /* -------------------------------------------------------------------------------------- decisions */
@@ -534,6 +558,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int has_eth)
 	if (parsed == PARSE_MALFORMED) {
 		count(AUTHD_CNT_DENIED_MALFORMED);
 		return TC_ACT_SHOT;
+	}
+	if (is_neighbor_discovery(&p)) {
+		count(AUTHD_CNT_NON_IP);
+		return TC_ACT_UNSPEC;
 	}
 
 	src = ipcache_lookup(p.family, p.src);

@@ -34,7 +34,7 @@ from authd.x509svid import BundleSet, authorize_id, verify_chain
 
 log = structlog.get_logger(__name__)
 
-TRANSIENT = frozenset({"unreachable", "timeout", "connection-error", "not-ready", "no-bundles"})
+TRANSIENT = frozenset({"unreachable", "timeout", "connection-error", "not-ready", "no-bundles", "local-tls"})
 """Reasons that say nothing about whether the node hosts the identity."""
 
 _TLS_ANSWERS = {

@@ -190,7 +190,14 @@ class Attestations:
     # ------------------------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        """Run due attestations, at most ``max_in_flight`` at once, until cancelled."""
+        """Run due attestations, at most ``max_in_flight`` at once, until cancelled.
+
+        The supervisor restarts this job if an attempt fails unexpectedly (anything but AttestError ends
+        the task group). The attempts of the previous run are over by then, or never began because the
+        group was already shutting down: their peers are due again now, instead of staying "in flight"
+        with no next attempt, never to be attested again.
+        """
+        self._reschedule_orphans()
         async with asyncio.TaskGroup() as attempts:
             while True:
                 self._wake.clear()
@@ -209,6 +216,19 @@ class Attestations:
                     timeout = max((self._queue[0][0] - now).total_seconds(), 0.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _reschedule_orphans(self) -> None:
+        """Make due now every peer the previous run left without a next attempt.
+
+        Every attempt that ends through ``_succeeded`` or ``_failed`` schedules the next one; an attempt
+        that raised something else, was cancelled, or never began leaves its peer with none.
+        """
+        self._in_flight = 0
+        now = self._now()
+        for peer, state in self._peers.items():
+            if state.in_flight or state.due is None:
+                state.in_flight = False
+                self._schedule(peer, now)
 
     async def _attempt(self, peer: Peer, state: _PeerState) -> None:
         try:

@@ -51,10 +51,28 @@ def _context(protocol: ssl._SSLMethod, svid: X509Svid, bundles: BundleSet) -> ss
     # Every bundle certificate is a trust anchor (as in SPIFFE), even when it is not self-signed.
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.options |= ssl.OP_NO_TICKET
-    context.load_verify_locations(cadata=authorities)
-    with _memfd(svid.chain_pem()) as chain_path, _memfd(svid.key_pem()) as key_path:
-        context.load_cert_chain(chain_path, key_path)
+    try:
+        _load_authorities(context, authorities)
+        with _memfd(svid.chain_pem()) as chain_path, _memfd(svid.key_pem()) as key_path:
+            context.load_cert_chain(chain_path, key_path)
+    except ssl.SSLError as err:
+        raise AttestError("local-tls", f"cannot build a TLS context from this node's SVID: {err}") from err
     return context
+
+
+def _load_authorities(context: ssl.SSLContext, authorities: bytes) -> None:
+    """Load DER trust anchors, telling a stale OpenSSL error from a real one.
+
+    CPython (3.11, OpenSSL 3) decides whether loading DER ``cadata`` failed by peeking at the thread's
+    OpenSSL error queue, where an earlier failed TLS connection on the same thread can have left an
+    error (a peer's "certificate expired" alert, say): that error is then raised here, although every
+    certificate loaded. Raising cleared the queue, so a second attempt fails only for a real reason.
+    Found in the end-to-end tests, after SVIDs expired during a SPIRE outage.
+    """
+    try:
+        context.load_verify_locations(cadata=authorities)
+    except ssl.SSLError:
+        context.load_verify_locations(cadata=authorities)
 
 
 @contextlib.contextmanager

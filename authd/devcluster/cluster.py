@@ -15,21 +15,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
+from ipaddress import ip_network
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import structlog
 
-from authd.devcluster import traffic
-from authd.devcluster.netns import HarnessError, Namespaces, Processes, in_netns, sh, sweep
+from authd.datapath.maps import AuthKey, PinnedMaps
+from authd.devcluster import interrupts, leftovers, readings, traffic
+from authd.devcluster.leftovers import BPFFS
+from authd.devcluster.netns import HarnessError, Namespaces, Processes, in_netns, sh
 from authd.devcluster.network import Network, NodeNet, WorkloadNet
 
 log = structlog.get_logger(__name__)
 
-BPFFS = Path("/sys/fs/bpf")
 ATTEST_PORT = 4250
 TCP_PORT = 8080
 UDP_PORT = 8081
@@ -68,6 +71,7 @@ class ClusterSpec:
     svid_ttl: float = 3600.0
     prefix: str = "adc"
     log_level: str = "info"
+    ipv6: bool = False  # dual stack: workloads get an IPv6 address too, in cluster state as well
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -125,13 +129,14 @@ class DevCluster:
     def up(self) -> None:
         """Network, dev-spire, SPIRE entries, one authd per node (READY), workload servers."""
         spec = self.spec
-        _sweep(spec.prefix)
+        leftovers.sweep(spec.prefix)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{spec.prefix}-"))
+        leftovers.claim(self.workdir)
         self.workdir.chmod(0o755)  # workloads run as other uids and read the traffic tool from here
         (self.workdir / "logs").mkdir()
         shutil.copy(traffic.__file__, self.workdir / "traffic.py")
         (self.workdir / "traffic.py").chmod(0o644)
-        self.network = Network(spec.prefix, self._namespaces)
+        self.network = Network(spec.prefix, self._namespaces, ipv6=spec.ipv6)
         for name in spec.nodes:
             self.network.add_node(name)
         for workload in spec.workloads:
@@ -150,23 +155,36 @@ class DevCluster:
             self.start_servers(workload.name)
 
     def down(self) -> None:
-        """Stop everything, unload every node's datapath, delete namespaces and files."""
-        self._processes.stop_all()
-        for notify in self._notify_sockets.values():
-            notify.close()
-        for name, node in self._nodes.items():
-            with contextlib.suppress(HarnessError, OSError):
-                self.authd(name, "bpf", "unload")
-            with contextlib.suppress(OSError):
-                shutil.rmtree(node.config.parent / "state", ignore_errors=True)
-        self._namespaces.delete_all()
-        for pins in BPFFS.glob(f"{self.spec.prefix}-*"):
-            shutil.rmtree(pins, ignore_errors=True)
-        workdir = getattr(self, "workdir", None)
-        if workdir is not None and workdir.exists():
-            if self.keep_logs is not None:
-                shutil.copytree(workdir / "logs", self.keep_logs, dirs_exist_ok=True)
-            shutil.rmtree(workdir, ignore_errors=True)
+        """Stop everything, unload every node's datapath, delete namespaces and files.
+
+        Runs to the end even when interrupted again (a second Ctrl-C is held back until it is done), and
+        also removes what was started but not yet recorded when an interrupt arrived: every process,
+        namespace and pin carrying the cluster's prefix.
+        """
+        prefix = self.spec.prefix
+        with interrupts.deferred():
+            self._processes.stop_all()
+            leftovers.kill_processes(prefix)
+            for notify in self._notify_sockets.values():
+                notify.close()
+            self._notify_sockets.clear()
+            for name, node in self._nodes.items():
+                with contextlib.suppress(HarnessError, OSError):
+                    self.authd(name, "bpf", "unload")
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(node.config.parent / "state", ignore_errors=True)
+            self._namespaces.delete_all()
+            for name in leftovers.namespaces(prefix):
+                with contextlib.suppress(HarnessError):
+                    sh("ip", "netns", "del", name)
+            for pins in BPFFS.glob(f"{prefix}-*"):
+                shutil.rmtree(pins, ignore_errors=True)
+            workdir = getattr(self, "workdir", None)
+            if workdir is not None and workdir.exists():
+                if self.keep_logs is not None:
+                    with contextlib.suppress(shutil.Error, OSError):
+                        shutil.copytree(workdir / "logs", self.keep_logs, dirs_exist_ok=True)
+                shutil.rmtree(workdir, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------- cluster state
 
@@ -174,17 +192,18 @@ class DevCluster:
         """Write (atomically replace) the cluster state file every node watches."""
         self.spec = spec
         lines = [f'trust_domain = "{spec.trust_domain}"', ""]
-        for name, net in self.network.nodes.items():
-            lines += ["[[node]]", f'name = "{name}"', f'addresses = ["{net.address}"]', ""]
+        for name in spec.nodes:
+            address = self.network.nodes[name].address
+            lines += ["[[node]]", f'name = "{name}"', f'addresses = ["{address}"]', ""]
         for workload in spec.workloads:
-            if not workload.registered:
+            if not workload.registered or workload.node not in spec.nodes:
                 continue
-            address = self.network.workloads[workload.name].address
+            prefixes = ", ".join(f'"{a}"' for a in self.network.workloads[workload.name].addresses())
             lines += [
                 "[[endpoint]]",
                 f'spiffe_id = "{spec.spiffe_id(workload.name)}"',
                 f'node = "{workload.node}"',
-                f'prefixes = ["{address}"]',
+                f"prefixes = [{prefixes}]",
                 f'selectors = ["unix:uid:{workload.uid}"]',
                 "",
             ]
@@ -212,13 +231,9 @@ class DevCluster:
         self.spire_sync()
 
     def remove_node(self, node: str) -> None:
-        """Remove a node (and its workloads) from cluster state."""
+        """Remove a node and its workloads from cluster state; they keep running, as a drained node's do."""
         spec = self.spec
-        self.network.nodes.pop(node)
-        workloads = tuple(w for w in spec.workloads if w.node != node)
-        self.write_cluster_state(
-            replace(spec, nodes=tuple(n for n in spec.nodes if n != node), workloads=workloads)
-        )
+        self.write_cluster_state(replace(spec, nodes=tuple(n for n in spec.nodes if n != node)))
 
     @property
     def cluster_file(self) -> Path:
@@ -351,18 +366,85 @@ class DevCluster:
         )
         return sh(*argv)
 
+    # ------------------------------------------------------------------------------------- readings
+
+    def pin_dir(self, node: str) -> Path:
+        """Where the node's authd pins its maps."""
+        return BPFFS / f"{self.spec.prefix}-{node}"
+
+    @contextlib.contextmanager
+    def maps(self, node: str) -> Iterator[PinnedMaps]:
+        """The node's pinned maps, opened in this process (fast enough to poll)."""
+        with PinnedMaps(self.pin_dir(node)) as maps:
+            yield maps
+
     def auth_entries(self, node: str) -> list[dict[str, Any]]:
-        """The node's auth map (``authd bpf auth list --json``)."""
+        """The node's auth map as ``authd bpf auth list --json`` prints it."""
         return [json.loads(line) for line in self.authd(node, "bpf", "auth", "list", "--json").splitlines()]
 
     def counters(self, node: str) -> dict[str, int]:
-        """The node's datapath counters."""
-        rows = [json.loads(line) for line in self.authd(node, "bpf", "counters", "--json").splitlines()]
-        return {str(row["counter"]): int(row["value"]) for row in rows}
+        """The node's datapath counters (what ``authd bpf counters`` prints)."""
+        with self.maps(node) as maps:
+            return maps.counters.read()
+
+    def pair_key(self, node: str, local: str, remote: str) -> AuthKey | None:
+        """The auth map key of workload ``local`` (on ``node``) with workload ``remote`` on its node.
+
+        Handles are node-local: they are read from the node's ipcache, so this is None until the node
+        has put both workloads there.
+        """
+        with self.maps(node) as maps:
+            mine = maps.ipcache.get(ip_network(self.workload(local).address))
+            theirs = maps.ipcache.get(ip_network(self.workload(remote).address))
+        if mine is None or theirs is None or mine.node != 0:
+            return None
+        return AuthKey(mine.identity, theirs.identity, theirs.node)
+
+    def auth_expiry(self, node: str, local: str, remote: str) -> datetime | None:
+        """When the node's auth entry for (``local``, ``remote``) expires; None if it has none."""
+        key = self.pair_key(node, local, remote)
+        if key is None:
+            return None
+        with self.maps(node) as maps:
+            return maps.auth.get(key)
+
+    def wait_for_entry(self, node: str, local: str, remote: str, timeout: float = 30.0) -> datetime:
+        """Wait until the node holds a live auth entry for the pair; return its expiry."""
+        found: list[datetime] = []
+
+        def present() -> bool:
+            expiry = self.auth_expiry(node, local, remote)
+            if expiry is None or expiry <= datetime.now(expiry.tzinfo):
+                return False
+            found.append(expiry)
+            return True
+
+        _wait_until(present, timeout, f"{node}'s auth entry for {local} <- {remote}")
+        return found[-1]
+
+    def handle_names(self, node: str) -> dict[str, dict[int, str]]:
+        """What the node's handles stand for: ``{"identity": {handle: workload}, "node": {handle: node}}``."""
+        by_address = {str(a): w for w in self.network.workloads.values() for a in w.addresses()}
+        names: dict[str, dict[int, str]] = {"identity": {}, "node": {0: node}}
+        with self.maps(node) as maps:
+            for network, entry in maps.ipcache.items():
+                workload = by_address.get(str(network.network_address))
+                if workload is not None:
+                    names["identity"][entry.identity] = workload.name
+                    names["node"][entry.node] = workload.node.name
+        return names
 
     def observe(self, node: str, *extra: str) -> list[str]:
-        """The node's recent flow log lines (``authd observe --last``)."""
+        """The node's recent flow log lines, as ``authd observe --last 4096`` prints them."""
         return self.authd(node, "observe", "--last", "4096", *extra).splitlines()
+
+    def flows(self, node: str, *extra: str) -> list[dict[str, Any]]:
+        """The node's recent flows as JSON objects (``authd observe --json``), oldest first."""
+        return [json.loads(line) for line in self.observe(node, "--json", *extra) if line.startswith("{")]
+
+    def attestations(self, node: str) -> int:
+        """How many attestations the node's authd made that brought a new result ("peer attested")."""
+        return readings.count_events(self.log_path(node), "peer attested")
 
     def log_path(self, node: str) -> Path:
         """Where the node's authd logs go."""
@@ -377,6 +459,15 @@ class DevCluster:
     def workload(self, name: str) -> WorkloadNet:
         """A workload's network details."""
         return self.network.workloads[name]
+
+    def address(self, name: str, family: int = 4) -> str:
+        """A workload's IPv4 (``family`` 4) or IPv6 (6, with ``ClusterSpec.ipv6``) address."""
+        workload = self.network.workloads[name]
+        if family == 6:
+            if workload.address6 is None:
+                raise HarnessError("harness: IPv6 needs ClusterSpec(ipv6=True)")
+            return str(workload.address6)
+        return str(workload.address)
 
     def _as_workload(self, name: str, argv: list[str]) -> list[str]:
         spec = next(w for w in self.spec.workloads if w.name == name)
@@ -401,11 +492,17 @@ class DevCluster:
         _wait_until(lambda: "listening" in (logs / f"{name}-tcp.log").read_text(), 10, f"{name}'s TCP server")
         _wait_until(lambda: "listening" in (logs / f"{name}-udp.log").read_text(), 10, f"{name}'s UDP server")
 
-    def tcp(self, client: str, server: str, *, duration: float = 0.0, interval: float = 0.01,
-            connect_timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
-        """Run a TCP flow from ``client`` to ``server``'s echo server; return the client's report."""
+    def tcp(self, client: str, server: str, *, duration: float = 0.2, interval: float = 0.01,
+            connect_timeout: float = 5.0, family: int = 4) -> dict[str, Any]:  # fmt: skip
+        """Run a TCP flow from ``client`` to ``server``'s echo server for ``duration`` (> 0) seconds.
+
+        Return the client's report: ``connected``, ``local_port``, ``syn_retrans``, ``sent``, ``echoed``,
+        ``total_retrans`` (see :mod:`authd.devcluster.traffic`). ``family`` 6 connects over IPv6.
+        """
+        if duration <= 0:
+            raise HarnessError("harness: tcp() needs a duration; use start_tcp() for a flow that runs on")
         argv = self._as_workload(client, [
-            "tcp-flow", "--to", str(self.workload(server).address), "--port", str(TCP_PORT),
+            "tcp-flow", "--to", self.address(server, family), "--port", str(TCP_PORT),
             "--duration", str(duration), "--interval", str(interval),
             "--connect-timeout", str(connect_timeout),
         ])  # fmt: skip
@@ -414,10 +511,10 @@ class DevCluster:
         )
         return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    def start_tcp(self, client: str, server: str, *, interval: float = 0.01) -> Flow:
+    def start_tcp(self, client: str, server: str, *, interval: float = 0.01, family: int = 4) -> Flow:
         """Start a TCP flow that runs until :meth:`finish`; its report is written when it stops."""
         argv = self._as_workload(client, [
-            "tcp-flow", "--to", str(self.workload(server).address), "--port", str(TCP_PORT),
+            "tcp-flow", "--to", self.address(server, family), "--port", str(TCP_PORT),
             "--interval", str(interval),
         ])  # fmt: skip
         log_path = self.workdir / "logs" / f"{client}-to-{server}-flow.log"
@@ -431,10 +528,11 @@ class DevCluster:
             raise HarnessError(f"harness: the flow wrote no report; see {flow.log_path}")
         return dict(json.loads(reports[-1]))
 
-    def udp(self, client: str, server: str, *, count: int = 10, interval: float = 0.01) -> dict[str, Any]:
+    def udp(self, client: str, server: str, *, count: int = 10, interval: float = 0.01,
+            family: int = 4) -> dict[str, Any]:  # fmt: skip
         """Send ``count`` datagrams from ``client`` to ``server``'s echo server; return the report."""
         argv = self._as_workload(client, [
-            "udp-flow", "--to", str(self.workload(server).address), "--port", str(UDP_PORT),
+            "udp-flow", "--to", self.address(server, family), "--port", str(UDP_PORT),
             "--count", str(count), "--interval", str(interval),
         ])  # fmt: skip
         result = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
@@ -447,13 +545,3 @@ def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> Non
         if time.monotonic() > deadline:
             raise HarnessError(f"harness: timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-def _sweep(prefix: str) -> None:
-    """Remove what a crashed earlier run with the same prefix left behind."""
-    leftovers = sweep(prefix)
-    for pins in BPFFS.glob(f"{prefix}-*"):
-        shutil.rmtree(pins, ignore_errors=True)
-        leftovers.append(str(pins))
-    if leftovers:
-        log.warning("removed leftovers of an earlier run", leftovers=leftovers)

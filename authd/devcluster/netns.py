@@ -1,8 +1,9 @@
 """Network namespaces, links and processes for a cluster on one machine, each one remembered for teardown.
 
-Everything made here is named with the harness's prefix, so a sweep can find what an earlier run that
-crashed left behind. Commands run with ``nsenter --net`` (network namespace only), never ``ip netns exec``:
-that one also unshares the mount namespace, which would hide /sys/fs/bpf from authd.
+Everything made here is named with the harness's prefix, so that :mod:`authd.devcluster.leftovers` can
+find what an earlier run that crashed left behind. Commands run with ``nsenter --net`` (network namespace
+only), never ``ip netns exec``: that one also unshares the mount namespace, which would hide /sys/fs/bpf
+from authd.
 """
 
 from __future__ import annotations
@@ -65,17 +66,6 @@ class Namespaces:
 def sysctl(netns: str, key: str, value: str) -> None:
     """Set a per-namespace sysctl (``net.*``) inside ``netns``."""
     sh(*in_netns(netns, ["sysctl", "-q", "-w", f"{key}={value}"]))
-
-
-def sweep(prefix: str) -> list[str]:
-    """Delete namespaces named ``prefix*`` left by an earlier run; return their names."""
-    leftovers = [
-        line.split()[0] for line in sh("ip", "netns", "list").splitlines() if line.startswith(prefix)
-    ]
-    for name in leftovers:
-        with contextlib.suppress(HarnessError):
-            sh("ip", "netns", "del", name)
-    return leftovers
 
 
 class Processes:

@@ -9,6 +9,10 @@ Workloads are attached the way routed CNIs attach pods: a veth whose host side (
 address and a /32 route, and a default route in the workload via 169.254.1.1, an address every node
 holds on its loopback so it answers the workload's ARP. Nodes route each other's workload subnets over
 the wire, so traffic between workloads crosses the ``lxc`` interfaces authd attaches its programs to.
+
+With ``ipv6``, the same again in IPv6 (dual stack): nodes ``fd00:231::<i+1>/64`` on the wire, workloads
+``fd00:231:<i+1>::<j+10>/128``, their default route via ``fe80::1``, which the host side of every
+``lxc`` link holds. Duplicate address detection is off, so addresses work at once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from authd.devcluster.netns import Namespaces, sh, sysctl
 
 BASE = ipaddress.IPv4Network("10.231.0.0/16")
 GATEWAY = "169.254.1.1"
+BASE6 = ipaddress.IPv6Network("fd00:231::/48")
+GATEWAY6 = "fe80::1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,8 @@ class NodeNet:
     netns: str
     address: ipaddress.IPv4Address
     subnet: ipaddress.IPv4Network
+    address6: ipaddress.IPv6Address | None = None
+    subnet6: ipaddress.IPv6Network | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,11 @@ class WorkloadNet:
     netns: str
     address: ipaddress.IPv4Address
     host_link: str
+    address6: ipaddress.IPv6Address | None = None
+
+    def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """Every address of the workload, IPv4 first."""
+        return [self.address] if self.address6 is None else [self.address, self.address6]
 
 
 @dataclass
@@ -50,6 +63,7 @@ class Network:
 
     prefix: str
     namespaces: Namespaces
+    ipv6: bool = False
     nodes: dict[str, NodeNet] = field(default_factory=dict)
     workloads: dict[str, WorkloadNet] = field(default_factory=dict)
     _fabric: str = ""
@@ -64,9 +78,13 @@ class Network:
         node = NodeNet(
             name=name,
             index=index,
-            netns=self.namespaces.add(f"{self.prefix}-{name}"),
+            netns=self._namespace(f"{self.prefix}-{name}"),
             address=BASE.network_address + index + 1,
             subnet=ipaddress.IPv4Network(f"{BASE.network_address + (index + 1) * 256}/24"),
+            address6=BASE6.network_address + index + 1 if self.ipv6 else None,
+            subnet6=ipaddress.IPv6Network(f"{BASE6.network_address + ((index + 1) << 64)}/64")
+            if self.ipv6
+            else None,
         )
         uplink = f"up{index}"
         sh(
@@ -92,8 +110,42 @@ class Network:
         for other in self.nodes.values():
             sh("ip", "-n", node.netns, "route", "add", str(other.subnet), "via", str(other.address))
             sh("ip", "-n", other.netns, "route", "add", str(node.subnet), "via", str(node.address))
+        if node.address6 is not None:
+            sh("ip", "-n", node.netns, "addr", "add", f"{node.address6}/64", "dev", "eth0", "nodad")
+            sysctl(node.netns, "net.ipv6.conf.all.forwarding", "1")
+            for other in self.nodes.values():
+                sh(
+                    "ip",
+                    "-n",
+                    node.netns,
+                    "-6",
+                    "route",
+                    "add",
+                    str(other.subnet6),
+                    "via",
+                    str(other.address6),
+                )
+                sh(
+                    "ip",
+                    "-n",
+                    other.netns,
+                    "-6",
+                    "route",
+                    "add",
+                    str(node.subnet6),
+                    "via",
+                    str(node.address6),
+                )
         self.nodes[name] = node
         return node
+
+    def _namespace(self, name: str) -> str:
+        """A new namespace; with IPv6, links that come up there skip duplicate address detection."""
+        self.namespaces.add(name)
+        if self.ipv6:
+            sysctl(name, "net.ipv6.conf.all.accept_dad", "0")
+            sysctl(name, "net.ipv6.conf.default.accept_dad", "0")
+        return name
 
     def add_workload(self, node_name: str, name: str) -> WorkloadNet:
         """Create a workload namespace attached to ``node_name`` by a veth pair."""
@@ -102,9 +154,10 @@ class Network:
         workload = WorkloadNet(
             name=name,
             node=node,
-            netns=self.namespaces.add(f"{self.prefix}-{node_name}-{name}"),
+            netns=self._namespace(f"{self.prefix}-{node_name}-{name}"),
             address=node.subnet.network_address + index + 10,
             host_link=f"lxc{index}",
+            address6=node.subnet6.network_address + index + 10 if node.subnet6 is not None else None,
         )
         host, pod = node.netns, workload.netns
         sh(
@@ -128,5 +181,11 @@ class Network:
         sh("ip", "-n", pod, "link", "set", "eth0", "up")
         sh("ip", "-n", pod, "route", "add", GATEWAY, "dev", "eth0", "scope", "link")
         sh("ip", "-n", pod, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
+        if workload.address6 is not None:
+            link = workload.host_link
+            sh("ip", "-n", host, "addr", "add", f"{GATEWAY6}/64", "dev", link, "scope", "link", "nodad")
+            sh("ip", "-n", host, "-6", "route", "add", f"{workload.address6}/128", "dev", link)
+            sh("ip", "-n", pod, "addr", "add", f"{workload.address6}/128", "dev", "eth0", "nodad")
+            sh("ip", "-n", pod, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
         self.workloads[name] = workload
         return workload

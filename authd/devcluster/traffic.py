@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import signal
 import socket
@@ -27,6 +28,22 @@ def total_retransmits(sock: socket.socket) -> int:
     return int(struct.unpack_from("I", info, _TCP_INFO_TOTAL_RETRANS)[0])
 
 
+def _listening(kind: socket.SocketKind, port: int) -> socket.socket:
+    """A socket bound to every address of the namespace: IPv6 and IPv4 (mapped), or IPv4 without IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, kind)
+    except OSError:  # IPv6 disabled in this kernel
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.bind(("0.0.0.0", port))  # noqa: S104 - inside a test namespace
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(128)
+    sock.setblocking(False)  # noqa: FBT003 - the socket API's own spelling
+    return sock
+
+
 async def tcp_server(port: int) -> None:
     """Echo every byte back on every connection."""
 
@@ -37,7 +54,7 @@ async def tcp_server(port: int) -> None:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(echo, "0.0.0.0", port)  # noqa: S104 - inside a test namespace
+    server = await asyncio.start_server(echo, sock=_listening(socket.SOCK_STREAM, port))
     print(json.dumps({"listening": port}), flush=True)
     async with server:
         await server.serve_forever()
@@ -55,7 +72,7 @@ class _UdpEcho(asyncio.DatagramProtocol):
 async def udp_server(port: int) -> None:
     """Echo every datagram back to its sender."""
     loop = asyncio.get_running_loop()
-    await loop.create_datagram_endpoint(_UdpEcho, local_addr=("0.0.0.0", port))  # noqa: S104
+    await loop.create_datagram_endpoint(_UdpEcho, sock=_listening(socket.SOCK_DGRAM, port))
     print(json.dumps({"listening": port}), flush=True)
     await asyncio.Future()
 
@@ -63,13 +80,29 @@ async def udp_server(port: int) -> None:
 async def tcp_flow(
     address: str, port: int, interval: float, duration: float, connect_timeout: float
 ) -> dict[str, object]:
-    """Connect, then send a numbered 8-byte message every ``interval`` and check each echo."""
+    """Connect, then send a numbered 8-byte message every ``interval`` and check each echo.
+
+    The report names the client's port even when the connection fails (it is bound first), so the
+    flows of exactly this connection can be found in ``authd observe``; ``syn_retrans`` counts the SYNs
+    the kernel had to send again, also for a connection that never came up.
+    """
     report: dict[str, object] = {"connected": False, "sent": 0, "echoed": 0}
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()  # SIGTERM ends the flow with a report, also while it connects
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.setblocking(False)  # noqa: FBT003 - the socket API's own spelling
+    raw.bind(("", 0))
+    report["local_port"] = raw.getsockname()[1]
     started = time.monotonic()
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), connect_timeout)
+        await asyncio.wait_for(loop.sock_connect(raw, (address, port)), connect_timeout)
+        reader, writer = await asyncio.open_connection(sock=raw)
     except (TimeoutError, OSError) as err:
-        report["error"] = f"connect: {type(err).__name__}: {err}"
+        report.update(error=f"connect: {type(err).__name__}: {err}", syn_retrans=total_retransmits(raw))
+        raw.close()
         return report
     sock = writer.get_extra_info("socket")
     report.update(
@@ -77,10 +110,6 @@ async def tcp_flow(
         connect_ms=round((time.monotonic() - started) * 1000, 3),
         syn_retrans=total_retransmits(sock),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     deadline = started + duration
     sent = echoed = 0
     max_gap = 0.0
@@ -119,12 +148,14 @@ async def udp_flow(address: str, port: int, interval: float, count: int) -> dict
             received.add(struct.unpack("!Q", data[:8])[0])
 
     transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=(address, port))
+    local_port = transport.get_extra_info("sockname")[1]
     for seq in range(count):
         transport.sendto(struct.pack("!Q", seq))
         await asyncio.sleep(interval)
     await asyncio.sleep(0.5)
     transport.close()
     return {
+        "local_port": local_port,
         "sent": count,
         "echoed": len(received),
         "lost": count - len(received),

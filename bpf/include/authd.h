@@ -141,7 +141,7 @@ enum authd_counter {
 	AUTHD_CNT_AUTH_EVENTS_SUPPRESSED = 6,/* auth-required events held back by the rate limit */
 	AUTHD_CNT_FLOW_EVENTS = 7,           /* flow events emitted */
 	AUTHD_CNT_RINGBUF_FULL = 8,          /* events lost: ring buffer full */
-	AUTHD_CNT_NON_IP = 9,                /* passed: not IPv4/IPv6 (ARP, ...) */
+	AUTHD_CNT_NON_IP = 9,                /* passed: not IPv4/IPv6 (ARP, ...), or IPv6 neighbour discovery */
 	AUTHD_CNT_NOT_LOCAL = 10,            /* passed: no local endpoint in the ipcache */
 	AUTHD_CNT_COUNT = 11,
 };

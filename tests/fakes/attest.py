@@ -7,19 +7,22 @@ from collections import Counter, deque
 from datetime import UTC, datetime
 
 from authd.attest.client import Attestation, Target
-from authd.errors import AttestError
 from authd.x509svid import X509Svid
 
 
 class ScriptedAttestClient:
-    """``script(node, svid_or_error)`` queues the next answers for a node; the last one repeats."""
+    """``script(node, svid_or_error)`` queues the next answers for a node; the last one repeats.
+
+    An answer that is an exception is raised: AttestError as a real client would, anything else to
+    stand for a bug in the client.
+    """
 
     def __init__(self) -> None:
-        self.answers: dict[tuple[str, str], deque[X509Svid | AttestError]] = {}
+        self.answers: dict[tuple[str, str], deque[X509Svid | Exception]] = {}
         self.calls: Counter[tuple[str, str]] = Counter()
         self.gate: asyncio.Event | None = None  # when set to an unset Event, attempts wait for it
 
-    def script(self, target_id: str, node: str, *answers: X509Svid | AttestError) -> None:
+    def script(self, target_id: str, node: str, *answers: X509Svid | Exception) -> None:
         self.answers.setdefault((target_id, node), deque()).extend(answers)
 
     async def attest(self, target: Target) -> Attestation:
@@ -29,7 +32,7 @@ class ScriptedAttestClient:
             await self.gate.wait()
         queue = self.answers[key]
         answer = queue.popleft() if len(queue) > 1 else queue[0]
-        if isinstance(answer, AttestError):
+        if isinstance(answer, Exception):
             raise answer
         return Attestation(
             target.remote_id, target.node, target.addresses[0], answer.chain, datetime.now(UTC)

@@ -16,6 +16,8 @@ ETH_P_8021Q = 0x8100
 TCP = 6
 UDP = 17
 ICMP = 1
+ICMPV6 = 58
+NEIGHBOR_SOLICITATION = 135
 SYN, ACK, FIN, RST, PSH = 0x02, 0x10, 0x01, 0x04, 0x08
 
 SRC_MAC = bytes.fromhex("020000000001")
@@ -71,14 +73,20 @@ def ipv4(  # noqa: PLR0913 - every header field a test may break
     return header + options + payload
 
 
-def ipv6(src: str, dst: str, nexthdr: int, payload: bytes, *, version: int = 6) -> bytes:
+def ipv6(src: str, dst: str, nexthdr: int, payload: bytes, *, version: int = 6, hop_limit: int = 64) -> bytes:
     """An IPv6 packet; extension headers go in ``payload`` with :func:`ipv6_ext`/:func:`ipv6_fragment`."""
     return (
-        struct.pack("!IHBB", version << 28, len(payload), nexthdr, 64)
+        struct.pack("!IHBB", version << 28, len(payload), nexthdr, hop_limit)
         + IPv6Address(src).packed
         + IPv6Address(dst).packed
         + payload
     )
+
+
+def icmpv6(icmp_type: int, code: int = 0) -> bytes:
+    """An ICMPv6 message: type, code, checksum and four more bytes (a neighbour solicitation's reserved
+    field; its target address is not needed here)."""
+    return struct.pack("!BBHI", icmp_type, code, 0, 0)
 
 
 def ipv6_ext(nexthdr: int, length_units: int = 0) -> bytes:

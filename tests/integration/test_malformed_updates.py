@@ -178,7 +178,12 @@ async def test_workload_api_garbage_is_rejected_and_last_good_svid_kept(agent: F
         ("untrusted-chain", svid_response(good, bundle=other_ca.bundle().der())),
         (
             "expired",
-            svid_response(real_time_leaf(ca, OWN, not_after=SOON - dt.timedelta(seconds=5)), bundle=bundle),
+            svid_response(
+                real_time_leaf(
+                    ca, OWN, not_before=SOON - dt.timedelta(hours=1), not_after=SOON - dt.timedelta(seconds=5)
+                ),
+                bundle=bundle,
+            ),
         ),
         ("leaf-ca", svid_response(real_time_leaf(ca, OWN, ca=True), bundle=bundle)),
         ("bundle-key", svid_response(good, bundle=bundle, federated={"spiffe://partner.org/path": bundle})),
@@ -270,7 +275,19 @@ async def test_delegated_garbage_is_rejected_and_last_good_state_kept(agent: Fak
         ("malformed-certificate", delegated(item(good, chain=[duplicate_extension(der(good))]))),
         ("spiffe-id-mismatch", delegated(item(real_time_leaf(ca, "spiffe://example.org/db"), WEB))),
         ("spiffe-id", delegated(item(good), delegatedidentity_pb2.X509SVIDWithKey())),
-        ("expired", delegated(item(real_time_leaf(ca, str(WEB), not_after=SOON - dt.timedelta(seconds=5))))),
+        (
+            "expired",
+            delegated(
+                item(
+                    real_time_leaf(
+                        ca,
+                        str(WEB),
+                        not_before=SOON - dt.timedelta(hours=1),
+                        not_after=SOON - dt.timedelta(seconds=5),
+                    )
+                )
+            ),
+        ),
     ]
     bundle_garbage = [
         ("bundle-key", {"spiffe://": ca.bundle().der()}),

@@ -79,6 +79,58 @@ def test_arp_and_unknown_addresses_pass(datapath: Datapath, cluster: PinnedMaps)
     assert counters["not_local"] == 1
 
 
+@pytest.mark.parametrize("icmp_type", [133, 134, 135, 136, 137])
+def test_ipv6_neighbour_discovery_passes_like_arp(
+    datapath: Datapath, cluster: PinnedMaps, icmp_type: int
+) -> None:
+    # Found in the end-to-end tests: with a wildcard ingress policy, the node's neighbour solicitations
+    # for a workload's IPv6 address were dropped (from "world"), so nothing could reach it over IPv6.
+    cluster.policy.update_many(
+        {
+            PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE,
+            PolicyKey(A, IDENTITY_ANY, Direction.EGRESS): AuthType.SPIRE,
+        }
+    )
+    to_a = pk.ethernet(pk.ipv6("fe80::1", A6, pk.ICMPV6, pk.icmpv6(icmp_type), hop_limit=255), pk.ETH_P_IPV6)
+    from_a = pk.ethernet(
+        pk.ipv6(A6, "fe80::1", pk.ICMPV6, pk.icmpv6(icmp_type), hop_limit=255), pk.ETH_P_IPV6
+    )
+
+    assert run(datapath, to_a) == PASS
+    assert run(datapath, from_a) == PASS
+    assert run(datapath, to_a, ProgramName.EGRESS) == PASS
+    counters = cluster.counters.read()
+    assert counters["non_ip"] == 3
+    assert counters["denied_auth_required"] == 0
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pk.ethernet(pk.ipv6("fe80::1", A6, pk.ICMPV6, pk.icmpv6(128), hop_limit=255), pk.ETH_P_IPV6),  # echo
+        pk.ethernet(pk.ipv6("fe80::1", A6, pk.ICMPV6, pk.icmpv6(pk.NEIGHBOR_SOLICITATION)), pk.ETH_P_IPV6),
+        pk.ethernet(
+            pk.ipv6(
+                "fe80::1",
+                A6,
+                44,  # a first fragment: RFC 6980 forbids fragmented neighbour discovery
+                pk.ipv6_fragment(pk.ICMPV6, 0, more=True) + pk.icmpv6(pk.NEIGHBOR_SOLICITATION),
+                hop_limit=255,
+            ),
+            pk.ETH_P_IPV6,
+        ),
+        pk.ethernet(pk.ipv6("fe80::1", A6, pk.UDP, pk.udp(135, 135), hop_limit=255), pk.ETH_P_IPV6),
+    ],
+    ids=["echo-request", "routed-solicitation", "fragment", "udp"],
+)
+def test_only_neighbour_discovery_itself_is_exempt(
+    datapath: Datapath, cluster: PinnedMaps, frame: bytes
+) -> None:
+    cluster.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE})
+    assert run(datapath, frame) == DROP
+    assert cluster.counters.read()["denied_auth_required"] == 1
+
+
 @pytest.mark.parametrize(("src", "dst"), [(A4, B4), (A6, B6)], ids=["ipv4", "ipv6"])
 def test_auth_entry_decides_and_expires(datapath: Datapath, cluster: PinnedMaps, src: str, dst: str) -> None:
     frame = pk.tcp_frame(src, dst)

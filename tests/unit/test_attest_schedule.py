@@ -178,3 +178,28 @@ async def test_failures_are_retried_with_backoff(reason: str) -> None:
         await eventually(lambda: attestations.result(Peer(WEB, "node-a")) is not None)
     assert client.calls[(str(WEB), "node-a")] == 3
     assert attestations.stats.attempts[reason] == 2
+
+
+async def test_a_restarted_run_attests_the_peer_whose_attempt_crashed_the_last_one() -> None:
+    # Anything but AttestError from an attempt ends run(), and the supervisor starts it again. Found in
+    # the end-to-end tests: the peer stayed "in flight" across the restart and was never attested again,
+    # so its auth entries never came back.
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", RuntimeError("a bug in the client"), svid(authority, WEB, 3600))
+    client.script(str(DB), "node-a", svid(authority, DB, 3600))
+    client.gate = asyncio.Event()  # both attempts start before the first one fails
+    attestations = Attestations(client, renew_after=0.6, backoff=FAST, max_in_flight=4, on_change=Changes())
+    attestations.want({Peer(WEB, "node-a"): target(WEB), Peer(DB, "node-a"): target(DB)})
+    first_run = asyncio.create_task(attestations.run())
+    await eventually(lambda: sum(client.calls.values()) == 2)
+    client.gate.set()
+    with pytest.raises(ExceptionGroup):
+        await first_run
+
+    second_run = asyncio.create_task(attestations.run())
+    try:
+        await eventually(lambda: len(attestations.results()) == 2)
+    finally:
+        second_run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second_run
