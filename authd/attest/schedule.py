@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import heapq
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -80,10 +80,10 @@ class Attestations:
         renew_after: float,
         backoff: BackoffFactory,
         max_in_flight: int,
-        on_change: Callable[[], None],
+        on_change: Callable[[Collection[Peer]], None],
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        """``on_change`` is called whenever a result appears, changes or goes away."""
+        """``on_change`` is called with the peers whose result appeared, changed or went away."""
         self._client = client
         self._renew_after = renew_after
         self._backoff = backoff
@@ -100,10 +100,8 @@ class Attestations:
 
     def want(self, targets: Mapping[Peer, Target]) -> None:
         """Set the peers to keep attested; new ones are due now, dropped ones are forgotten."""
-        changed = False
-        for peer in list(self._peers):
-            if peer not in targets:
-                changed |= self._peers.pop(peer).result is not None
+        gone = [peer for peer in self._peers if peer not in targets]
+        dropped = [peer for peer in gone if self._peers.pop(peer).result is not None]
         for peer, target in targets.items():
             state = self._peers.get(peer)
             if state is None:
@@ -111,8 +109,8 @@ class Attestations:
                 self._schedule(peer, self._now())
             else:
                 state.target = target  # addresses or port may have changed; the next attempt uses them
-        if changed:
-            self._on_change()
+        if dropped:
+            self._on_change(dropped)
 
     def request(self, peer: Peer) -> bool:
         """Attest ``peer`` now unless a valid result exists or an attempt is in flight; True if scheduled."""
@@ -149,7 +147,7 @@ class Attestations:
     def bundles_changed(self, bundles: BundleSet) -> None:
         """Re-verify every remembered chain against new bundles; drop and re-attest those that fail."""
         now = self._now()
-        dropped = False
+        dropped = []
         for peer, state in self._peers.items():
             if state.result is None:
                 continue
@@ -160,10 +158,10 @@ class Attestations:
                     "attestation no longer verifies", peer=str(peer.remote_id), node=peer.node, rule=err.rule
                 )
                 state.result = None
-                dropped = True
+                dropped.append(peer)
                 self._schedule(peer, now)
         if dropped:
-            self._on_change()
+            self._on_change(dropped)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -224,7 +222,7 @@ class Attestations:
                 address=result.address,
                 not_after=result.not_after.isoformat(),
             )
-            self._on_change()
+            self._on_change([peer])
 
     def _failed(self, peer: Peer, state: _PeerState, err: AttestError) -> None:
         self.stats.attempts[err.reason] += 1
@@ -246,7 +244,7 @@ class Attestations:
         )
         self._schedule(peer, self._now() + timedelta(seconds=delay))
         if newly_refused:
-            self._on_change()
+            self._on_change([peer])
 
     def _schedule(self, peer: Peer, due: datetime) -> None:
         state = self._peers[peer]

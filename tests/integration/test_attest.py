@@ -284,3 +284,37 @@ async def test_client_falls_back_to_the_next_address_in_order(cluster: Cluster) 
         await attestor.attest(Target(WEB, "node-a", ("127.0.0.1",), dead_port))
     assert caught.value.reason == "unreachable"
     assert attestor.stats.results == {"ok": 1, "unreachable": 1}
+
+
+async def test_the_rate_limit_counts_only_connections_that_serve_nothing() -> None:
+    ca = live_ca(TD)
+    bundles = BundleSet.of([ca.bundle()])
+    node_a = FakeIdentities(ca.mint(str(NODE_A), LIVE), trusted=bundles)
+    node_a.host(ca.mint(str(WEB), LIVE))
+    node_b = FakeIdentities(ca.mint(str(NODE_B), LIVE), trusted=bundles)
+    config = AttestConfig(handshake_timeout=dt.timedelta(seconds=1), per_source_rate=1, per_source_burst=3)
+    listener = Listener(node_a, FakeNodes({NODE_B: "node-b"}), config)
+    async with serving(listener) as port:
+        attestor = Attestor(node_b, CONFIG)
+        target = Target(WEB, "node-a", ("127.0.0.1",), port)
+        # A peer node with many identities to attest is not throttled by its own successes...
+        for _ in range(10):
+            await attestor.attest(target)
+        assert listener.stats.served == 10
+        # ...while connections that serve nothing use the bucket up.
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        await eventually(lambda: listener.stats.refused["rate-limited"] == 2)
+        for _reader, writer in held:
+            writer.close()
+
+
+async def test_identities_hosted_later_are_served_and_those_gone_refused(cluster: Cluster) -> None:
+    attestor = cluster.attestor()
+    await attestor.attest(cluster.target(WEB))
+    cluster.node_a.host(cluster.ca.mint(str(DB), LIVE))
+    assert (await attestor.attest(cluster.target(DB))).remote_id == DB
+    del cluster.node_a.local[WEB]
+    with pytest.raises(AttestError) as caught:
+        await attestor.attest(cluster.target(WEB))
+    assert caught.value.reason == "not-hosted"
+    assert cluster.listener.stats.served == 2

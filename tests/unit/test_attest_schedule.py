@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import pytest
 
@@ -46,9 +46,11 @@ def target(spiffe_id: SpiffeId, node: str = "node-a") -> Target:
 class Changes:
     def __init__(self) -> None:
         self.count = 0
+        self.peers: list[Peer] = []
 
-    def __call__(self) -> None:
+    def __call__(self, peers: Collection[Peer]) -> None:
         self.count += 1
+        self.peers.extend(peers)
 
 
 @contextlib.asynccontextmanager
