@@ -185,13 +185,15 @@ class AuthManager:
         if node == self._node:
             self.stats.auth_required["local"] += 1  # both SVIDs are here: only a reconcile can help
             self._mark()
-        elif self._attestations.request(Peer(remote_id, node)):
+        elif self._attestations.request(peer := Peer(remote_id, node)):
             self.stats.auth_required["attesting"] += 1
-        else:
-            # A valid result exists or an attempt is under way; if the entry went missing from the
-            # map (flushed by hand, say), the reconcile puts it back.
+        elif self._attestations.result(peer) is not None:
+            # A valid result exists, so the entry should too: if it went missing from the map (flushed
+            # by hand, say), the reconcile, which reads the map, puts it back.
             self.stats.auth_required["known"] += 1
             self._mark()
+        else:
+            self.stats.auth_required["waiting"] += 1  # an attempt is under way or due shortly
 
     def _identity(self, handle: int) -> SpiffeId | None:
         name = self._handles.identity_name(handle)

@@ -33,6 +33,9 @@ from authd.x509svid import X509Svid, verify_chain
 
 log = structlog.get_logger(__name__)
 
+REFUSAL_LOG_INTERVAL = 10.0
+"""Seconds between two log lines for refusals of the same reason (every refusal is counted)."""
+
 
 class NodeDirectory(Protocol):
     """Which SPIFFE IDs are authd node identities in cluster state."""
@@ -86,6 +89,9 @@ class Listener:
         self._max_in_flight = config.max_concurrent_handshakes
         self._in_flight = 0
         self._limiter = SourceRateLimiter(config.per_source_rate, config.per_source_burst, clock)
+        self._clock = clock
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
         self._now = now
         self._contexts = ContextCache()
         # Per-connection SNI verdicts, set in the SNI callback and read when the handshake fails.
@@ -113,7 +119,20 @@ class Listener:
     def _refuse(self, conn: socket.socket, source: str, reason: str, detail: str = "") -> None:
         conn.close()
         self.stats.refused[reason] += 1
-        log.info("attestation refused", source=source, reason=reason, detail=detail or None)
+        # Every refusal is counted; the log gets one line per reason per interval, so that a flood of
+        # garbage cannot flood the journal too.
+        now = self._clock()
+        if now - self._logged_at.get(reason, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+            self._unlogged[reason] += 1
+            return
+        self._logged_at[reason] = now
+        log.info(
+            "attestation refused",
+            source=source,
+            reason=reason,
+            detail=detail or None,
+            unlogged_since=self._unlogged.pop(reason, 0),
+        )
 
     async def _handle(self, conn: socket.socket, source: str) -> None:
         try:

@@ -6,7 +6,9 @@ pairs with it shares the one result, so handshakes grow with identities, never w
 A peer is attested
 - as soon as it is wanted (cluster state shows policy pairing it with a local identity),
 - on demand, when the datapath reports traffic waiting for it (unless a valid result exists or an
-  attempt is in flight),
+  attempt is in flight): this pulls a retry that backoff put far off forward, but never to less than
+  :data:`ON_DEMAND_INTERVAL` after the previous attempt, so traffic waiting on a node that is down or
+  refusing costs it at most one handshake per peer per interval,
 - again at ``renew_after`` of its SVID's lifetime (SPIRE rotates at about half), and, while it presents
   the same certificate, again with backoff until it presents the rotated one, so no entry lapses while
   both SVIDs are valid and SPIRE is healthy,
@@ -36,6 +38,10 @@ from authd.x509svid import BundleSet
 
 log = structlog.get_logger(__name__)
 
+ON_DEMAND_INTERVAL = timedelta(seconds=1)
+"""The shortest time between two attempts for one peer when traffic asks for it (the TCP SYN
+retransmission timeout: the next retransmitted SYN is the first packet that can benefit)."""
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class Peer:
@@ -61,6 +67,7 @@ class _PeerState:
     due: datetime | None = None
     in_flight: bool = False
     refused: bool = False
+    attempted_at: datetime | None = None
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Attestations:
         max_in_flight: int,
         on_change: Callable[[Collection[Peer]], None],
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_demand_interval: timedelta = ON_DEMAND_INTERVAL,
     ) -> None:
         """``on_change`` is called with the peers whose result appeared, changed or went away."""
         self._client = client
@@ -90,6 +98,7 @@ class Attestations:
         self._max_in_flight = max_in_flight
         self._on_change = on_change
         self._now = now
+        self._on_demand_interval = on_demand_interval
         self._peers: dict[Peer, _PeerState] = {}
         self._queue: list[tuple[datetime, Peer]] = []
         self._wake = asyncio.Event()
@@ -113,14 +122,21 @@ class Attestations:
             self._on_change(dropped)
 
     def request(self, peer: Peer) -> bool:
-        """Attest ``peer`` now unless a valid result exists or an attempt is in flight; True if scheduled."""
+        """Attest ``peer`` soon unless a valid result exists or an attempt is in flight.
+
+        True if this brought the next attempt forward: to now, or to ``on_demand_interval`` (default
+        :data:`ON_DEMAND_INTERVAL`) after the previous attempt, whichever is later.
+        """
         state = self._peers.get(peer)
         if state is None or state.in_flight or self.result(peer) is not None:
             return False
         now = self._now()
-        if state.due is not None and state.due <= now:
-            return False  # already due; the loop is on it
-        self._schedule(peer, now)
+        due = now
+        if state.attempted_at is not None:
+            due = max(now, state.attempted_at + self._on_demand_interval)
+        if state.due is not None and state.due <= due:
+            return False  # already due by then; the loop is on it
+        self._schedule(peer, due)
         return True
 
     def result(self, peer: Peer) -> Attestation | None:
@@ -167,6 +183,12 @@ class Attestations:
 
     async def run(self) -> None:
         """Run due attestations, at most ``max_in_flight`` at once, until cancelled."""
+        now = self._now()
+        for peer, peer_state in self._peers.items():
+            if peer_state.due is None and not peer_state.in_flight:
+                # An attempt of a previous run was cut short (the daemon restarts this job when it
+                # fails): without a new date the peer would never be attested again.
+                self._schedule(peer, now)
         async with asyncio.TaskGroup() as attempts:
             while True:
                 self._wake.clear()
@@ -178,6 +200,7 @@ class Attestations:
                         continue  # stale queue entry: rescheduled, dropped, or running
                     state.in_flight = True
                     state.due = None
+                    state.attempted_at = now
                     self._in_flight += 1
                     attempts.create_task(self._attempt(peer, state))
                 timeout = None

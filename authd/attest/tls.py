@@ -72,7 +72,12 @@ def peer_chain(ssl_object: ssl.SSLObject) -> tuple[x509.Certificate, ...]:
     # Python 3.13 made get_unverified_chain() public; 3.11 and 3.12 have it on the private object.
     source = ssl_object if hasattr(ssl_object, "get_unverified_chain") else ssl_object._sslobj  # type: ignore[attr-defined]  # noqa: SLF001
     raw = source.get_unverified_chain() or []
-    return tuple(x509.load_der_x509_certificate(cert.public_bytes(_DER)) for cert in raw)
+    try:
+        return tuple(x509.load_der_x509_certificate(cert.public_bytes(_DER)) for cert in raw)
+    except (ValueError, x509.InvalidVersion) as err:  # OpenSSL parsed it, cryptography is stricter
+        raise AttestError(
+            "malformed-certificate", f"peer presented an unparsable certificate: {err}"
+        ) from err
 
 
 class ContextCache:

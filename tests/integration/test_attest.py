@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from authd.attest.client import Attestation, Attestor, Target
 from authd.attest.listener import Listener, bind
@@ -209,14 +210,18 @@ async def test_rate_limits_one_source() -> None:
 
 
 @contextlib.asynccontextmanager
-async def impostor(presented: X509Svid) -> AsyncIterator[int]:
-    """A TLS 1.3 server that presents ``presented`` whatever it is asked for."""
+async def impostor(presented: X509Svid, reply: bytes = b"authd-attest/1 ok\n") -> AsyncIterator[int]:
+    """A TLS 1.3 server that presents ``presented`` whatever it is asked for, then sends ``reply``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(*write_pem(presented))
+    with tempfile.TemporaryDirectory(prefix="authd-impostor-") as directory:
+        chain, key = Path(directory) / "chain.pem", Path(directory) / "key.pem"
+        chain.write_bytes(presented.chain_pem())
+        key.write_bytes(presented.key_pem())
+        context.load_cert_chain(chain, key)
 
     async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"authd-attest/1 ok\n")
+        writer.write(reply)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
@@ -226,13 +231,6 @@ async def impostor(presented: X509Svid) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
-
-
-def write_pem(svid: X509Svid) -> tuple[str, str]:
-    directory = Path(tempfile.mkdtemp(prefix="authd-impostor-"))
-    (directory / "chain.pem").write_bytes(svid.chain_pem())
-    (directory / "key.pem").write_bytes(svid.key_pem())
-    return str(directory / "chain.pem"), str(directory / "key.pem")
 
 
 def ca_as_leaf(ca: TestCA) -> X509Svid:
@@ -318,3 +316,50 @@ async def test_identities_hosted_later_are_served_and_those_gone_refused(cluster
         await attestor.attest(cluster.target(WEB))
     assert caught.value.reason == "not-hosted"
     assert cluster.listener.stats.served == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"", b"authd-attest/1 ok", b"x" * 100_000, b"authd-attest/1 no\n"],
+    ids=["eof", "cut", "flood", "no"],
+)
+async def test_client_refuses_a_server_that_does_not_accept_properly(cluster: Cluster, reply: bytes) -> None:
+    """A peer that proved R but then answers with anything but the acceptance line is refused, cleanly."""
+    async with impostor(cluster.node_a.local[WEB], reply) as port:
+        with pytest.raises(AttestError) as caught:
+            await cluster.attestor().attest(cluster.target(WEB, port))
+    assert caught.value.reason == "refused-by-peer"
+
+
+async def test_client_falls_back_when_an_address_does_not_answer_in_time(cluster: Cluster) -> None:
+    """An address whose SYNs go unanswered costs one deadline, then the next address is asked."""
+    stalled = socket.socket()
+    queued: list[socket.socket] = []
+    try:
+        stalled.bind(("127.0.0.2", cluster.port))
+        stalled.listen(0)
+        for _ in range(3):  # fill the accept queue: later SYNs are dropped and connect() hangs
+            extra = socket.socket()
+            extra.settimeout(0)
+            with contextlib.suppress(BlockingIOError):
+                extra.connect(("127.0.0.2", cluster.port))
+            queued.append(extra)
+        config = AttestConfig(client_timeout=dt.timedelta(seconds=0.3))
+        attestor = Attestor(cluster.node_b, config)
+        target = Target(WEB, "node-a", ("127.0.0.2", "127.0.0.1"), cluster.port)
+        result = await attestor.attest(target)
+        assert result.address == "127.0.0.1"
+    finally:
+        for sock in (*queued, stalled):
+            sock.close()
+
+
+async def test_refusals_are_all_counted_and_logged_once_per_reason_and_interval(cluster: Cluster) -> None:
+    with capture_logs() as logs:
+        for _ in range(20):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            writer.close()
+        await eventually(lambda: cluster.listener.stats.refused["not-tls"] == 20)
+    refusals = [entry for entry in logs if entry["event"] == "attestation refused"]
+    assert [entry["reason"] for entry in refusals] == ["not-tls"]
