@@ -68,6 +68,7 @@ class ClusterSpec:
     svid_ttl: float = 3600.0
     prefix: str = "adc"
     log_level: str = "info"
+    federated_trust_domain: str | None = None  # a second trust domain whose bundle every agent holds
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -254,6 +255,8 @@ class DevCluster:
             "--svid-ttl", str(self.spec.svid_ttl),
             "--log-format", "json",
         ]  # fmt: skip
+        if self.spec.federated_trust_domain is not None:
+            argv += ["--federated-trust-domain", self.spec.federated_trust_domain]
         for name in self.spec.nodes:
             argv += [
                 "--node",
