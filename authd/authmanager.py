@@ -13,6 +13,14 @@ datapath. One reconcile loop then computes what the maps should hold and writes 
   pinned map after a restart stay until their peer has been attested again (or their expiry): a restart
   leaves no gap.
 
+A full reconcile does all of that and reads the pinned map; it runs on every change of cluster state or
+local SVIDs, at the earliest expiry, on "auth required" for a pair whose attestation is valid (its entry
+may have been removed behind authd's back), and at least every :data:`FULL_RECONCILE_INTERVAL`. An
+attestation result that appears, changes or goes away only touches the pairs of that peer, compared
+with what the last full reconcile read and what was written since: results arrive one remote identity
+at a time, and a full pass for each would make converging on N remote identities cost O(N^2) (with
+1000, it was most of the time to converge).
+
 Handshakes are the attestation schedule's business (one per remote identity and node); a local SVID
 rotation only moves expiries.
 """
@@ -24,7 +32,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -39,6 +47,9 @@ from authd.identity import SpiffeId
 from authd.x509svid import X509Svid
 
 log = structlog.get_logger(__name__)
+
+FULL_RECONCILE_INTERVAL = timedelta(seconds=60)
+"""The longest time between two full reconciles (which read the pinned map), whatever else happens."""
 
 
 class Handles(Protocol):
@@ -152,6 +163,9 @@ class AuthManager:
         # What the auth map holds, as of the last full reconcile (which reads it) and the writes since.
         self._mirror: dict[AuthPair, datetime] = {}
         self._next_expiry: datetime | None = None
+        self.full_interval = FULL_RECONCILE_INTERVAL
+        """The longest time between two full reconciles."""
+        self._last_full = now()
         self.stats = ManagerStats()
 
     # --------------------------------------------------------------------------------------- inputs
@@ -211,15 +225,23 @@ class AuthManager:
     # ----------------------------------------------------------------------------------------- loop
 
     async def run(self) -> None:
-        """Reconcile whenever something changed, and when the earliest entry expires; until cancelled."""
+        """Reconcile on every change and expiry, and fully at least every ``full_interval``; until cancelled.
+
+        A full reconcile reads the pinned map, so entries that someone else added or removed are
+        noticed even while nothing else happens.
+        """
         while True:
-            timeout = None
+            wake_at = self._last_full + self.full_interval
             if self._next_expiry is not None:
-                timeout = max((self._next_expiry - self._now()).total_seconds(), 0.0) + 0.001
+                wake_at = min(wake_at, self._next_expiry)
+            timeout = max((wake_at - self._now()).total_seconds(), 0.0) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout)
             self._dirty.clear()
-            if self._next_expiry is not None and self._next_expiry <= self._now():
+            now = self._now()
+            if now >= self._last_full + self.full_interval or (
+                self._next_expiry is not None and self._next_expiry <= now
+            ):
                 self._full = True
             if self._full:
                 self.reconcile()
@@ -228,6 +250,7 @@ class AuthManager:
 
     def reconcile(self) -> None:
         """Bring every map in line with the inputs, writing only differences (reads the auth map)."""
+        self._last_full = self._now()
         state = self._state
         if state is None:
             return

@@ -111,13 +111,20 @@ class Attestations:
         """Set the peers to keep attested; new ones are due now, dropped ones are forgotten."""
         gone = [peer for peer in self._peers if peer not in targets]
         dropped = [peer for peer in gone if self._peers.pop(peer).result is not None]
+        now = self._now()
         for peer, target in targets.items():
             state = self._peers.get(peer)
             if state is None:
                 self._peers[peer] = _PeerState(target, self._backoff())
-                self._schedule(peer, self._now())
-            else:
-                state.target = target  # addresses or port may have changed; the next attempt uses them
+                self._schedule(peer, now)
+            elif state.target != target:
+                # The node's addresses or port changed. A valid result stays (the identity was proved,
+                # wherever); a peer still waiting for one is asked at its new address now, not after
+                # the backoff that its old address earned.
+                state.target = target
+                if self.result(peer) is None and not state.in_flight:
+                    state.backoff.reset()
+                    self._schedule(peer, now)
         if dropped:
             self._on_change(dropped)
 

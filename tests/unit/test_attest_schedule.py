@@ -235,3 +235,28 @@ async def test_on_demand_requests_pull_a_far_retry_forward_but_not_closer_than_t
             await task
     attempts = client.calls[(str(WEB), "node-a")]
     assert 3 <= attempts <= 1 + 0.45 / interval.total_seconds() + 1
+
+
+async def test_a_peer_whose_node_moved_is_asked_at_its_new_address_at_once() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", AttestError("unreachable", "old address"))
+    slow = BackoffPolicy(initial=30, maximum=30, jitter=0)
+    attestations = Attestations(client, renew_after=0.6, backoff=slow, max_in_flight=4, on_change=Changes())
+    peer = Peer(WEB, "node-a")
+    task = asyncio.create_task(attestations.run())
+    try:
+        attestations.want({peer: target(WEB)})
+        await eventually(lambda: attestations.stats.attempts["unreachable"] == 1)
+        client.answers[(str(WEB), "node-a")].clear()
+        client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
+        attestations.want({peer: Target(WEB, "node-a", ("192.0.2.99",), 4250)})
+        await eventually(lambda: attestations.result(peer) is not None)
+        assert attestations.result(peer).address == "192.0.2.99"  # type: ignore[union-attr]
+        # Moving again while the result is valid changes nothing until the renewal.
+        attestations.want({peer: Target(WEB, "node-a", ("192.0.2.100",), 4250)})
+        await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert client.calls[(str(WEB), "node-a")] == 2

@@ -300,3 +300,37 @@ async def test_attestation_results_update_only_their_pairs_without_reading_the_w
         await eventually(lambda: len(h.table.entries) == 49)
         assert h.pair("web", "r7", "node-b") not in h.table.entries
         assert h.table.reads == reads
+
+
+async def test_removing_the_remote_node_or_the_rule_removes_the_entries() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        h.manager.cluster_changed(two_nodes())  # the rule is gone
+        await eventually(lambda: not h.table.entries)
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        without_node_b = state(
+            [node("node-a")],
+            [endpoint("web", "node-a", "10.1.0.5"), endpoint("cache", "node-a", "10.1.0.6")],
+            [rule("spiffe://example.org/web", "spiffe://example.org/db", "both")],
+        )
+        h.manager.cluster_changed(without_node_b)
+        await eventually(lambda: not h.table.entries)
+        assert not h.attestations.results()
+
+
+async def test_a_periodic_full_reconcile_notices_what_others_did_to_the_map() -> None:
+    async with manager() as h:
+        h.manager.full_interval = dt.timedelta(milliseconds=50)
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        wanted = dict(h.table.entries)
+        stray = h.pair("cache", "db", "node-b")
+        h.table.entries.clear()  # flushed by hand...
+        h.table.entries[stray] = now() + dt.timedelta(hours=1)  # ...and an entry nobody wants
+        await eventually(lambda: h.table.entries == wanted)
