@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from authd.attest.client import Attestation, Attestor, Target
 from authd.attest.listener import Listener, bind
-from authd.attest.tls import client_context
+from authd.attest.tls import ContextCache, client_context
 from authd.config.model import AttestConfig
 from authd.errors import AttestError
 from authd.identity import SpiffeId, sni_for
@@ -251,7 +251,10 @@ def ca_as_leaf(ca: TestCA) -> X509Svid:
         ),
         (
             lambda c: c.ca.mint(
-                str(WEB), LeafOptions(ca=True, key_cert_sign=True, not_before=LIVE.not_before)
+                str(WEB),
+                LeafOptions(
+                    ca=True, key_cert_sign=True, not_before=LIVE.not_before, not_after=LIVE.not_after
+                ),
             ),
             "leaf-ca",
         ),
@@ -363,3 +366,19 @@ async def test_refusals_are_all_counted_and_logged_once_per_reason_and_interval(
         await eventually(lambda: cluster.listener.stats.refused["not-tls"] == 20)
     refusals = [entry for entry in logs if entry["event"] == "attestation refused"]
     assert [entry["reason"] for entry in refusals] == ["not-tls"]
+
+
+def test_the_context_cache_drops_the_least_recently_used() -> None:
+    ca = live_ca(TD)
+    bundles = BundleSet.of([ca.bundle()])
+    svids = [ca.mint(f"spiffe://{TD}/w{i}", LIVE) for i in range(4)]
+    cache = ContextCache(max_entries=3)
+    first = cache.get(svids[0], bundles, server=True)
+    second = cache.get(svids[1], bundles, server=True)
+    third = cache.get(svids[2], bundles, server=True)
+    assert cache.get(svids[0], bundles, server=True) is first  # used again: now the most recent
+    cache.get(svids[3], bundles, server=True)  # evicts svids[1], the least recently used
+    assert len(cache) == 3
+    assert cache.get(svids[0], bundles, server=True) is first
+    assert cache.get(svids[2], bundles, server=True) is third
+    assert cache.get(svids[1], bundles, server=True) is not second  # built again
