@@ -216,22 +216,14 @@ async def test_handshakes_grow_with_identities_not_pairs() -> None:
     remotes = [f"r{i}" for i in range(20)]
     endpoints = [endpoint(p, "node-a", f"10.1.0.{i + 1}") for i, p in enumerate(locals_)]
     endpoints += [endpoint(p, "node-b", f"10.2.0.{i + 1}") for i, p in enumerate(remotes)]
-    cluster = (
-        state(
-            [node("node-a"), node("node-b")],
-            endpoints,
-            [rule("spiffe://example.org/r*", "spiffe://example.org/l*")],
-        )
-        if False
-        else state(
-            [node("node-a"), node("node-b")],
-            endpoints,
-            [
-                rule(f"spiffe://example.org/{r}", f"spiffe://example.org/{loc}")
-                for r in remotes
-                for loc in locals_
-            ],
-        )
+    cluster = state(
+        [node("node-a"), node("node-b")],
+        endpoints,
+        [
+            rule(f"spiffe://example.org/{r}", f"spiffe://example.org/{loc}")
+            for r in remotes
+            for loc in locals_
+        ],
     )
     async with manager() as h:
         for path in remotes:
