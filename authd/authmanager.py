@@ -13,6 +13,14 @@ datapath. One reconcile loop then computes what the maps should hold and writes 
   pinned map after a restart stay until their peer has been attested again (or their expiry): a restart
   leaves no gap.
 
+A full reconcile does all of that and reads the pinned map; it runs on every change of cluster state or
+local SVIDs, at the earliest expiry, on "auth required" for a pair whose attestation is valid (its entry
+may have been removed behind authd's back), and at least every :data:`FULL_RECONCILE_INTERVAL`. An
+attestation result that appears, changes or goes away only touches the pairs of that peer, compared
+with what the last full reconcile read and what was written since: results arrive one remote identity
+at a time, and a full pass for each would make converging on N remote identities cost O(N^2) (with
+1000, it was most of the time to converge).
+
 Handshakes are the attestation schedule's business (one per remote identity and node); a local SVID
 rotation only moves expiries.
 """
@@ -24,7 +32,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -39,6 +47,9 @@ from authd.identity import SpiffeId
 from authd.x509svid import X509Svid
 
 log = structlog.get_logger(__name__)
+
+FULL_RECONCILE_INTERVAL = timedelta(seconds=60)
+"""The longest time between two full reconciles (which read the pinned map), whatever else happens."""
 
 
 class Handles(Protocol):
@@ -107,6 +118,7 @@ class ManagerStats:
     """What reconciling did, for metrics and ``authd status``."""
 
     reconciles: int = 0
+    peer_reconciles: int = 0
     upserts: int = 0
     deletes: int = 0
     table_changes: int = 0
@@ -140,9 +152,20 @@ class AuthManager:
         self._now = now
         self._state: ClusterState | None = None
         self._desired: DesiredState | None = None
+        # Per desired version: each pair with the peer whose attestation it needs (None on this node),
+        # and the pairs of each peer.
+        self._plan: list[tuple[AuthPair, Peer | None]] = []
+        self._pairs_of: dict[Peer, list[AuthPair]] = {}
         self._tables_version = ""
         self._dirty = asyncio.Event()
+        self._full = True  # the next pass must be a full reconcile (else only _changed_peers)
+        self._changed_peers: set[Peer] = set()
+        # What the auth map holds, as of the last full reconcile (which reads it) and the writes since.
+        self._mirror: dict[AuthPair, datetime] = {}
         self._next_expiry: datetime | None = None
+        self.full_interval = FULL_RECONCILE_INTERVAL
+        """The longest time between two full reconciles."""
+        self._last_full = now()
         self.stats = ManagerStats()
 
     # --------------------------------------------------------------------------------------- inputs
@@ -157,9 +180,14 @@ class AuthManager:
         """Local SVIDs were added, rotated or removed."""
         self._mark()
 
-    def attestations_changed(self) -> None:
-        """An attestation result appeared, changed or went away."""
-        self._mark()
+    def attestations_changed(self, peers: Collection[Peer]) -> None:
+        """The attestation results of ``peers`` appeared, changed or went away.
+
+        Only their pairs are looked at again: results arrive one remote identity at a time, and a full
+        reconcile per result would make converging on N remote identities cost O(N^2).
+        """
+        self._changed_peers.update(peers)
+        self._dirty.set()
 
     def auth_required(self, local: int, remote: int, remote_node: int) -> None:
         """The datapath dropped traffic of a pair with no live entry: attest now if that can help."""
@@ -171,13 +199,15 @@ class AuthManager:
         if node == self._node:
             self.stats.auth_required["local"] += 1  # both SVIDs are here: only a reconcile can help
             self._mark()
-        elif self._attestations.request(Peer(remote_id, node)):
+        elif self._attestations.request(peer := Peer(remote_id, node)):
             self.stats.auth_required["attesting"] += 1
-        else:
-            # A valid result exists or an attempt is under way; if the entry went missing from the
-            # map (flushed by hand, say), the reconcile puts it back.
+        elif self._attestations.result(peer) is not None:
+            # A valid result exists, so the entry should too: if it went missing from the map (flushed
+            # by hand, say), the reconcile, which reads the map, puts it back.
             self.stats.auth_required["known"] += 1
             self._mark()
+        else:
+            self.stats.auth_required["waiting"] += 1  # an attempt is under way or due shortly
 
     def _identity(self, handle: int) -> SpiffeId | None:
         name = self._handles.identity_name(handle)
@@ -189,26 +219,43 @@ class AuthManager:
             return None
 
     def _mark(self) -> None:
+        self._full = True
         self._dirty.set()
 
     # ----------------------------------------------------------------------------------------- loop
 
     async def run(self) -> None:
-        """Reconcile whenever something changed, and when the earliest entry expires; until cancelled."""
+        """Reconcile on every change and expiry, and fully at least every ``full_interval``; until cancelled.
+
+        A full reconcile reads the pinned map, so entries that someone else added or removed are
+        noticed even while nothing else happens.
+        """
         while True:
-            timeout = None
+            wake_at = self._last_full + self.full_interval
             if self._next_expiry is not None:
-                timeout = max((self._next_expiry - self._now()).total_seconds(), 0.0) + 0.001
+                wake_at = min(wake_at, self._next_expiry)
+            timeout = max((wake_at - self._now()).total_seconds(), 0.0) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout)
             self._dirty.clear()
-            self.reconcile()
+            now = self._now()
+            if now >= self._last_full + self.full_interval or (
+                self._next_expiry is not None and self._next_expiry <= now
+            ):
+                self._full = True
+            if self._full:
+                self.reconcile()
+            else:
+                self._reconcile_peers()
 
     def reconcile(self) -> None:
-        """Bring every map in line with the inputs, writing only differences."""
+        """Bring every map in line with the inputs, writing only differences (reads the auth map)."""
+        self._last_full = self._now()
         state = self._state
         if state is None:
             return
+        self._full = False
+        self._changed_peers.clear()
         desired = self._desired_state(state)
         if self._tables_version != desired.version:
             changed = self._tables.sync_ipcache(desired.ipcache) + self._tables.sync_policy(desired.policy)
@@ -216,7 +263,6 @@ class AuthManager:
             self._tables_version = desired.version
             if changed:
                 log.info("datapath tables synced", version=desired.version[:12], changed=changed)
-        self._attestations.want(self._peers(state, desired.pairs))
         self._write_auth(desired.pairs)
         self.stats.reconciles += 1
 
@@ -228,21 +274,31 @@ class AuthManager:
     def _desired_state(self, state: ClusterState) -> DesiredState:
         if self._desired is None or self._desired.version != state.version:
             self._handles.assign(state.identities, state.nodes)
-            self._desired = desired_state(state, self._node, self._handles)
+            self._desired = desired = desired_state(state, self._node, self._handles)
+            # What depends on the desired state alone is worked out once per version, not once per
+            # reconcile: reconciles follow every attestation result, and there are as many results as
+            # remote identities.
+            targets = self._targets(state, desired.pairs)
+            self._plan = [
+                (pair, None if pair.on_local_node else Peer(pair.remote, pair.node)) for pair in desired.pairs
+            ]
+            self._pairs_of = {}
+            for pair, peer in self._plan:
+                if peer is not None:
+                    self._pairs_of.setdefault(peer, []).append(pair)
+            self._attestations.want(targets)
         return self._desired
 
-    def _peers(self, state: ClusterState, pairs: frozenset[AuthPair]) -> dict[Peer, Target]:
+    def _targets(self, state: ClusterState, pairs: frozenset[AuthPair]) -> dict[Peer, Target]:
+        addresses: dict[str, tuple[tuple[str, ...], int]] = {}
+        for name, node in state.nodes.items():
+            addresses[name] = (tuple(str(a) for a in node.addresses), node.attest_port or self._attest_port)
         peers: dict[Peer, Target] = {}
         for pair in pairs:
-            if pair.on_local_node:
+            if pair.on_local_node or pair.node not in addresses:
                 continue
-            node = state.node(pair.node)
-            if node is None:
-                continue
-            port = node.attest_port or self._attest_port
-            peers[Peer(pair.remote, pair.node)] = Target(
-                pair.remote, pair.node, tuple(str(a) for a in node.addresses), port
-            )
+            node_addresses, port = addresses[pair.node]
+            peers[Peer(pair.remote, pair.node)] = Target(pair.remote, pair.node, node_addresses, port)
         return peers
 
     def _write_auth(self, pairs: frozenset[AuthPair]) -> None:
@@ -250,8 +306,8 @@ class AuthManager:
         local = self._svids.local_svids()
         results = self._attestations.results()
         wanted: dict[AuthPair, datetime] = {}
-        for pair in pairs:
-            expiry = self._expiry(pair, local, results)
+        for pair, peer in self._plan:
+            expiry = self._expiry(pair, peer, local, results)
             if expiry is not None and expiry > now:
                 wanted[pair] = expiry
         current = self._table.read()
@@ -261,7 +317,7 @@ class AuthManager:
         for pair, expiry in current.items():
             if pair in wanted:
                 continue
-            if expiry > now and pair in pairs and self._keep_until_known(pair, synced=synced):
+            if expiry > now and pair in pairs and self._keep_until_known(pair, local, synced=synced):
                 kept[pair] = expiry
             else:
                 deletes.append(pair)
@@ -276,24 +332,65 @@ class AuthManager:
                 deletes=len(deletes),
                 entries=len(wanted) + len(kept),
             )
-        self.stats.entries = len(wanted) + len(kept)
-        expiries = [*wanted.values(), *kept.values()]
-        self._next_expiry = min(expiries) if expiries else None
+        self._mirror = {**kept, **wanted}
+        self.stats.entries = len(self._mirror)
+        self._next_expiry = min(self._mirror.values()) if self._mirror else None
+
+    def _reconcile_peers(self) -> None:
+        """Bring the entries of the peers whose attestations changed in line, from the mirror."""
+        peers, self._changed_peers = self._changed_peers, set()
+        now = self._now()
+        local = self._svids.local_svids()
+        synced = self._svids.synced
+        upserts: dict[AuthPair, datetime] = {}
+        deletes: list[AuthPair] = []
+        for peer in peers:
+            result = self._attestations.result(peer)
+            for pair in self._pairs_of.get(peer, ()):
+                mine = local.get(pair.local)
+                expiry = min(mine.not_after, result.not_after) if mine and result else None
+                held = self._mirror.get(pair)
+                if expiry is not None and expiry > now:
+                    if held != expiry:
+                        upserts[pair] = expiry
+                elif held is not None and not (
+                    held > now and self._keep_until_known(pair, local, synced=synced)
+                ):
+                    deletes.append(pair)
+        if upserts or deletes:
+            self._table.write(upserts, deletes)
+            self.stats.upserts += len(upserts)
+            self.stats.deletes += len(deletes)
+            for pair in deletes:
+                del self._mirror[pair]
+            self._mirror.update(upserts)
+            log.debug(
+                "auth map updated for peers", peers=len(peers), upserts=len(upserts), deletes=len(deletes)
+            )
+            if upserts:
+                earliest = min(upserts.values())
+                if self._next_expiry is None or earliest < self._next_expiry:
+                    self._next_expiry = earliest
+        self.stats.entries = len(self._mirror)
+        self.stats.peer_reconciles += 1
 
     @staticmethod
     def _expiry(
-        pair: AuthPair, local: Mapping[SpiffeId, X509Svid], results: Mapping[Peer, Attestation]
+        pair: AuthPair,
+        peer: Peer | None,
+        local: Mapping[SpiffeId, X509Svid],
+        results: Mapping[Peer, Attestation],
     ) -> datetime | None:
         mine = local.get(pair.local)
         if mine is None:
             return None
-        if pair.on_local_node:
+        if peer is None:
             theirs = local.get(pair.remote)
             return min(mine.not_after, theirs.not_after) if theirs is not None else None
-        result = results.get(Peer(pair.remote, pair.node))
+        result = results.get(peer)
         return min(mine.not_after, result.not_after) if result is not None else None
 
-    def _keep_until_known(self, pair: AuthPair, *, synced: bool) -> bool:
+    def _keep_until_known(self, pair: AuthPair, local: Mapping[SpiffeId, X509Svid], *, synced: bool) -> bool:
         """Whether an entry that cannot be computed now is kept until its expiry.
 
         Before the SVID store synced, the local SVIDs may simply not have arrived yet. A remote pair
@@ -303,6 +400,6 @@ class AuthManager:
         """
         if not synced:
             return True
-        if pair.on_local_node or pair.local not in self._svids.local_svids():
+        if pair.on_local_node or pair.local not in local:
             return False
         return not self._attestations.refused(Peer(pair.remote, pair.node))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from authd import log as logsetup
 from authd.attest.client import Attestor
 from authd.attest.listener import Listener
 from authd.attest.listener import bind as bind_listener
-from authd.attest.schedule import Attestations
+from authd.attest.schedule import Attestations, Peer
 from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
 from authd.cluster.file import FileClusterSource
@@ -261,9 +261,9 @@ class Daemon:
                     self.attestations.bundles_changed(store.bundles())
                 manager.svids_changed()
 
-    def _attestations_changed(self) -> None:
+    def _attestations_changed(self, peers: Collection[Peer]) -> None:
         if self.manager is not None:
-            self.manager.attestations_changed()
+            self.manager.attestations_changed(peers)
 
     def _auth_required(self, event: AuthRequiredEvent) -> None:
         key = event.key

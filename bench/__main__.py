@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cluster, datapath, e2e, identity, lifecycle, operations
+from bench import attest, cluster, datapath, e2e, identity, lifecycle, operations
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
@@ -15,6 +15,7 @@ SUITES: dict[str, Callable[[], Figures]] = {
     "identity": identity.run,
     "cluster": cluster.run,
     "datapath": datapath.run,
+    "attest": attest.run,
     "operations": operations.run,
     "e2e": e2e.run,
 }

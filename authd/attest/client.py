@@ -171,31 +171,42 @@ class Attestor:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self._timeout):
+                # TCP first, then TLS: an address that cannot be connected to (refused, no route, or no
+                # answer before the deadline) is "unreachable" and the next one is tried; once connected,
+                # whatever happens is the node's answer.
                 try:
-                    reader, writer = await asyncio.open_connection(
-                        address,
-                        port,
-                        ssl=context,
-                        server_hostname=sni_for(remote_id),
-                        ssl_handshake_timeout=self._timeout,
+                    reader, writer = await asyncio.open_connection(address, port)
+                except OSError as err:
+                    raise AttestError("unreachable", f"{address}:{port}: {err}") from err
+                try:
+                    await writer.start_tls(
+                        context, server_hostname=sni_for(remote_id), ssl_handshake_timeout=self._timeout
                     )
                 except ssl.SSLError as err:
                     reason = _TLS_ANSWERS.get(err.reason or "", "tls-error")
                     raise AttestError(reason, f"{address}: handshake failed: {err}") from err
-                except OSError as err:
-                    raise AttestError("unreachable", f"{address}:{port}: {err}") from err
+                except OSError as err:  # closed at once: the listener's limits, or it is stopping
+                    raise AttestError(
+                        "connection-error", f"{address}:{port}: closed during the handshake: {err}"
+                    ) from err
                 chain = peer_chain(writer.get_extra_info("ssl_object"))
                 try:
                     verify_chain(chain, bundles, at=self._now(), authorize=authorize_id(remote_id))
                 except SvidError as err:
                     raise AttestError(err.rule, f"{address}: {err}") from err
                 try:
-                    accepted = await reader.readline()
-                except (ConnectionError, ssl.SSLError) as err:
+                    # Exactly the line's length: a peer that sends more, less or a flood without a newline
+                    # is refused here, never an exception the schedule does not expect.
+                    accepted = await reader.readexactly(len(ACCEPTED))
+                except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as err:
                     raise AttestError("refused-by-peer", f"{address}: connection closed: {err}") from err
                 if accepted != ACCEPTED:
                     raise AttestError("refused-by-peer", f"{address} did not accept this node's identity")
         except TimeoutError as err:
+            if writer is None:
+                raise AttestError(
+                    "unreachable", f"{address}:{port}: no connection within {self._timeout}s"
+                ) from err
             raise AttestError("timeout", f"{address}:{port}: no verdict within {self._timeout}s") from err
         finally:
             if writer is not None:

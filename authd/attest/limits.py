@@ -1,4 +1,12 @@
-"""Admission limits of the attestation listener: per-source token buckets, bounded in memory."""
+"""Admission limits of the attestation listener: per-source token buckets, bounded in memory.
+
+A connection takes a token when it is accepted, before anything is known about it; the listener gives the
+token back once the connection turned out to be a verified node's attestation. So the rate limits what a
+source can make the listener do for nothing (garbage, stalls, refused handshakes), while a peer node that
+has many identities to attest is bounded only by the cap on handshakes in flight: with 20 per second, a
+node attesting 1000 identities would otherwise need close to a minute, and each refusal would cost it a
+backoff on top.
+"""
 
 from __future__ import annotations
 
@@ -29,3 +37,10 @@ class SourceRateLimiter:
         if len(self._buckets) > self._max_sources:
             self._buckets.popitem(last=False)
         return admitted
+
+    def refund(self, source: str) -> None:
+        """Give back the token of an admission that proved legitimate (a served attestation)."""
+        bucket = self._buckets.get(source)
+        if bucket is not None:
+            tokens, stamp = bucket
+            self._buckets[source] = (min(self._burst, tokens + 1), stamp)

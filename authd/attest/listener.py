@@ -29,9 +29,12 @@ from authd.attest.tls import ContextCache, peer_chain
 from authd.config.model import AttestConfig
 from authd.errors import AttestError, SvidError
 from authd.identity import SpiffeId, sni_for
-from authd.x509svid import verify_chain
+from authd.x509svid import X509Svid, verify_chain
 
 log = structlog.get_logger(__name__)
+
+REFUSAL_LOG_INTERVAL = 10.0
+"""Seconds between two log lines for refusals of the same reason (every refusal is counted)."""
 
 
 class NodeDirectory(Protocol):
@@ -86,10 +89,14 @@ class Listener:
         self._max_in_flight = config.max_concurrent_handshakes
         self._in_flight = 0
         self._limiter = SourceRateLimiter(config.per_source_rate, config.per_source_burst, clock)
+        self._clock = clock
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
         self._now = now
         self._contexts = ContextCache()
         # Per-connection SNI verdicts, set in the SNI callback and read when the handshake fails.
         self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, SpiffeId | str] = weakref.WeakKeyDictionary()
+        self._by_sni: dict[str, SpiffeId] = {}
         self.stats = ListenerStats()
 
     async def serve(self, sock: socket.socket) -> None:
@@ -112,7 +119,20 @@ class Listener:
     def _refuse(self, conn: socket.socket, source: str, reason: str, detail: str = "") -> None:
         conn.close()
         self.stats.refused[reason] += 1
-        log.info("attestation refused", source=source, reason=reason, detail=detail or None)
+        # Every refusal is counted; the log gets one line per reason per interval, so that a flood of
+        # garbage cannot flood the journal too.
+        now = self._clock()
+        if now - self._logged_at.get(reason, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+            self._unlogged[reason] += 1
+            return
+        self._logged_at[reason] = now
+        log.info(
+            "attestation refused",
+            source=source,
+            reason=reason,
+            detail=detail or None,
+            unlogged_since=self._unlogged.pop(reason, 0),
+        )
 
     async def _handle(self, conn: socket.socket, source: str) -> None:
         try:
@@ -158,6 +178,7 @@ class Listener:
         except SvidError as err:
             raise AttestError(err.rule, str(err)) from err
         await tls.send(ACCEPTED)
+        self._limiter.refund(source)  # a verified node's attestation: only refusals count against the rate
         self.stats.served += 1
         log.debug("attestation served", source=source, identity=str(served), client=str(client))
 
@@ -170,8 +191,7 @@ class Listener:
             self._sni[ssl_object] = "missing-sni"
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         identities = self._identities
-        by_name = {sni_for(spiffe_id): svid for spiffe_id, svid in identities.local_svids().items()}
-        svid = by_name.get(server_name)
+        svid = self._hosted(server_name)
         if svid is None:
             self._sni[ssl_object] = "unknown-sni"
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
@@ -182,6 +202,22 @@ class Listener:
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         self._sni[ssl_object] = svid.spiffe_id
         return None
+
+    def _hosted(self, server_name: str) -> X509Svid | None:
+        """The SVID of the local identity whose SNI is ``server_name``, if this node holds one.
+
+        The SNI -> ID index is rebuilt only when a name is not in it (or names an SVID no longer held), so
+        a served attestation costs O(1) whatever the number of local identities; only names the node
+        does not know cost a pass over its identities, and those connections are rate-limited.
+        """
+        identities = self._identities
+        spiffe_id = self._by_sni.get(server_name)
+        svid = identities.svid_for(spiffe_id) if spiffe_id is not None else None
+        if svid is None:
+            self._by_sni = {sni_for(spiffe_id): spiffe_id for spiffe_id in identities.local_svids()}
+            spiffe_id = self._by_sni.get(server_name)
+            svid = identities.svid_for(spiffe_id) if spiffe_id is not None else None
+        return svid
 
     def _authorize_node(self, spiffe_id: SpiffeId) -> None:
         if self._nodes.node_named_by(spiffe_id) is None:

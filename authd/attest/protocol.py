@@ -25,6 +25,10 @@ class LocalIdentities(Protocol):
         """SVIDs of the workloads hosted on this node, by SPIFFE ID."""
         ...
 
+    def svid_for(self, spiffe_id: SpiffeId) -> X509Svid | None:
+        """The SVID of one workload hosted on this node, if held."""
+        ...
+
     def bundles(self) -> BundleSet:
         """Trust bundles by trust domain."""
         ...

@@ -6,7 +6,9 @@ pairs with it shares the one result, so handshakes grow with identities, never w
 A peer is attested
 - as soon as it is wanted (cluster state shows policy pairing it with a local identity),
 - on demand, when the datapath reports traffic waiting for it (unless a valid result exists or an
-  attempt is in flight),
+  attempt is in flight): this pulls a retry that backoff put far off forward, but never to less than
+  :data:`ON_DEMAND_INTERVAL` after the previous attempt, so traffic waiting on a node that is down or
+  refusing costs it at most one handshake per peer per interval,
 - again at ``renew_after`` of its SVID's lifetime (SPIRE rotates at about half), and, while it presents
   the same certificate, again with backoff until it presents the rotated one, so no entry lapses while
   both SVIDs are valid and SPIRE is healthy,
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import heapq
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -35,6 +37,10 @@ from authd.identity import SpiffeId
 from authd.x509svid import BundleSet
 
 log = structlog.get_logger(__name__)
+
+ON_DEMAND_INTERVAL = timedelta(seconds=1)
+"""The shortest time between two attempts for one peer when traffic asks for it (the TCP SYN
+retransmission timeout: the next retransmitted SYN is the first packet that can benefit)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -62,6 +68,7 @@ class _PeerState:
     in_flight: bool = False
     refused: bool = False
     last_failure: str = ""
+    attempted_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +102,18 @@ class Attestations:
         renew_after: float,
         backoff: BackoffFactory,
         max_in_flight: int,
-        on_change: Callable[[], None],
+        on_change: Callable[[Collection[Peer]], None],
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_demand_interval: timedelta = ON_DEMAND_INTERVAL,
     ) -> None:
-        """``on_change`` is called whenever a result appears, changes or goes away."""
+        """``on_change`` is called with the peers whose result appeared, changed or went away."""
         self._client = client
         self._renew_after = renew_after
         self._backoff = backoff
         self._max_in_flight = max_in_flight
         self._on_change = on_change
         self._now = now
+        self._on_demand_interval = on_demand_interval
         self._peers: dict[Peer, _PeerState] = {}
         self._queue: list[tuple[datetime, Peer]] = []
         self._wake = asyncio.Event()
@@ -115,29 +124,41 @@ class Attestations:
 
     def want(self, targets: Mapping[Peer, Target]) -> None:
         """Set the peers to keep attested; new ones are due now, dropped ones are forgotten."""
-        changed = False
-        for peer in list(self._peers):
-            if peer not in targets:
-                changed |= self._peers.pop(peer).result is not None
+        gone = [peer for peer in self._peers if peer not in targets]
+        dropped = [peer for peer in gone if self._peers.pop(peer).result is not None]
+        now = self._now()
         for peer, target in targets.items():
             state = self._peers.get(peer)
             if state is None:
                 self._peers[peer] = _PeerState(target, self._backoff())
-                self._schedule(peer, self._now())
-            else:
-                state.target = target  # addresses or port may have changed; the next attempt uses them
-        if changed:
-            self._on_change()
+                self._schedule(peer, now)
+            elif state.target != target:
+                # The node's addresses or port changed. A valid result stays (the identity was proved,
+                # wherever); a peer still waiting for one is asked at its new address now, not after
+                # the backoff that its old address earned.
+                state.target = target
+                if self.result(peer) is None and not state.in_flight:
+                    state.backoff.reset()
+                    self._schedule(peer, now)
+        if dropped:
+            self._on_change(dropped)
 
     def request(self, peer: Peer) -> bool:
-        """Attest ``peer`` now unless a valid result exists or an attempt is in flight; True if scheduled."""
+        """Attest ``peer`` soon unless a valid result exists or an attempt is in flight.
+
+        True if this brought the next attempt forward: to now, or to ``on_demand_interval`` (default
+        :data:`ON_DEMAND_INTERVAL`) after the previous attempt, whichever is later.
+        """
         state = self._peers.get(peer)
         if state is None or state.in_flight or self.result(peer) is not None:
             return False
         now = self._now()
-        if state.due is not None and state.due <= now:
-            return False  # already due; the loop is on it
-        self._schedule(peer, now)
+        due = now
+        if state.attempted_at is not None:
+            due = max(now, state.attempted_at + self._on_demand_interval)
+        if state.due is not None and state.due <= due:
+            return False  # already due by then; the loop is on it
+        self._schedule(peer, due)
         return True
 
     def result(self, peer: Peer) -> Attestation | None:
@@ -171,7 +192,7 @@ class Attestations:
     def bundles_changed(self, bundles: BundleSet) -> None:
         """Re-verify every remembered chain against new bundles; drop and re-attest those that fail."""
         now = self._now()
-        dropped = False
+        dropped = []
         for peer, state in self._peers.items():
             if state.result is None:
                 continue
@@ -182,10 +203,10 @@ class Attestations:
                     "attestation no longer verifies", peer=str(peer.remote_id), node=peer.node, rule=err.rule
                 )
                 state.result = None
-                dropped = True
+                dropped.append(peer)
                 self._schedule(peer, now)
         if dropped:
-            self._on_change()
+            self._on_change(dropped)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -209,6 +230,7 @@ class Attestations:
                         continue  # stale queue entry: rescheduled, dropped, or running
                     state.in_flight = True
                     state.due = None
+                    state.attempted_at = now
                     self._in_flight += 1
                     attempts.create_task(self._attempt(peer, state))
                 timeout = None
@@ -267,7 +289,7 @@ class Attestations:
                 address=result.address,
                 not_after=result.not_after.isoformat(),
             )
-            self._on_change()
+            self._on_change([peer])
 
     def _failed(self, peer: Peer, state: _PeerState, err: AttestError) -> None:
         self.stats.attempts[err.reason] += 1
@@ -290,7 +312,7 @@ class Attestations:
         )
         self._schedule(peer, self._now() + timedelta(seconds=delay))
         if newly_refused:
-            self._on_change()
+            self._on_change([peer])
 
     def _schedule(self, peer: Peer, due: datetime) -> None:
         state = self._peers[peer]

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from cryptography import x509
@@ -90,7 +91,12 @@ def peer_chain(ssl_object: ssl.SSLObject) -> tuple[x509.Certificate, ...]:
     # Python 3.13 made get_unverified_chain() public; 3.11 and 3.12 have it on the private object.
     source = ssl_object if hasattr(ssl_object, "get_unverified_chain") else ssl_object._sslobj  # type: ignore[attr-defined]  # noqa: SLF001
     raw = source.get_unverified_chain() or []
-    return tuple(x509.load_der_x509_certificate(cert.public_bytes(_DER)) for cert in raw)
+    try:
+        return tuple(x509.load_der_x509_certificate(cert.public_bytes(_DER)) for cert in raw)
+    except (ValueError, x509.InvalidVersion) as err:  # OpenSSL parsed it, cryptography is stricter
+        raise AttestError(
+            "malformed-certificate", f"peer presented an unparsable certificate: {err}"
+        ) from err
 
 
 class ContextCache:
@@ -98,24 +104,31 @@ class ContextCache:
 
     Building a context parses keys and certificates (about a millisecond); a handshake should not pay
     that. Rotations change the leaf and bundle updates change the authorities, so both are in the key.
+    The least recently used context goes first when the cache is full: rotated SVIDs' contexts age out,
+    and a node with more identities than :attr:`max_entries` rebuilds only those not asked for lately.
     """
 
-    MAX_ENTRIES = 1024
-
-    def __init__(self) -> None:
-        """Start empty."""
-        self._cache: dict[tuple[bytes, bytes, bool], ssl.SSLContext] = {}
+    def __init__(self, max_entries: int = 1024) -> None:
+        """Start empty; hold at most ``max_entries`` contexts (about 33 KiB each, measured)."""
+        self.max_entries = max_entries
+        self._cache: OrderedDict[tuple[bytes, bytes, bool], ssl.SSLContext] = OrderedDict()
 
     def get(self, svid: X509Svid, bundles: BundleSet, *, server: bool) -> ssl.SSLContext:
         """Return a context for ``svid`` and ``bundles``, building it on first use."""
         key = (svid.leaf.fingerprint(hashes.SHA256()), _digest(bundles), server)
         context = self._cache.get(key)
         if context is None:
-            if len(self._cache) >= self.MAX_ENTRIES:
-                self._cache.clear()  # rotations leave old entries behind; start over rather than grow
             context = (server_context if server else client_context)(svid, bundles)
             self._cache[key] = context
+            if len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
         return context
+
+    def __len__(self) -> int:
+        """How many contexts are held."""
+        return len(self._cache)
 
 
 def _digest(bundles: BundleSet) -> bytes:

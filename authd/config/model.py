@@ -186,10 +186,12 @@ class AttestConfig:
         64, "handshakes served at once; connections beyond are closed at once", check=at_least_one
     )
     per_source_rate: float = setting(
-        20.0, "handshakes per second one source address may start", check=at_least_one
+        20.0,
+        "connections per second one source address may open that end in no served attestation",
+        check=at_least_one,
     )
     per_source_burst: int = setting(
-        40, "handshakes one source may start at once before the rate applies", check=at_least_one
+        40, "such connections one source may open at once before the rate applies", check=at_least_one
     )
     client_timeout: timedelta = setting(
         timedelta(seconds=3),

@@ -47,6 +47,9 @@ class PinnedAuthTable:
         self._auth = auth
         self._names = names
         self.unresolved = 0
+        # Parsed SPIFFE IDs by handle, kept across reads (the map is read on every reconcile) and checked
+        # against the registry's name each time, since a released handle may come back for another ID.
+        self._parsed: dict[int, tuple[str, SpiffeId | None]] = {}
 
     def read(self) -> dict[AuthPair, datetime]:
         """Every SPIRE entry whose handles resolve, read from the map; the others are counted and skipped."""
@@ -71,10 +74,18 @@ class PinnedAuthTable:
     def _identity(self, handle: int, cache: dict[int, SpiffeId | None]) -> SpiffeId | None:
         if handle not in cache:
             name = self._names.identity_name(handle)
-            try:
-                cache[handle] = SpiffeId.parse(name) if name is not None else None
-            except SpiffeIdError:
+            parsed = self._parsed.get(handle)
+            if name is None:
                 cache[handle] = None
+            elif parsed is not None and parsed[0] == name:
+                cache[handle] = parsed[1]
+            else:
+                try:
+                    spiffe_id: SpiffeId | None = SpiffeId.parse(name)
+                except SpiffeIdError:
+                    spiffe_id = None
+                self._parsed[handle] = (name, spiffe_id)
+                cache[handle] = spiffe_id
         return cache[handle]
 
     def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:

@@ -72,6 +72,7 @@ class ClusterSpec:
     prefix: str = "adc"
     log_level: str = "info"
     ipv6: bool = False  # dual stack: workloads get an IPv6 address too, in cluster state as well
+    federated_trust_domain: str | None = None  # a second trust domain whose bundle every agent holds
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -269,6 +270,8 @@ class DevCluster:
             "--svid-ttl", str(self.spec.svid_ttl),
             "--log-format", "json",
         ]  # fmt: skip
+        if self.spec.federated_trust_domain is not None:
+            argv += ["--federated-trust-domain", self.spec.federated_trust_domain]
         for name in self.spec.nodes:
             argv += [
                 "--node",

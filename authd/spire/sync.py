@@ -116,9 +116,8 @@ async def sync(
     if dry_run or result.empty:
         return result
     failures: list[str] = []
-    if result.delete:
-        outcomes = await api.delete_entries([entry.id for entry in result.delete])
-        failures += [f"delete {r.id}: {r.code.name} {r.message}" for r in outcomes if not r.ok]
+    # Create before deleting: an endpoint whose selectors changed has its new entry before its old one
+    # goes, so SPIRE never stops issuing its identity in between.
     if result.create:
         outcomes = await api.create_entries(result.create)
         failures += [
@@ -126,6 +125,9 @@ async def sync(
             for entry, r in zip(result.create, outcomes, strict=True)
             if not r.ok
         ]
+    if result.delete:
+        outcomes = await api.delete_entries([entry.id for entry in result.delete])
+        failures += [f"delete {r.id}: {r.code.name} {r.message}" for r in outcomes if not r.ok]
     log.info(
         "spire entries synced",
         created=len(result.create),

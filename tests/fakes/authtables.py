@@ -15,12 +15,14 @@ from authd.x509svid import X509Svid
 
 @dataclass
 class FakeAuthTable:
-    """The auth map as a dict; ``writes`` records each batch."""
+    """The auth map as a dict; ``writes`` records each batch, ``reads`` counts whole-map reads."""
 
     entries: dict[AuthPair, datetime] = field(default_factory=dict)
     writes: list[tuple[dict[AuthPair, datetime], list[AuthPair]]] = field(default_factory=list)
+    reads: int = 0
 
     def read(self) -> dict[AuthPair, datetime]:
+        self.reads += 1
         return dict(self.entries)
 
     def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:

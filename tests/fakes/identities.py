@@ -23,6 +23,9 @@ class FakeIdentities:
     def local_svids(self) -> Mapping[SpiffeId, X509Svid]:
         return self.local
 
+    def svid_for(self, spiffe_id: SpiffeId) -> X509Svid | None:
+        return self.local.get(spiffe_id)
+
     def bundles(self) -> BundleSet:
         return self.trusted
 

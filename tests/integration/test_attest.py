@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from authd.attest.client import Attestation, Attestor, Target
 from authd.attest.listener import Listener, bind
-from authd.attest.tls import client_context
+from authd.attest.tls import ContextCache, client_context
 from authd.config.model import AttestConfig
 from authd.errors import AttestError
 from authd.identity import SpiffeId, sni_for
@@ -209,14 +210,18 @@ async def test_rate_limits_one_source() -> None:
 
 
 @contextlib.asynccontextmanager
-async def impostor(presented: X509Svid) -> AsyncIterator[int]:
-    """A TLS 1.3 server that presents ``presented`` whatever it is asked for."""
+async def impostor(presented: X509Svid, reply: bytes = b"authd-attest/1 ok\n") -> AsyncIterator[int]:
+    """A TLS 1.3 server that presents ``presented`` whatever it is asked for, then sends ``reply``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(*write_pem(presented))
+    with tempfile.TemporaryDirectory(prefix="authd-impostor-") as directory:
+        chain, key = Path(directory) / "chain.pem", Path(directory) / "key.pem"
+        chain.write_bytes(presented.chain_pem())
+        key.write_bytes(presented.key_pem())
+        context.load_cert_chain(chain, key)
 
     async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"authd-attest/1 ok\n")
+        writer.write(reply)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
@@ -226,13 +231,6 @@ async def impostor(presented: X509Svid) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
-
-
-def write_pem(svid: X509Svid) -> tuple[str, str]:
-    directory = Path(tempfile.mkdtemp(prefix="authd-impostor-"))
-    (directory / "chain.pem").write_bytes(svid.chain_pem())
-    (directory / "key.pem").write_bytes(svid.key_pem())
-    return str(directory / "chain.pem"), str(directory / "key.pem")
 
 
 def ca_as_leaf(ca: TestCA) -> X509Svid:
@@ -287,3 +285,100 @@ async def test_client_falls_back_to_the_next_address_in_order(cluster: Cluster) 
         await attestor.attest(Target(WEB, "node-a", ("127.0.0.1",), dead_port))
     assert caught.value.reason == "unreachable"
     assert attestor.stats.results == {"ok": 1, "unreachable": 1}
+
+
+async def test_the_rate_limit_counts_only_connections_that_serve_nothing() -> None:
+    ca = live_ca(TD)
+    bundles = BundleSet.of([ca.bundle()])
+    node_a = FakeIdentities(ca.mint(str(NODE_A), LIVE), trusted=bundles)
+    node_a.host(ca.mint(str(WEB), LIVE))
+    node_b = FakeIdentities(ca.mint(str(NODE_B), LIVE), trusted=bundles)
+    config = AttestConfig(handshake_timeout=dt.timedelta(seconds=1), per_source_rate=1, per_source_burst=3)
+    listener = Listener(node_a, FakeNodes({NODE_B: "node-b"}), config)
+    async with serving(listener) as port:
+        attestor = Attestor(node_b, CONFIG)
+        target = Target(WEB, "node-a", ("127.0.0.1",), port)
+        # A peer node with many identities to attest is not throttled by its own successes...
+        for _ in range(10):
+            await attestor.attest(target)
+        assert listener.stats.served == 10
+        # ...while connections that serve nothing use the bucket up.
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        await eventually(lambda: listener.stats.refused["rate-limited"] == 2)
+        for _reader, writer in held:
+            writer.close()
+
+
+async def test_identities_hosted_later_are_served_and_those_gone_refused(cluster: Cluster) -> None:
+    attestor = cluster.attestor()
+    await attestor.attest(cluster.target(WEB))
+    cluster.node_a.host(cluster.ca.mint(str(DB), LIVE))
+    assert (await attestor.attest(cluster.target(DB))).remote_id == DB
+    del cluster.node_a.local[WEB]
+    with pytest.raises(AttestError) as caught:
+        await attestor.attest(cluster.target(WEB))
+    assert caught.value.reason == "not-hosted"
+    assert cluster.listener.stats.served == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"", b"authd-attest/1 ok", b"x" * 100_000, b"authd-attest/1 no\n"],
+    ids=["eof", "cut", "flood", "no"],
+)
+async def test_client_refuses_a_server_that_does_not_accept_properly(cluster: Cluster, reply: bytes) -> None:
+    """A peer that proved R but then answers with anything but the acceptance line is refused, cleanly."""
+    async with impostor(cluster.node_a.local[WEB], reply) as port:
+        with pytest.raises(AttestError) as caught:
+            await cluster.attestor().attest(cluster.target(WEB, port))
+    assert caught.value.reason == "refused-by-peer"
+
+
+async def test_client_falls_back_when_an_address_does_not_answer_in_time(cluster: Cluster) -> None:
+    """An address whose SYNs go unanswered costs one deadline, then the next address is asked."""
+    stalled = socket.socket()
+    queued: list[socket.socket] = []
+    try:
+        stalled.bind(("127.0.0.2", cluster.port))
+        stalled.listen(0)
+        for _ in range(3):  # fill the accept queue: later SYNs are dropped and connect() hangs
+            extra = socket.socket()
+            extra.settimeout(0)
+            with contextlib.suppress(BlockingIOError):
+                extra.connect(("127.0.0.2", cluster.port))
+            queued.append(extra)
+        config = AttestConfig(client_timeout=dt.timedelta(seconds=0.3))
+        attestor = Attestor(cluster.node_b, config)
+        target = Target(WEB, "node-a", ("127.0.0.2", "127.0.0.1"), cluster.port)
+        result = await attestor.attest(target)
+        assert result.address == "127.0.0.1"
+    finally:
+        for sock in (*queued, stalled):
+            sock.close()
+
+
+async def test_refusals_are_all_counted_and_logged_once_per_reason_and_interval(cluster: Cluster) -> None:
+    with capture_logs() as logs:
+        for _ in range(20):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            writer.close()
+        await eventually(lambda: cluster.listener.stats.refused["not-tls"] == 20)
+    refusals = [entry for entry in logs if entry["event"] == "attestation refused"]
+    assert [entry["reason"] for entry in refusals] == ["not-tls"]
+
+
+def test_the_context_cache_drops_the_least_recently_used() -> None:
+    ca = live_ca(TD)
+    bundles = BundleSet.of([ca.bundle()])
+    svids = [ca.mint(f"spiffe://{TD}/w{i}", LIVE) for i in range(4)]
+    cache = ContextCache(max_entries=3)
+    first = cache.get(svids[0], bundles, server=True)
+    second = cache.get(svids[1], bundles, server=True)
+    third = cache.get(svids[2], bundles, server=True)
+    assert cache.get(svids[0], bundles, server=True) is first  # used again: now the most recent
+    cache.get(svids[3], bundles, server=True)  # evicts svids[1], the least recently used
+    assert len(cache) == 3
+    assert cache.get(svids[0], bundles, server=True) is first
+    assert cache.get(svids[2], bundles, server=True) is third
+    assert cache.get(svids[1], bundles, server=True) is not second  # built again

@@ -11,6 +11,7 @@ from authd.identity import Selector, SpiffeId
 from authd.spire.entries import EntryClient, RegistrationEntry
 from authd.spire.sync import MANAGED_HINT, sync
 from tests.fakes.cluster import endpoint, node, state
+from tests.fakes.entries import RecordingEntryApi
 from tests.integration.devspire import entry_socket, options, running, short_dir
 
 AGENT_A = SpiffeId.parse("spiffe://example.org/spire/agent/node-a")
@@ -108,3 +109,18 @@ async def authd_cli(*args: str) -> tuple[int, str, str]:
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_a_changed_entry_is_created_before_the_old_one_is_deleted() -> None:
+    """SPIRE never stops issuing an endpoint's identity while its selectors change."""
+    api = RecordingEntryApi()
+    await sync(api, cluster("web"))
+    nodes = [node("node-a", "192.0.2.1"), node("node-b", "192.0.2.2")]
+    moved = state(nodes, [endpoint("web", "node-a", "10.0.0.1", selectors=["unix:uid:2000"])])
+    await sync(api, moved)
+    assert api.calls == [
+        ("create", ["spiffe://example.org/web"]),
+        ("create", ["spiffe://example.org/web"]),
+        ("delete", ["spiffe://example.org/web"]),
+    ]
+    assert [str(e.selectors[0]) for e in api.entries.values()] == ["unix:uid:2000"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import pytest
 
@@ -46,9 +46,11 @@ def target(spiffe_id: SpiffeId, node: str = "node-a") -> Target:
 class Changes:
     def __init__(self) -> None:
         self.count = 0
+        self.peers: list[Peer] = []
 
-    def __call__(self) -> None:
+    def __call__(self, peers: Collection[Peer]) -> None:
         self.count += 1
+        self.peers.extend(peers)
 
 
 @contextlib.asynccontextmanager
@@ -203,3 +205,83 @@ async def test_a_restarted_run_attests_the_peer_whose_attempt_crashed_the_last_o
         second_run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await second_run
+
+
+async def test_a_restarted_loop_attests_peers_whose_attempt_was_cut_short() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
+    client.gate = asyncio.Event()
+    changes = Changes()
+    attestations = Attestations(client, renew_after=0.6, backoff=FAST, max_in_flight=4, on_change=changes)
+    first = asyncio.create_task(attestations.run())
+    attestations.want({Peer(WEB, "node-a"): target(WEB)})
+    await eventually(lambda: client.calls[(str(WEB), "node-a")] == 1)
+    first.cancel()  # as when the job fails and the supervisor restarts it
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    client.gate.set()
+    second = asyncio.create_task(attestations.run())
+    try:
+        await eventually(lambda: attestations.result(Peer(WEB, "node-a")) is not None)
+    finally:
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+    assert client.calls[(str(WEB), "node-a")] == 2
+
+
+async def test_on_demand_requests_pull_a_far_retry_forward_but_not_closer_than_the_interval() -> None:
+    client = ScriptedAttestClient()
+    client.script(str(WEB), "node-a", AttestError("unreachable", "node-a is down"))
+    slow = BackoffPolicy(initial=30, maximum=30, jitter=0)
+    interval = dt.timedelta(milliseconds=100)
+    attestations = Attestations(
+        client,
+        renew_after=0.6,
+        backoff=slow,
+        max_in_flight=4,
+        on_change=Changes(),
+        on_demand_interval=interval,
+    )
+    peer = Peer(WEB, "node-a")
+    task = asyncio.create_task(attestations.run())
+    try:
+        attestations.want({peer: target(WEB)})
+        assert not attestations.request(peer)  # due now already
+        await eventually(lambda: attestations.stats.attempts["unreachable"] == 1)
+        # The backoff says 30 s; traffic waiting says now, but not within the interval of the attempt.
+        started = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - started < 0.45:
+            attestations.request(peer)
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    attempts = client.calls[(str(WEB), "node-a")]
+    assert 3 <= attempts <= 1 + 0.45 / interval.total_seconds() + 1
+
+
+async def test_a_peer_whose_node_moved_is_asked_at_its_new_address_at_once() -> None:
+    authority, client = ca(), ScriptedAttestClient()
+    client.script(str(WEB), "node-a", AttestError("unreachable", "old address"))
+    slow = BackoffPolicy(initial=30, maximum=30, jitter=0)
+    attestations = Attestations(client, renew_after=0.6, backoff=slow, max_in_flight=4, on_change=Changes())
+    peer = Peer(WEB, "node-a")
+    task = asyncio.create_task(attestations.run())
+    try:
+        attestations.want({peer: target(WEB)})
+        await eventually(lambda: attestations.stats.attempts["unreachable"] == 1)
+        client.answers[(str(WEB), "node-a")].clear()
+        client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
+        attestations.want({peer: Target(WEB, "node-a", ("192.0.2.99",), 4250)})
+        await eventually(lambda: attestations.result(peer) is not None)
+        assert attestations.result(peer).address == "192.0.2.99"  # type: ignore[union-attr]
+        # Moving again while the result is valid changes nothing until the renewal.
+        attestations.want({peer: Target(WEB, "node-a", ("192.0.2.100",), 4250)})
+        await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert client.calls[(str(WEB), "node-a")] == 2

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from authd.attest.schedule import Attestations
+from authd.attest.schedule import Attestations, Peer
 from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
 from authd.cluster.desired import AuthPair
@@ -83,7 +83,7 @@ async def manager(table: FakeAuthTable | None = None, *, synced: bool = True) ->
         renew_after=0.6,
         backoff=FAST,
         max_in_flight=8,
-        on_change=lambda: holder[0].attestations_changed(),  # noqa: PLW0108 - the manager is made below,
+        on_change=lambda peers: holder[0].attestations_changed(peers),  # noqa: PLW0108 - made below
     )
     auth_table, tables = table or FakeAuthTable(), FakeTables()
     mgr = AuthManager(
@@ -216,22 +216,14 @@ async def test_handshakes_grow_with_identities_not_pairs() -> None:
     remotes = [f"r{i}" for i in range(20)]
     endpoints = [endpoint(p, "node-a", f"10.1.0.{i + 1}") for i, p in enumerate(locals_)]
     endpoints += [endpoint(p, "node-b", f"10.2.0.{i + 1}") for i, p in enumerate(remotes)]
-    cluster = (
-        state(
-            [node("node-a"), node("node-b")],
-            endpoints,
-            [rule("spiffe://example.org/r*", "spiffe://example.org/l*")],
-        )
-        if False
-        else state(
-            [node("node-a"), node("node-b")],
-            endpoints,
-            [
-                rule(f"spiffe://example.org/{r}", f"spiffe://example.org/{loc}")
-                for r in remotes
-                for loc in locals_
-            ],
-        )
+    cluster = state(
+        [node("node-a"), node("node-b")],
+        endpoints,
+        [
+            rule(f"spiffe://example.org/{r}", f"spiffe://example.org/{loc}")
+            for r in remotes
+            for loc in locals_
+        ],
     )
     async with manager() as h:
         for path in remotes:
@@ -269,3 +261,68 @@ async def test_entries_are_removed_when_they_expire() -> None:
         h.manager.cluster_changed(two_nodes(("web", "cache")))
         await eventually(lambda: len(h.table.entries) == 2)
         await eventually(lambda: not h.table.entries, within=5)
+
+
+async def test_attestation_results_update_only_their_pairs_without_reading_the_whole_map() -> None:
+    remotes = [f"r{i}" for i in range(50)]
+    endpoints = [endpoint("web", "node-a", "10.1.0.5")]
+    endpoints += [endpoint(p, "node-b", f"10.2.0.{i + 1}") for i, p in enumerate(remotes)]
+    cluster = state(
+        [node("node-a"), node("node-b")],
+        endpoints,
+        [rule("spiffe://example.org/web", f"spiffe://example.org/{r}", "egress") for r in remotes],
+    )
+    async with manager() as h:
+        web = svid("web", hours=1)
+        h.svids.local[sid("web")] = web
+        for path in remotes:
+            h.client.script(str(sid(path)), "node-b", svid(path, hours=2))
+        h.manager.cluster_changed(cluster)
+        await eventually(lambda: len(h.table.entries) == 50)
+        assert set(h.table.entries.values()) == {web.not_after}
+        # Results arrive one peer at a time: each is a pass over that peer's pairs, not over the map.
+        assert h.manager.stats.peer_reconciles >= 1
+        assert h.table.reads == h.manager.stats.reconciles < 50
+        # A refusal from one peer removes that peer's entry alone, again without a whole-map read.
+        reads = h.table.reads
+        h.client.answers[(str(sid("r7")), "node-b")].clear()
+        h.client.script(str(sid("r7")), "node-b", AttestError("not-hosted", "r7 moved away"))
+        h.attestations._peers[Peer(sid("r7"), "node-b")].result = None  # expire it without waiting
+        assert h.attestations.request(Peer(sid("r7"), "node-b"))
+        await eventually(lambda: len(h.table.entries) == 49)
+        assert h.pair("web", "r7", "node-b") not in h.table.entries
+        assert h.table.reads == reads
+
+
+async def test_removing_the_remote_node_or_the_rule_removes_the_entries() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        h.manager.cluster_changed(two_nodes())  # the rule is gone
+        await eventually(lambda: not h.table.entries)
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        without_node_b = state(
+            [node("node-a")],
+            [endpoint("web", "node-a", "10.1.0.5"), endpoint("cache", "node-a", "10.1.0.6")],
+            [rule("spiffe://example.org/web", "spiffe://example.org/db", "both")],
+        )
+        h.manager.cluster_changed(without_node_b)
+        await eventually(lambda: not h.table.entries)
+        assert not h.attestations.results()
+
+
+async def test_a_periodic_full_reconcile_notices_what_others_did_to_the_map() -> None:
+    async with manager() as h:
+        h.manager.full_interval = dt.timedelta(milliseconds=50)
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        wanted = dict(h.table.entries)
+        stray = h.pair("cache", "db", "node-b")
+        h.table.entries.clear()  # flushed by hand...
+        h.table.entries[stray] = now() + dt.timedelta(hours=1)  # ...and an entry nobody wants
+        await eventually(lambda: h.table.entries == wanted)

@@ -1,0 +1,543 @@
+"""Issue 5's proof across real processes: two ``authd run`` nodes, dev-spire, attestation, auth maps.
+
+The cluster is :mod:`authd.devcluster` (prefix ``aap``): each node is a network namespace on a shared
+bridge, with its own address, its own authd and its own pinned maps (``/sys/fs/bpf/aap-<node>``), and
+workloads attached by veths the datapath enforces on. Namespaces rather than 127.0.0.x because the
+listener and the client then use the node addresses cluster state lists, the first SYN between two
+workloads crosses the real programs, and probes can be run from inside a node (its address, its source
+rate bucket) against the other node's listener. SVIDs live ``TTL`` seconds, so rotations happen during
+the module.
+
+The tests share one cluster and run in file order: the last one stops node A's authd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from authd.attest.client import Attestor, Target
+from authd.attest.tls import client_context
+from authd.config.model import AttestConfig
+from authd.datapath.maps import PinnedMaps
+from authd.datapath.netns import run_in_netns
+from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
+from authd.devcluster.netns import NETNS_DIR, sh
+from authd.identity import Selector, SpiffeId, TrustDomain, sni_for
+from authd.spire._proto import delegatedidentity_pb2
+from authd.spire.delegated import SUBSCRIBE_X509_SVIDS, parse_svid_with_key, selectors_to_proto
+from authd.spire.dev.ca import CaSlot
+from authd.spire.endpoint import Endpoint
+from authd.x509svid import BundleSet, X509Svid
+from tests.fakes.ca import LeafOptions, TestCA
+from tests.fakes.identities import FakeIdentities
+
+pytestmark = pytest.mark.privileged
+
+TTL = 10.0
+FEDERATED = "federated.org"
+SPEC = ClusterSpec(
+    nodes=("node-a", "node-b"),
+    workloads=(
+        WorkloadSpec("web", "node-a", 3101),
+        WorkloadSpec("api", "node-a", 3102),
+        WorkloadSpec("db", "node-b", 3103),
+    ),
+    rules=(Rule("web", "db", "both"), Rule("api", "db", "both")),
+    svid_ttl=TTL,
+    prefix="aap",
+    federated_trust_domain=FEDERATED,
+)
+Key = tuple[str, str, str]  # (local workload, remote workload, remote node) as names
+
+
+def sid(workload: str) -> SpiffeId:
+    return SpiffeId.parse(SPEC.spiffe_id(workload))
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[DevCluster]:
+    with DevCluster(SPEC) as dc:
+        yield dc
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+class AuthView:
+    """A node's auth map read from its pins, keys named through the node's handle state file."""
+
+    def __init__(self, dc: DevCluster, node: str) -> None:
+        self.node = node
+        self.handles = dc.workdir / node / "state" / "handles.json"
+        self.maps = PinnedMaps(Path(f"/sys/fs/bpf/{SPEC.prefix}-{node}"))
+
+    def entries(self) -> dict[Key, dt.datetime]:
+        document = json.loads(self.handles.read_text())
+        names = {handle: spiffe_id.rsplit("/", 1)[1] for spiffe_id, handle in document["identities"].items()}
+        nodes = {handle: name for name, handle in document["nodes"].items()} | {0: self.node}
+        return {
+            (names[key.local], names[key.remote], nodes[key.remote_node]): expires
+            for key, expires in self.maps.auth.items()
+            if key.local in names and key.remote in names and key.remote_node in nodes
+        }
+
+    def close(self) -> None:
+        self.maps.close()
+
+
+@contextlib.contextmanager
+def auth_maps(dc: DevCluster) -> Iterator[dict[str, AuthView]]:
+    views = {node: AuthView(dc, node) for node in SPEC.nodes}
+    try:
+        yield views
+    finally:
+        for view in views.values():
+            view.close()
+
+
+EXPECTED: dict[str, set[Key]] = {
+    "node-a": {("web", "db", "node-b"), ("api", "db", "node-b")},
+    "node-b": {("db", "web", "node-a"), ("db", "api", "node-a")},
+}
+
+
+async def _workload_svid(admin: Path, uid: int, spiffe_id: SpiffeId) -> X509Svid:
+    """The SVID dev-spire currently issues for ``spiffe_id`` (through the node's Delegated Identity API)."""
+    request = delegatedidentity_pb2.SubscribeToX509SVIDsRequest(
+        selectors=selectors_to_proto([Selector("unix", f"uid:{uid}")])
+    )
+    async with Endpoint.unix(admin).channel() as channel:
+        method = channel.unary_stream(
+            SUBSCRIBE_X509_SVIDS,
+            request_serializer=delegatedidentity_pb2.SubscribeToX509SVIDsRequest.SerializeToString,
+            response_deserializer=delegatedidentity_pb2.SubscribeToX509SVIDsResponse.FromString,
+        )
+        async for message in method(request):
+            for item in message.x509_svids:
+                svid = parse_svid_with_key(item)
+                if svid.spiffe_id == spiffe_id:
+                    return svid
+    raise AssertionError(f"dev-spire issues no SVID for {spiffe_id}")
+
+
+def current_not_after(dc: DevCluster) -> dict[str, dt.datetime]:
+    """notAfter of every workload's SVID as dev-spire issues it right now."""
+
+    async def fetch() -> dict[str, dt.datetime]:
+        result = {}
+        for workload in SPEC.workloads:
+            admin = dc.spire_dir / workload.node / "private" / "admin.sock"
+            svid = await _workload_svid(admin, workload.uid, sid(workload.name))
+            result[workload.name] = svid.not_after
+        return result
+
+    return asyncio.run(fetch())
+
+
+def authorities(dc: DevCluster) -> dict[str, TestCA]:
+    """dev-spire's signing CAs (from its state file), to mint certificates as if it had issued them."""
+    state = json.loads((dc.spire_dir / "server" / "state.json").read_text())
+    found = {}
+    for name, authority in state["authorities"].items():
+        slot = CaSlot.from_state(authority["current"])
+        found[name] = TestCA(TrustDomain(name), slot.key, slot.cert)
+    return found
+
+
+def log_events(path: Path, offset: int, event: str) -> list[dict[str, object]]:
+    """The JSON log records of ``event`` written after ``offset`` bytes."""
+    with path.open("rb") as stream:
+        stream.seek(offset)
+        lines = stream.read().decode(errors="replace").splitlines()
+    records = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == event:
+                records.append(record)
+    return records
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Sample:
+    at: dt.datetime
+    entries: dict[Key, dt.datetime]
+
+
+def sample(
+    view: AuthView,
+    seconds: float,
+    every: float = 0.02,
+    until: Callable[[list[Sample]], bool] = lambda _samples: False,
+) -> list[Sample]:
+    """Read the map every ``every`` seconds for ``seconds``, or until ``until(samples)`` holds."""
+    samples: list[Sample] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not until(samples):
+        samples.append(Sample(now(), view.entries()))
+        time.sleep(every)
+    return samples
+
+
+def assert_always_live(samples: list[Sample], keys: set[Key]) -> None:
+    for taken in samples:
+        for key in keys:
+            expires = taken.entries.get(key)
+            assert expires is not None, f"{key} missing at {taken.at.isoformat()}"
+            assert expires > taken.at, f"{key} expired ({expires.isoformat()}) at {taken.at.isoformat()}"
+
+
+# ------------------------------------------------------------------------------------------- entries
+
+
+def test_both_maps_hold_the_expected_entries_before_any_traffic(cluster: DevCluster) -> None:
+    with auth_maps(cluster) as views:
+        wait_for(
+            lambda: all(EXPECTED[n] <= set(views[n].entries()) for n in SPEC.nodes), 20, "the auth entries"
+        )
+        for node in SPEC.nodes:
+            assert set(views[node].entries()) == EXPECTED[node]
+        # Each entry expires with the earlier of its two SVIDs. Rotations happen every few seconds, so
+        # compare at a moment when dev-spire issued the same SVIDs before and after the maps were read.
+        deadline = time.monotonic() + 3 * TTL
+        while True:
+            before = current_not_after(cluster)
+            maps = {node: views[node].entries() for node in SPEC.nodes}
+            if current_not_after(cluster) == before:
+                wanted = {
+                    node: {key: min(before[key[0]], before[key[1]]) for key in EXPECTED[node]}
+                    for node in SPEC.nodes
+                }
+                if maps == wanted or time.monotonic() > deadline:
+                    assert maps == wanted
+                    break
+            time.sleep(0.1)
+    for node in SPEC.nodes:
+        assert cluster.counters(node).get("denied_auth_required") == 0, (
+            "no traffic was dropped: there was none"
+        )
+    # The first packet of the first connection passes: its SYN was never retransmitted.
+    report = cluster.tcp("web", "db", duration=0.2)
+    assert report["connected"], report
+    assert report["syn_retrans"] == 0, report
+    for node in SPEC.nodes:
+        assert cluster.counters(node).get("denied_auth_required") == 0
+
+
+def test_rotation_moves_the_expiry_forward_with_no_gap(cluster: DevCluster) -> None:
+    with auth_maps(cluster) as views:
+        samples_by_node: dict[str, list[Sample]] = {}
+
+        def watch(node: str) -> None:
+            samples_by_node[node] = sample(views[node], 1.6 * TTL)
+
+        threads = [threading.Thread(target=watch, args=(node,)) for node in SPEC.nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for node, samples in samples_by_node.items():
+        assert len(samples) > 100
+        assert_always_live(samples, EXPECTED[node])
+        for key in EXPECTED[node]:
+            expiries = [taken.entries[key] for taken in samples]
+            assert expiries == sorted(expiries), f"{key} on {node}: an expiry moved backwards"
+            assert len(set(expiries)) >= 3, f"{key} on {node}: expiry moved {len(set(expiries)) - 1} times"
+
+
+# --------------------------------------------------------------------- the listener of a running node
+
+
+def _in_netns(node: str, work: Callable[[], object]) -> object:
+    return run_in_netns(NETNS_DIR / f"{SPEC.prefix}-{node}", work)
+
+
+@dataclass
+class ListenerProbe:
+    """Connections to a listener at ``address``, made from whichever namespace runs :meth:`run`."""
+
+    address: str
+    ca: TestCA
+    port: int = 4250
+
+    async def tls(self, context: ssl.SSLContext, server_name: str) -> None:
+        """A TLS handshake the listener is expected to refuse (its alert or close ends it)."""
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            reader, writer = await asyncio.open_connection(
+                self.address, self.port, ssl=context, server_hostname=server_name
+            )
+            await asyncio.wait_for(reader.read(100), 3)
+            writer.close()
+
+    async def run(self) -> dict[str, object]:
+        live = LeafOptions(
+            not_before=now() - dt.timedelta(minutes=1), not_after=now() + dt.timedelta(minutes=10)
+        )
+        bundles = BundleSet.of([self.ca.bundle()])
+        node_b = self.ca.mint(f"spiffe://{SPEC.trust_domain}/authd/node-b", live)
+        stranger = TestCA.create("stranger.org", not_before=now() - dt.timedelta(days=1))
+        # Held open while everything else happens: idle, a truncated ClientHello, garbage.
+        idle = await asyncio.open_connection(self.address, self.port)
+        truncated = await asyncio.open_connection(self.address, self.port)
+        truncated[1].write(bytes.fromhex("160301020001"))
+        garbage = await asyncio.open_connection(self.address, self.port)
+        garbage[1].write(b"GET / HTTP/1.1\r\nHost: node-a\r\n\r\n")
+        web = sni_for(sid("web"))
+        bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        bare.check_hostname = False
+        bare.verify_mode = ssl.CERT_NONE
+        await self.tls(bare, web)  # no client certificate
+        other_td = stranger.mint("spiffe://stranger.org/authd/node-b", live)
+        await self.tls(client_context(other_td, BundleSet.of([stranger.bundle(), self.ca.bundle()])), web)
+        not_a_node = self.ca.mint(SPEC.spiffe_id("web"), live)  # a real SVID of the trust domain
+        await self.tls(client_context(not_a_node, bundles), web)
+        await self.tls(client_context(node_b, bundles), sni_for(sid("db")))  # db runs on node B, not A
+        # A legitimate attestation proceeds while the hostile connections are held.
+        attestor = Attestor(FakeIdentities(node_b, trusted=bundles), AttestConfig())
+        started = time.monotonic()
+        result = await attestor.attest(Target(sid("web"), "node-a", (self.address,), self.port))
+        legit_s = time.monotonic() - started
+        # Then the deadline (2 s by default) cuts the held ones: each reaches EOF.
+        cut = []
+        for reader, writer in (idle, truncated, garbage):
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(reader.read(), 5)
+            cut.append(reader.at_eof())
+            writer.close()
+        return {"served": str(result.remote_id), "legit_s": legit_s, "cut": cut}
+
+
+def test_the_listener_refuses_and_cuts_what_it_must_while_serving_a_node(cluster: DevCluster) -> None:
+    """Probes from node B's namespace against node A's authd, which logs every refusal reason."""
+    probe = ListenerProbe(
+        str(cluster.network.nodes["node-a"].address), authorities(cluster)[SPEC.trust_domain]
+    )
+    log = cluster.log_path("node-a")
+    offset = log.stat().st_size
+    outcome = _in_netns("node-b", lambda: asyncio.run(probe.run()))
+    assert isinstance(outcome, dict)
+    assert outcome["served"] == SPEC.spiffe_id("web")
+    assert isinstance(outcome["legit_s"], float)
+    assert outcome["legit_s"] < 1.0
+    assert outcome["cut"] == [True, True, True]
+    wanted = {
+        "no-client-certificate",
+        "untrusted-client-certificate",
+        "unknown-node",
+        "unknown-sni",
+        "not-tls",
+        "deadline",
+    }
+    wait_for(
+        lambda: wanted <= {r["reason"] for r in log_events(log, offset, "attestation refused")},
+        5,
+        "node A to log every refusal reason",
+    )
+    # Node B's own attestations of A's identities went on unharmed.
+    with auth_maps(cluster) as views:
+        assert_always_live([Sample(now(), views["node-b"].entries())], EXPECTED["node-b"])
+
+
+# ------------------------------------------------------------------------ the client of a running node
+
+
+@contextlib.contextmanager
+def impostor(address: str, presented: list[X509Svid]) -> Iterator[list[str]]:
+    """A TLS 1.3 server on ``address`` (added to node A's interface) that presents, in turn, each SVID."""
+    sh("ip", "-n", f"{SPEC.prefix}-node-a", "addr", "add", f"{address}/24", "dev", "eth0")
+    contexts = []
+    for svid in presented:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        with _pem_files(svid) as (chain, key):
+            context.load_cert_chain(chain, key)
+        contexts.append(context)
+
+    def listen() -> socket.socket:
+        server = socket.create_server((address, 4250))
+        server.settimeout(0.2)
+        return server
+
+    server = _in_netns("node-a", listen)
+    assert isinstance(server, socket.socket)
+    served: list[str] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            context = contexts[len(served) % len(contexts)]
+            served.append(str(presented[len(served) % len(presented)].spiffe_id))
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"authd-attest/1 ok\n")  # "accepted", as a lying listener would say
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield served
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+        sh("ip", "-n", f"{SPEC.prefix}-node-a", "addr", "del", f"{address}/24", "dev", "eth0")
+
+
+@contextlib.contextmanager
+def _pem_files(svid: X509Svid) -> Iterator[tuple[str, str]]:
+    with tempfile.TemporaryDirectory(prefix="aap-impostor-") as name:
+        directory = Path(name)
+        (directory / "chain.pem").write_bytes(svid.chain_pem())
+        (directory / "key.pem").write_bytes(svid.key_pem())
+        yield str(directory / "chain.pem"), str(directory / "key.pem")
+
+
+def test_the_client_refuses_servers_that_are_not_the_identity(cluster: DevCluster) -> None:
+    """Node B must attest "ghost" at a node whose listener lies; it refuses every certificate, by reason."""
+    cas = authorities(cluster)
+    ca, federated = cas[SPEC.trust_domain], cas[FEDERATED]
+    ghost = SPEC.spiffe_id("ghost")
+    live = LeafOptions(not_before=now() - dt.timedelta(minutes=1), not_after=now() + dt.timedelta(minutes=10))
+    expired = LeafOptions(not_before=now() - dt.timedelta(hours=2), not_after=now() - dt.timedelta(hours=1))
+    presented = [
+        ca.mint(SPEC.spiffe_id("web"), live),  # another identity's SVID
+        federated.mint(ghost, live),  # chained to the federated CA, claiming this trust domain
+        ca.mint(ghost, expired),
+        X509Svid(SpiffeId.parse(f"spiffe://{SPEC.trust_domain}"), (ca.cert,), ca.key),  # the CA as leaf
+    ]
+    reasons = {"unexpected-id", "untrusted-chain", "expired", "root-path"}
+    address = "10.231.0.50"
+    extra = (
+        f'\n[[node]]\nname = "node-x"\naddresses = ["{address}"]\n'
+        f'\n[[endpoint]]\nspiffe_id = "{ghost}"\nnode = "node-x"\nprefixes = ["10.231.9.9"]\n'
+        'selectors = ["unix:uid:3999"]\n'
+        f'\n[[policy]]\nsource = "{ghost}"\ndestination = "{SPEC.spiffe_id("db")}"\nenforce = "both"\n'
+    )
+    offset = cluster.log_path("node-b").stat().st_size
+    log = cluster.log_path("node-b")
+    with impostor(address, presented) as served, auth_maps(cluster) as views:
+        staged = cluster.cluster_file.with_suffix(".staged")
+        staged.write_text(cluster.cluster_file.read_text() + extra)
+        staged.replace(cluster.cluster_file)
+        try:
+            wait_for(
+                lambda: (
+                    reasons
+                    <= {
+                        r["reason"]
+                        for r in log_events(log, offset, "attestation failed")
+                        if r["peer"] == ghost
+                    }
+                ),
+                20,
+                "node B to refuse each certificate",
+            )
+            assert len(served) >= len(presented)
+            assert not [key for key in views["node-b"].entries() if key[1] == "ghost"]
+            assert_always_live([Sample(now(), views["node-b"].entries())], EXPECTED["node-b"])
+        finally:
+            cluster.write_cluster_state(cluster.spec)
+
+
+# -------------------------------------------------------------------------------- removal and restart
+
+
+def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevCluster) -> None:
+    without_api = replace(
+        cluster.spec,
+        workloads=tuple(replace(w, registered=w.name != "api") for w in cluster.spec.workloads),
+    )
+    with auth_maps(cluster) as views:
+        cluster.write_cluster_state(without_api)
+        started = time.monotonic()
+        wait_for(
+            lambda: all(not [k for k in views[n].entries() if "api" in k] for n in SPEC.nodes),
+            10,
+            "api's entries to go",
+        )
+        took = time.monotonic() - started
+        remaining = {n: set(views[n].entries()) for n in SPEC.nodes}
+    assert remaining == {
+        "node-a": {("web", "db", "node-b")},
+        "node-b": {("db", "web", "node-a")},
+    }
+    assert took < 3.0  # the file is polled every 200 ms
+
+
+def test_a_restarted_node_keeps_its_entries_without_a_gap(cluster: DevCluster) -> None:
+    """kill -9, restart: the entry stays live throughout, until the new process has renewed it."""
+    key = ("web", "db", "node-b")
+    with auth_maps(cluster) as views:
+        before = views["node-a"].entries()[key]
+        restarted = threading.Event()
+
+        def renewed(samples: list[Sample]) -> bool:
+            return restarted.is_set() and bool(samples) and samples[-1].entries.get(key, before) > before
+
+        watched: list[Sample] = []
+        watcher = threading.Thread(
+            target=lambda: watched.extend(sample(views["node-a"], 2 * TTL, until=renewed))
+        )
+        watcher.start()
+        cluster.stop_authd("node-a", sig=signal.SIGKILL)
+        time.sleep(0.5)
+        cluster.start_authd("node-a")
+        restarted.set()
+        watcher.join()
+    assert_always_live(watched, {key})
+    assert watched[-1].entries[key] > before, "the restarted authd did not renew the entry"
+
+
+def test_stopping_a_node_leaves_the_other_nodes_entries_until_they_expire(cluster: DevCluster) -> None:
+    key = ("db", "web", "node-a")
+
+    def gone_a_while(samples: list[Sample]) -> bool:
+        absent = [taken.at for taken in samples if key not in taken.entries]
+        return bool(absent) and now() - absent[0] > dt.timedelta(seconds=1.5)
+
+    with auth_maps(cluster) as views:
+        cluster.stop_authd("node-a")
+        stopped = now()
+        samples = sample(views["node-b"], 1.5 * TTL, every=0.05, until=gone_a_while)
+    present = [taken for taken in samples if key in taken.entries]
+    gone = [taken for taken in samples if key not in taken.entries]
+    assert present, "the entry went with the node's authd"
+    assert gone, "the entry outlived its expiry"
+    last_expiry = present[-1].entries[key]
+    assert last_expiry <= stopped + dt.timedelta(seconds=TTL + 1)
+    # Until its expiry: present (and live) at every sample before it...
+    assert all(
+        key in taken.entries for taken in samples if taken.at < last_expiry - dt.timedelta(seconds=0.1)
+    )
+    # ...and not longer: gone at every sample from shortly after it.
+    assert all(
+        key not in taken.entries for taken in samples if taken.at > last_expiry + dt.timedelta(seconds=1)
+    )
