@@ -290,15 +290,18 @@ class AuthManager:
         return self._desired
 
     def _targets(self, state: ClusterState, pairs: frozenset[AuthPair]) -> dict[Peer, Target]:
-        addresses: dict[str, tuple[tuple[str, ...], int]] = {}
-        for name, node in state.nodes.items():
-            addresses[name] = (tuple(str(a) for a in node.addresses), node.attest_port or self._attest_port)
         peers: dict[Peer, Target] = {}
         for pair in pairs:
-            if pair.on_local_node or pair.node not in addresses:
+            node = state.node(pair.node)
+            if pair.on_local_node or node is None:
                 continue
-            node_addresses, port = addresses[pair.node]
-            peers[Peer(pair.remote, pair.node)] = Target(pair.remote, pair.node, node_addresses, port)
+            peers[Peer(pair.remote, pair.node)] = Target(
+                pair.remote,
+                pair.node,
+                node.spiffe_id,
+                tuple(str(address) for address in node.addresses),
+                node.attest_port or self._attest_port,
+            )
         return peers
 
     def _write_auth(self, pairs: frozenset[AuthPair]) -> None:

@@ -6,7 +6,7 @@ What runs, and why this way:
   :class:`~authd.attest.listener.Listener` serves in a child process (a core of its own, as on a peer
   node) on 127.0.0.1 with default limits; this process runs the :class:`~authd.attest.client.Attestor`.
   Each attestation is the real thing: TCP connect, TLS 1.3 with P-256 SVIDs under an intermediate, the
-  SNI choosing the served SVID, SPIFFE verification on both sides, the acceptance line. Sequential, then
+  SNI choosing the served SVID, SPIFFE verification on both sides, the node proof. Sequential, then
   16 in flight; latencies are those of the sequential run. ``attest.raw_tls_handshakes_per_s`` is the
   same-run baseline: Python's ``ssl`` doing mutual TLS 1.3 handshakes with the same certificates and one
   byte back, without any SPIFFE verification, server also in a child process. Rounds alternate so that
@@ -143,7 +143,13 @@ def _handshakes(world: _World) -> Figures:
         _fork(_serve_attestations, attest_sock, listener_ids, nodes),
         _fork(_serve_raw_tls, raw_sock, served, world.bundles),
     ]
-    target = Target(served.spiffe_id, "node-a", ("127.0.0.1",), attest_sock.getsockname()[1])
+    target = Target(
+        served.spiffe_id,
+        "node-a",
+        world.own["node-a"].spiffe_id,
+        ("127.0.0.1",),
+        attest_sock.getsockname()[1],
+    )
     raw_port = raw_sock.getsockname()[1]
     attest_sock.close()
     raw_sock.close()

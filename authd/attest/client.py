@@ -3,7 +3,9 @@
 authd dials A's addresses in the order cluster state lists them (the same choice on every attempt;
 the next address only when the previous one cannot be reached), asks for R by SNI, presents its own
 node SVID, verifies the presented chain against the bundle of R's trust domain and the exact SPIFFE ID R,
-then waits for the listener's acceptance line. The result, "R at A until T", is an :class:`Attestation`.
+then sends a nonce and checks the listener's node proof: signed for this session by the node SVID that
+cluster state gives A (:mod:`authd.attest.protocol`). The result, "R at A until T", is an
+:class:`Attestation`.
 
 Failures are :class:`~authd.errors.AttestError` with a reason; :data:`TRANSIENT` reasons say "could not
 ask" (the last good result stays until it expires), the others are answers: A does not host R, or what
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import ssl
 import time
 from collections import Counter
@@ -24,7 +27,14 @@ from datetime import UTC, datetime
 import structlog
 from cryptography import x509
 
-from authd.attest.protocol import ACCEPTED, LocalIdentities
+from authd.attest.protocol import (
+    MAX_PROOF_BYTES,
+    NONCE_BYTES,
+    LocalIdentities,
+    check_signature,
+    parse_node_proof,
+    signed_message,
+)
 from authd.attest.tls import ContextCache, peer_chain
 from authd.config.model import AttestConfig
 from authd.errors import AttestError, SvidError
@@ -50,10 +60,14 @@ _TLS_ANSWERS = {
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What to attest: ``remote_id`` at ``node``, reachable at ``addresses`` (in order) on ``port``."""
+    """What to attest: ``remote_id`` at ``node``, reachable at ``addresses`` (in order) on ``port``.
+
+    ``node_id`` is the SPIFFE ID cluster state gives the node's authd: the node proof must carry it.
+    """
 
     remote_id: SpiffeId
     node: str
+    node_id: SpiffeId
     addresses: tuple[str, ...]
     port: int
 
@@ -194,14 +208,7 @@ class Attestor:
                     verify_chain(chain, bundles, at=self._now(), authorize=authorize_id(remote_id))
                 except SvidError as err:
                     raise AttestError(err.rule, f"{address}: {err}") from err
-                try:
-                    # Exactly the line's length: a peer that sends more, less or a flood without a newline
-                    # is refused here, never an exception the schedule does not expect.
-                    accepted = await reader.readexactly(len(ACCEPTED))
-                except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as err:
-                    raise AttestError("refused-by-peer", f"{address}: connection closed: {err}") from err
-                if accepted != ACCEPTED:
-                    raise AttestError("refused-by-peer", f"{address} did not accept this node's identity")
+                await self._check_node(reader, writer, chain[0], bundles, target, address)
         except TimeoutError as err:
             if writer is None:
                 raise AttestError(
@@ -215,3 +222,31 @@ class Attestor:
                     await asyncio.wait_for(writer.wait_closed(), 1)
         log.debug("attested", identity=str(remote_id), node=target.node, address=address)
         return Attestation(remote_id, target.node, address, chain, self._now())
+
+    async def _check_node(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        served_leaf: x509.Certificate,
+        bundles: BundleSet,
+        target: Target,
+        address: str,
+    ) -> None:
+        """Ask for the node proof and check it names node ``target.node`` and this session's leaf."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        writer.write(nonce)
+        try:
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(4), "big")
+            if size > MAX_PROOF_BYTES:
+                raise AttestError("bad-node-proof", f"{address}: node proof of {size} bytes")
+            body = await reader.readexactly(size)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as err:
+            # No proof: the listener refused this node's identity (or is not an authd listener).
+            raise AttestError("refused-by-peer", f"{address}: closed without a node proof: {err}") from err
+        node_chain, signature = parse_node_proof(body)
+        try:
+            verify_chain(node_chain, bundles, at=self._now(), authorize=authorize_id(target.node_id))
+        except SvidError as err:
+            raise AttestError(f"node-{err.rule}", f"{address}: not node {target.node}: {err}") from err
+        check_signature(node_chain[0], signature, signed_message(nonce, served_leaf))

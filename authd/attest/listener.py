@@ -4,8 +4,8 @@ For every connection: admission (per-source token bucket, a cap on handshakes in
 under one deadline that covers everything up to the verdict, so garbage, truncated ClientHellos and idle
 connections cost at most ``attest.handshake_timeout``. The SNI picks the local workload whose SVID is
 served; the client must present the node SVID of a node in cluster state, verified against its own trust
-domain's bundle. Only then does the listener write the acceptance line. Every refusal is counted by
-reason and logged; none is fatal.
+domain's bundle. Only then does the listener answer the client's nonce with its node proof (see
+:mod:`authd.attest.protocol`). Every refusal is counted by reason and logged; none is fatal.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Protocol
 import structlog
 
 from authd.attest.limits import SourceRateLimiter
-from authd.attest.protocol import ACCEPTED, LocalIdentities
+from authd.attest.protocol import NONCE_BYTES, LocalIdentities, node_proof
 from authd.attest.tls import ContextCache, peer_chain
 from authd.config.model import AttestConfig
 from authd.errors import AttestError, SvidError
@@ -95,7 +95,7 @@ class Listener:
         self._now = now
         self._contexts = ContextCache()
         # Per-connection SNI verdicts, set in the SNI callback and read when the handshake fails.
-        self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, SpiffeId | str] = weakref.WeakKeyDictionary()
+        self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, X509Svid | str] = weakref.WeakKeyDictionary()
         self._by_sni: dict[str, SpiffeId] = {}
         self.stats = ListenerStats()
 
@@ -169,7 +169,7 @@ class Listener:
                 ) from err
             raise
         served = self._sni.get(tls.ssl_object)
-        if not isinstance(served, SpiffeId):
+        if not isinstance(served, X509Svid):
             raise AttestError("missing-sni", "handshake completed without an identity chosen by SNI")
         try:
             client = verify_chain(
@@ -177,10 +177,13 @@ class Listener:
             )
         except SvidError as err:
             raise AttestError(err.rule, str(err)) from err
-        await tls.send(ACCEPTED)
+        nonce = await tls.receive_exactly(NONCE_BYTES)
+        # Signed for the leaf this session presented: the SVID chosen in the SNI callback, even if it
+        # rotated since.
+        await tls.send(node_proof(own, nonce, served.leaf))
         self._limiter.refund(source)  # a verified node's attestation: only refusals count against the rate
         self.stats.served += 1
-        log.debug("attestation served", source=source, identity=str(served), client=str(client))
+        log.debug("attestation served", source=source, identity=str(served.spiffe_id), client=str(client))
 
     def _choose_identity(
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
@@ -200,7 +203,7 @@ class Listener:
         except AttestError:
             self._sni[ssl_object] = "no-bundles"
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-        self._sni[ssl_object] = svid.spiffe_id
+        self._sni[ssl_object] = svid
         return None
 
     def _hosted(self, server_name: str) -> X509Svid | None:
@@ -251,6 +254,21 @@ class _TlsOverSocket:
                 await self._flush()
                 return
 
+    async def receive_exactly(self, size: int) -> bytes:
+        """Read ``size`` bytes of application data."""
+        data = b""
+        while len(data) < size:
+            try:
+                chunk = self.ssl_object.read(size - len(data))
+            except ssl.SSLWantReadError:
+                await self._flush()  # TLS 1.3 session tickets or key updates may be waiting to go out
+                await self._receive()
+                continue
+            if not chunk:
+                raise ConnectionResetError("peer closed the connection before sending its nonce")
+            data += chunk
+        return data
+
     async def send(self, data: bytes) -> None:
         self.ssl_object.write(data)
         with contextlib.suppress(ssl.SSLError):
@@ -260,7 +278,7 @@ class _TlsOverSocket:
     async def _receive(self) -> None:
         data = await asyncio.get_running_loop().sock_recv(self._conn, 16384)
         if not data:
-            raise ConnectionResetError("peer closed the connection during the handshake")
+            raise ConnectionResetError("peer closed the connection")
         self._incoming.write(data)
 
     async def _flush(self) -> None:

@@ -20,6 +20,7 @@ class ScriptedAttestClient:
     def __init__(self) -> None:
         self.answers: dict[tuple[str, str], deque[X509Svid | Exception]] = {}
         self.calls: Counter[tuple[str, str]] = Counter()
+        self.targets: list[Target] = []
         self.gate: asyncio.Event | None = None  # when set to an unset Event, attempts wait for it
 
     def script(self, target_id: str, node: str, *answers: X509Svid | Exception) -> None:
@@ -28,6 +29,7 @@ class ScriptedAttestClient:
     async def attest(self, target: Target) -> Attestation:
         key = (str(target.remote_id), target.node)
         self.calls[key] += 1
+        self.targets.append(target)
         if self.gate is not None:
             await self.gate.wait()
         queue = self.answers[key]

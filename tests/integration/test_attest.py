@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from authd.attest.client import Attestation, Attestor, Target
 from authd.attest.listener import Listener, bind
+from authd.attest.protocol import NONCE_BYTES, node_proof
 from authd.attest.tls import ContextCache, client_context
 from authd.config.model import AttestConfig
 from authd.errors import AttestError
@@ -33,6 +34,9 @@ WEB = SpiffeId.parse(f"spiffe://{TD}/ns/app/sa/web")
 DB = SpiffeId.parse(f"spiffe://{TD}/ns/app/sa/db")
 NODE_A = SpiffeId.parse(f"spiffe://{TD}/authd/node-a")
 NODE_B = SpiffeId.parse(f"spiffe://{TD}/authd/node-b")
+
+Reply = Callable[[bytes], bytes]
+"""What an impostor answers to the client's nonce."""
 
 CONFIG = AttestConfig(
     handshake_timeout=dt.timedelta(seconds=0.5),
@@ -61,7 +65,7 @@ class Cluster:
         return Attestor(identities or self.node_b, CONFIG)
 
     def target(self, spiffe_id: SpiffeId, port: int | None = None) -> Target:
-        return Target(spiffe_id, "node-a", ("127.0.0.1",), port or self.port)
+        return Target(spiffe_id, "node-a", NODE_A, ("127.0.0.1",), port or self.port)
 
 
 @contextlib.asynccontextmanager
@@ -210,8 +214,9 @@ async def test_rate_limits_one_source() -> None:
 
 
 @contextlib.asynccontextmanager
-async def impostor(presented: X509Svid, reply: bytes = b"authd-attest/1 ok\n") -> AsyncIterator[int]:
-    """A TLS 1.3 server that presents ``presented`` whatever it is asked for, then sends ``reply``."""
+async def impostor(presented: X509Svid, reply: Reply | None = None) -> AsyncIterator[int]:
+    """A TLS 1.3 server that presents ``presented`` whatever it is asked for, then answers the client's
+    nonce with ``reply(nonce)`` (nothing by default)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     with tempfile.TemporaryDirectory(prefix="authd-impostor-") as directory:
@@ -220,10 +225,12 @@ async def impostor(presented: X509Svid, reply: bytes = b"authd-attest/1 ok\n") -
         key.write_bytes(presented.key_pem())
         context.load_cert_chain(chain, key)
 
-    async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(reply)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            nonce = await reader.readexactly(NONCE_BYTES)
+            if reply is not None:
+                writer.write(reply(nonce))
+                await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
@@ -277,12 +284,12 @@ async def test_client_falls_back_to_the_next_address_in_order(cluster: Cluster) 
     closed.bind(("127.0.0.1", 0))
     dead_port = closed.getsockname()[1]
     closed.close()
-    target = Target(WEB, "node-a", ("127.0.0.2", "127.0.0.1"), cluster.port)
+    target = Target(WEB, "node-a", NODE_A, ("127.0.0.2", "127.0.0.1"), cluster.port)
     attestor = cluster.attestor()
     result = await attestor.attest(target)
     assert result.address == "127.0.0.1"
     with pytest.raises(AttestError) as caught:
-        await attestor.attest(Target(WEB, "node-a", ("127.0.0.1",), dead_port))
+        await attestor.attest(Target(WEB, "node-a", NODE_A, ("127.0.0.1",), dead_port))
     assert caught.value.reason == "unreachable"
     assert attestor.stats.results == {"ok": 1, "unreachable": 1}
 
@@ -297,7 +304,7 @@ async def test_the_rate_limit_counts_only_connections_that_serve_nothing() -> No
     listener = Listener(node_a, FakeNodes({NODE_B: "node-b"}), config)
     async with serving(listener) as port:
         attestor = Attestor(node_b, CONFIG)
-        target = Target(WEB, "node-a", ("127.0.0.1",), port)
+        target = Target(WEB, "node-a", NODE_A, ("127.0.0.1",), port)
         # A peer node with many identities to attest is not throttled by its own successes...
         for _ in range(10):
             await attestor.attest(target)
@@ -321,17 +328,59 @@ async def test_identities_hosted_later_are_served_and_those_gone_refused(cluster
     assert cluster.listener.stats.served == 2
 
 
-@pytest.mark.parametrize(
-    "reply",
-    [b"", b"authd-attest/1 ok", b"x" * 100_000, b"authd-attest/1 no\n"],
-    ids=["eof", "cut", "flood", "no"],
-)
-async def test_client_refuses_a_server_that_does_not_accept_properly(cluster: Cluster, reply: bytes) -> None:
-    """A peer that proved R but then answers with anything but the acceptance line is refused, cleanly."""
-    async with impostor(cluster.node_a.local[WEB], reply) as port:
+def own(cluster: Cluster) -> X509Svid:
+    svid = cluster.node_a.own_svid()
+    assert svid is not None
+    return svid
+
+
+def proof_by(node: X509Svid, leaf: X509Svid, *, signed_nonce: bytes | None = None) -> Reply:
+    """A node proof from ``node`` for ``leaf``, over the client's nonce or over ``signed_nonce``."""
+    return lambda nonce: node_proof(node, signed_nonce or nonce, leaf.leaf)
+
+
+REPLIES: dict[str, tuple[Callable[[Cluster], Reply | None], str]] = {
+    "eof": (lambda _c: None, "refused-by-peer"),
+    "cut": (lambda c: lambda n: proof_by(own(c), c.node_a.local[WEB])(n)[:30], "refused-by-peer"),
+    "flood": (lambda _c: lambda _n: b"x" * 100_000, "bad-node-proof"),
+    "garbage": (lambda _c: lambda _n: b"\0\0\0\x05{oops", "bad-node-proof"),
+    "other-node": (
+        lambda c: proof_by(c.ca.mint("spiffe://example.org/authd/node-c", LIVE), c.node_a.local[WEB]),
+        "node-unexpected-id",
+    ),
+    "replayed": (
+        lambda c: proof_by(own(c), c.node_a.local[WEB], signed_nonce=b"\1" * NONCE_BYTES),
+        "node-signature",
+    ),
+    "other-leaf": (
+        lambda c: proof_by(own(c), c.ca.mint(str(WEB), LIVE)),
+        "node-signature",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLIES))
+async def test_client_refuses_a_server_without_a_valid_node_proof(cluster: Cluster, case: str) -> None:
+    """A peer that proved R but is not node A, or cannot prove it for this session, is refused."""
+    make_reply, reason = REPLIES[case]
+    async with impostor(cluster.node_a.local[WEB], make_reply(cluster)) as port:
         with pytest.raises(AttestError) as caught:
             await cluster.attestor().attest(cluster.target(WEB, port))
-    assert caught.value.reason == "refused-by-peer"
+    assert caught.value.reason == reason
+
+
+async def test_a_listener_on_another_node_is_refused(cluster: Cluster) -> None:
+    """node-c hosts web too, but the client asked node-a: node-c's honest listener is not node-a."""
+    node_c = FakeIdentities(
+        cluster.ca.mint("spiffe://example.org/authd/node-c", LIVE), trusted=cluster.node_a.trusted
+    )
+    node_c.host(cluster.node_a.local[WEB])
+    listener = Listener(node_c, FakeNodes({NODE_B: "node-b"}), CONFIG)
+    async with serving(listener) as port:
+        with pytest.raises(AttestError) as caught:
+            await cluster.attestor().attest(cluster.target(WEB, port))
+    assert caught.value.reason == "node-unexpected-id"
+    assert listener.stats.served == 1  # it served honestly; the client is the one that refuses
 
 
 async def test_client_falls_back_when_an_address_does_not_answer_in_time(cluster: Cluster) -> None:
@@ -349,7 +398,7 @@ async def test_client_falls_back_when_an_address_does_not_answer_in_time(cluster
             queued.append(extra)
         config = AttestConfig(client_timeout=dt.timedelta(seconds=0.3))
         attestor = Attestor(cluster.node_b, config)
-        target = Target(WEB, "node-a", ("127.0.0.2", "127.0.0.1"), cluster.port)
+        target = Target(WEB, "node-a", NODE_A, ("127.0.0.2", "127.0.0.1"), cluster.port)
         result = await attestor.attest(target)
         assert result.address == "127.0.0.1"
     finally:

@@ -30,13 +30,14 @@ from pathlib import Path
 import pytest
 
 from authd.attest.client import Attestor, Target
+from authd.attest.protocol import NONCE_BYTES
 from authd.attest.tls import client_context
 from authd.config.model import AttestConfig
 from authd.datapath.maps import PinnedMaps
 from authd.datapath.netns import run_in_netns
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
 from authd.devcluster.netns import NETNS_DIR, sh
-from authd.identity import Selector, SpiffeId, TrustDomain, sni_for
+from authd.identity import Selector, SpiffeId, TrustDomain, node_id, sni_for
 from authd.spire._proto import delegatedidentity_pb2
 from authd.spire.delegated import SUBSCRIBE_X509_SVIDS, parse_svid_with_key, selectors_to_proto
 from authd.spire.dev.ca import CaSlot
@@ -321,7 +322,15 @@ class ListenerProbe:
         # A legitimate attestation proceeds while the hostile connections are held.
         attestor = Attestor(FakeIdentities(node_b, trusted=bundles), AttestConfig())
         started = time.monotonic()
-        result = await attestor.attest(Target(sid("web"), "node-a", (self.address,), self.port))
+        result = await attestor.attest(
+            Target(
+                sid("web"),
+                "node-a",
+                node_id(TrustDomain(SPEC.trust_domain), "node-a"),
+                (self.address,),
+                self.port,
+            )
+        )
         legit_s = time.monotonic() - started
         # Then the deadline (2 s by default) cuts the held ones: each reaches EOF.
         cut = []
@@ -398,7 +407,8 @@ def impostor(address: str, presented: list[X509Svid]) -> Iterator[list[str]]:
             context = contexts[len(served) % len(contexts)]
             served.append(str(presented[len(served) % len(presented)].spiffe_id))
             with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
-                tls.sendall(b"authd-attest/1 ok\n")  # "accepted", as a lying listener would say
+                tls.recv(NONCE_BYTES)
+                tls.sendall(b"\0\0\0\2{}")  # a lying listener cannot prove the node: refused before that
 
     thread = threading.Thread(target=serve)
     thread.start()

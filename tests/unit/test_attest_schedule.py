@@ -11,7 +11,7 @@ from authd.attest.client import Target
 from authd.attest.schedule import Attestations, Peer
 from authd.backoff import BackoffPolicy
 from authd.errors import AttestError
-from authd.identity import SpiffeId
+from authd.identity import SpiffeId, TrustDomain, node_id
 from authd.x509svid import BundleSet, X509Svid
 from tests.fakes.attest import ScriptedAttestClient
 from tests.fakes.ca import LeafOptions, TestCA
@@ -19,6 +19,7 @@ from tests.waiting import eventually
 
 WEB = SpiffeId.parse("spiffe://example.org/web")
 DB = SpiffeId.parse("spiffe://example.org/db")
+NODE_A = SpiffeId.parse("spiffe://example.org/authd/node-a")
 FAST = BackoffPolicy(initial=0.05, maximum=0.05, jitter=0)
 
 
@@ -40,7 +41,7 @@ def svid(authority: TestCA, spiffe_id: SpiffeId, lifetime: float, *, age: float 
 
 
 def target(spiffe_id: SpiffeId, node: str = "node-a") -> Target:
-    return Target(spiffe_id, node, ("192.0.2.1",), 4250)
+    return Target(spiffe_id, node, node_id(TrustDomain("example.org"), node), ("192.0.2.1",), 4250)
 
 
 class Changes:
@@ -274,11 +275,11 @@ async def test_a_peer_whose_node_moved_is_asked_at_its_new_address_at_once() -> 
         await eventually(lambda: attestations.stats.attempts["unreachable"] == 1)
         client.answers[(str(WEB), "node-a")].clear()
         client.script(str(WEB), "node-a", svid(authority, WEB, 3600))
-        attestations.want({peer: Target(WEB, "node-a", ("192.0.2.99",), 4250)})
+        attestations.want({peer: Target(WEB, "node-a", NODE_A, ("192.0.2.99",), 4250)})
         await eventually(lambda: attestations.result(peer) is not None)
         assert attestations.result(peer).address == "192.0.2.99"  # type: ignore[union-attr]
         # Moving again while the result is valid changes nothing until the renewal.
-        attestations.want({peer: Target(WEB, "node-a", ("192.0.2.100",), 4250)})
+        attestations.want({peer: Target(WEB, "node-a", NODE_A, ("192.0.2.100",), 4250)})
         await asyncio.sleep(0.05)
     finally:
         task.cancel()

@@ -44,7 +44,8 @@ def two_nodes(*extra_rules: tuple[str, str], web_and_db: bool = True) -> Cluster
     if web_and_db:
         endpoints.append(endpoint("db", "node-b", "10.2.0.5"))
     rules = [rule(f"spiffe://example.org/{s}", f"spiffe://example.org/{d}", "both") for s, d in extra_rules]
-    return state([node("node-a"), node("node-b")], endpoints, rules)
+    # node-c hosts nothing: it is listed last, so a target built from the wrong node would name it.
+    return state([node("node-a"), node("node-b"), node("node-c")], endpoints, rules)
 
 
 @dataclass
@@ -117,6 +118,10 @@ async def test_known_pair_is_authenticated_before_traffic_with_the_earlier_expir
         await eventually(lambda: len(h.table.entries) == 1)
         assert h.table.entries == {h.pair("web", "db", "node-b"): web.not_after}
         assert h.client.calls == {(str(sid("db")), "node-b"): 1}
+        # The peer is asked at node-b's address, and must prove it is node-b's authd.
+        assert [(t.node, str(t.node_id), t.addresses) for t in h.client.targets] == [
+            ("node-b", "spiffe://example.org/authd/node-b", tuple(str(a) for a in node("node-b").addresses))
+        ]
         assert h.tables.ipcache
         assert h.tables.policy
 
