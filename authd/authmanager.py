@@ -71,6 +71,20 @@ class Handles(Protocol):
         """The node behind a node handle, if assigned."""
         ...
 
+    @property
+    def identities(self) -> Mapping[SpiffeId, int]:
+        """Every assigned identity handle."""
+        ...
+
+    @property
+    def nodes(self) -> Mapping[str, int]:
+        """Every assigned remote node handle."""
+        ...
+
+    def release(self, identities: Iterable[SpiffeId] = (), nodes: Iterable[str] = ()) -> bool:
+        """Free handles nothing refers to any more (persisted)."""
+        ...
+
     def assign(self, identities: Iterable[SpiffeId] = (), nodes: Iterable[str] = ()) -> bool:
         """Give handles to what has none (persisted)."""
         ...
@@ -81,6 +95,10 @@ class AuthTable(Protocol):
 
     def read(self) -> dict[AuthPair, datetime]:
         """Every entry whose handles resolve, read from the kernel; entries that do not are dropped."""
+        ...
+
+    def purge_unresolved(self) -> int:
+        """Delete entries whose handles resolve to nothing; return how many."""
         ...
 
     def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:
@@ -264,7 +282,27 @@ class AuthManager:
             if changed:
                 log.info("datapath tables synced", version=desired.version[:12], changed=changed)
         self._write_auth(desired.pairs)
+        if self._svids.synced:
+            self._collect_garbage(state)
         self.stats.reconciles += 1
+
+    def _collect_garbage(self, state: ClusterState) -> None:
+        """Delete entries no handle explains, then free the handles nothing uses any more.
+
+        Runs only once the sources synced, after the ipcache and policy maps were made equal to cluster
+        state: by then a handle of an identity or node that left cluster state is referenced at most by
+        auth entries still in the map, and those keep it.
+        """
+        self.stats.deletes += self._table.purge_unresolved()
+        in_map_ids = {pair.local for pair in self._mirror} | {pair.remote for pair in self._mirror}
+        in_map_nodes = {pair.node for pair in self._mirror}
+        identities = [
+            i for i in self._handles.identities if i not in state.identities and i not in in_map_ids
+        ]
+        nodes = [n for n in self._handles.nodes if n not in state.nodes and n not in in_map_nodes]
+        if identities or nodes:
+            self._handles.release(identities, nodes)
+            log.info("identity handles released", identities=len(identities), nodes=len(nodes))
 
     def resync_tables(self) -> None:
         """Force the ipcache and policy maps to be compared again (their pins may have been touched)."""

@@ -88,6 +88,22 @@ class PinnedAuthTable:
                 cache[handle] = spiffe_id
         return cache[handle]
 
+    def purge_unresolved(self) -> int:
+        """Delete entries whose handles name no identity or node: no reconcile could ever match them."""
+        ids: dict[int, SpiffeId | None] = {}
+        stale = [
+            key
+            for key, _expires in self._auth.items()
+            if self._identity(key.local, ids) is None
+            or self._identity(key.remote, ids) is None
+            or self._names.node_name(key.remote_node) is None
+        ]
+        if stale:
+            self._auth.delete_many(stale)
+            log.info("auth map entries with unknown handles deleted", count=len(stale))
+        self.unresolved = 0
+        return len(stale)
+
     def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:
         """Delete, then write, each in one pass (upserts in one batch syscall)."""
         if deletes:

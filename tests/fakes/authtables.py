@@ -25,6 +25,9 @@ class FakeAuthTable:
         self.reads += 1
         return dict(self.entries)
 
+    def purge_unresolved(self) -> int:
+        return 0  # the fake holds pairs only: nothing unresolvable can be in it
+
     def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:
         self.writes.append((dict(upserts), list(deletes)))
         for pair in deletes:

@@ -52,6 +52,11 @@ def test_auth_pairs_round_trip_through_the_map(maps: PinnedMaps, handles: Handle
     assert table.read() == {web_api: soon + timedelta(hours=1)}
     assert isinstance(table, PinnedAuthTable)
     assert table.unresolved == 1
+    # Garbage collection deletes it, and only it.
+    assert table.purge_unresolved() == 1
+    assert maps.auth.get(AuthKey(9999, web_api.remote_handle, 0)) is None
+    assert table.read() == {web_api: soon + timedelta(hours=1)}
+    assert table.purge_unresolved() == 0
 
 
 def test_sync_writes_only_differences(maps: PinnedMaps) -> None:

@@ -148,6 +148,25 @@ async def test_removing_the_endpoint_removes_its_entries_and_its_peer() -> None:
         h.manager.cluster_changed(two_nodes(("web", "db"), web_and_db=False))
         await eventually(lambda: not h.table.entries)
         assert not h.attestations.results()
+        # Nothing refers to db any more: its handle is freed, web's is kept.
+        await eventually(lambda: h.handles.identity_handle(sid("db")) is None)
+        assert h.handles.identity_handle(sid("web")) is not None
+
+
+async def test_handles_are_released_only_once_the_svids_synced() -> None:
+    async with manager(synced=False) as h:
+        h.handles.assign([sid("web"), sid("db"), sid("cache"), sid("gone")], ["node-b", "node-gone"])
+        h.manager.cluster_changed(two_nodes(("web", "cache")))
+        await eventually(lambda: h.manager.stats.reconciles >= 1)
+        await h.settle()
+        assert h.handles.identity_handle(sid("gone")) is not None
+        assert h.handles.node_handle("node-gone") is not None
+        h.svids.synced = True
+        h.manager.svids_changed()
+        await eventually(lambda: h.handles.identity_handle(sid("gone")) is None)
+        assert h.handles.node_handle("node-gone") is None
+        assert h.handles.identity_handle(sid("db")) is not None  # still in cluster state
+        assert h.handles.node_handle("node-b") is not None
 
 
 async def test_removing_the_local_svid_removes_its_entries() -> None:
