@@ -87,21 +87,7 @@ class Network:
             else None,
         )
         uplink = f"up{index}"
-        sh(
-            "ip",
-            "-n",
-            self._fabric,
-            "link",
-            "add",
-            uplink,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            node.netns,
-        )
+        _veth(self._fabric, uplink, node.netns, "eth0")
         sh("ip", "-n", self._fabric, "link", "set", uplink, "master", "br0", "up")
         sh("ip", "-n", node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0")
         sh("ip", "-n", node.netns, "link", "set", "eth0", "up")
@@ -160,21 +146,7 @@ class Network:
             address6=node.subnet6.network_address + index + 10 if node.subnet6 is not None else None,
         )
         host, pod = node.netns, workload.netns
-        sh(
-            "ip",
-            "-n",
-            host,
-            "link",
-            "add",
-            workload.host_link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod,
-        )
+        _veth(host, workload.host_link, pod, "eth0")
         sh("ip", "-n", host, "link", "set", workload.host_link, "up")
         sh("ip", "-n", host, "route", "add", f"{workload.address}/32", "dev", workload.host_link)
         sh("ip", "-n", pod, "addr", "add", f"{workload.address}/32", "dev", "eth0")
@@ -189,3 +161,8 @@ class Network:
             sh("ip", "-n", pod, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
         self.workloads[name] = workload
         return workload
+
+
+def _veth(netns: str, name: str, peer_netns: str, peer_name: str) -> None:
+    """Create a veth pair with one end in each namespace."""
+    sh("ip", "-n", netns, "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", peer_netns)

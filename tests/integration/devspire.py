@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -150,3 +151,31 @@ async def until(events: Subscription, condition: Callable[[], bool], within: flo
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def node_a_config(directory: Path, extra: str = "") -> Path:
+    """``authd run`` config for node-a against dev-spire in ``directory``, without a datapath.
+
+    Writes a one-node cluster state file beside it; ``extra`` is appended (more sections).
+    """
+    cluster = directory / "cluster.toml"
+    cluster.write_text('trust_domain = "example.org"\n[[node]]\nname = "node-a"\naddresses = ["127.0.0.1"]\n')
+    config = directory / "authd.toml"
+    config.write_text(
+        f'[node]\nname = "node-a"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
+        '[log]\nformat = "json"\n'
+        f'[cluster]\nfile = "{cluster}"\n'
+        f'[attest]\nlisten_address = "127.0.0.1"\nport = {free_port()}\n'
+        "[datapath]\nenabled = false\n"
+        f'[spire]\nworkload_socket = "{directory}/node-a/public/api.sock"\n'
+        f'admin_socket = "{directory}/node-a/private/admin.sock"\n'
+        'reconnect_backoff_initial = "50ms"\nreconnect_backoff_max = "300ms"\n' + extra
+    )
+    return config

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tests.integration.devspire import AUTHD_ID, ME, DevSpireProcess, short_dir, write_entries
+from tests.integration.devspire import AUTHD_ID, ME, DevSpireProcess, node_a_config, short_dir, write_entries
 
 
 class AsyncNotifyReceiver:
@@ -37,12 +37,6 @@ class AsyncNotifyReceiver:
                 self.messages.append((await loop.sock_recv(self.sock, 4096)).decode())
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def wait_for_log(proc: asyncio.subprocess.Process, event: str, within: float) -> dict[str, object]:
     assert proc.stdout is not None
     async with asyncio.timeout(within):
@@ -59,21 +53,7 @@ async def test_authd_becomes_ready_once_spire_serves_its_identity() -> None:
             directory / "entries.toml",
             [{"spiffe_id": str(AUTHD_ID), "node": "node-a", "selectors": [str(ME)]}],
         )
-        cluster = directory / "cluster.toml"
-        cluster.write_text(
-            'trust_domain = "example.org"\n[[node]]\nname = "node-a"\naddresses = ["127.0.0.1"]\n'
-        )
-        config = directory / "authd.toml"
-        config.write_text(
-            f'[node]\nname = "node-a"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
-            '[log]\nformat = "json"\n'
-            f'[cluster]\nfile = "{cluster}"\n'
-            f'[attest]\nlisten_address = "127.0.0.1"\nport = {free_port()}\n'
-            "[datapath]\nenabled = false\n"
-            f'[spire]\nworkload_socket = "{directory}/node-a/public/api.sock"\n'
-            f'admin_socket = "{directory}/node-a/private/admin.sock"\n'
-            'reconnect_backoff_initial = "50ms"\nreconnect_backoff_max = "300ms"\n'
-        )
+        config = node_a_config(directory)
         notify = AsyncNotifyReceiver(directory / "notify.sock")
         env = {key: value for key, value in os.environ.items() if key != "SPIFFE_ENDPOINT_SOCKET"}
         authd = await asyncio.create_subprocess_exec(

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.integration.devspire import AUTHD_ID, ME, DevSpireProcess, short_dir, write_entries
-from tests.integration.test_daemon_spire import free_port
+from tests.integration.devspire import (
+    AUTHD_ID,
+    ME,
+    DevSpireProcess,
+    free_port,
+    node_a_config,
+    short_dir,
+    write_entries,
+)
 
 
 def authd_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,21 +31,7 @@ def authd_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def write_config(directory: Path, http_port: int) -> Path:
-    cluster = directory / "cluster.toml"
-    cluster.write_text('trust_domain = "example.org"\n[[node]]\nname = "node-a"\naddresses = ["127.0.0.1"]\n')
-    config = directory / "authd.toml"
-    config.write_text(
-        f'[node]\nname = "node-a"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
-        '[log]\nformat = "json"\n'
-        f'[cluster]\nfile = "{cluster}"\n'
-        f'[attest]\nlisten_address = "127.0.0.1"\nport = {free_port()}\n'
-        "[datapath]\nenabled = false\n"
-        f'[spire]\nworkload_socket = "{directory}/node-a/public/api.sock"\n'
-        f'admin_socket = "{directory}/node-a/private/admin.sock"\n'
-        'reconnect_backoff_initial = "50ms"\nreconnect_backoff_max = "300ms"\n'
-        f'[http]\nlisten_address = "127.0.0.1"\nport = {http_port}\n'
-    )
-    return config
+    return node_a_config(directory, f'[http]\nlisten_address = "127.0.0.1"\nport = {http_port}\n')
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object]]:
