@@ -14,7 +14,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -46,6 +46,9 @@ from authd.spire.sync import sync as sync_entries
 from authd.status import StatusOp
 from authd.svids import EventKind, SvidStore
 
+if TYPE_CHECKING:
+    from authd.datapath.enforcement import Enforcement
+
 log = structlog.get_logger(__name__)
 
 ReloadHook = Callable[[Config, Config], None]
@@ -75,13 +78,12 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self.health = Health()
         daemon_cfg = config.daemon
-        self._supervisor = Supervisor(
-            self.health,
-            BackoffPolicy(
-                initial=daemon_cfg.restart_backoff_initial.total_seconds(),
-                maximum=daemon_cfg.restart_backoff_max.total_seconds(),
-            ),
+        # One policy for every job-level retry: restarts of failed jobs, and the datapath's netlink retries.
+        self._restart_backoff = BackoffPolicy(
+            initial=daemon_cfg.restart_backoff_initial.total_seconds(),
+            maximum=daemon_cfg.restart_backoff_max.total_seconds(),
         )
+        self._supervisor = Supervisor(self.health, self._restart_backoff)
         self._jobs: list[Job] = []
         self._reload_hooks: list[ReloadHook] = [self._apply_logging]
         self._stop = asyncio.Event()
@@ -93,6 +95,7 @@ class Daemon:
         self.node_name = local_node_name(config.node.name)
         self.handles = HandleRegistry.open(_state_dir(config.node.state_dir) / STATE_FILE, self.node_name)
         self.manager: AuthManager | None = None
+        self.enforcement: Enforcement | None = None
         self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
         self.identity_plane = IdentityPlane.from_config(config.spire, lambda: self.health.register("svids"))
@@ -104,7 +107,7 @@ class Daemon:
     def _build_operator_surfaces(self) -> None:
         """The ``status`` op on the control socket and, with ``[http]`` on, /metrics, /healthz, /readyz."""
         plane = self.identity_plane
-        enforcement = getattr(self, "enforcement", None)
+        enforcement = self.enforcement
         attestation = plane is not None
         self.view = DaemonView(
             node=self.node_name,
@@ -146,16 +149,12 @@ class Daemon:
 
         self.flow_log = FlowLog(self.handles)
         self.control.register("observe", lambda request: serve_observe(self.flow_log, request))
-        daemon_cfg = self.config.daemon
         enforcement = Enforcement(
             self.config.datapath,
             self.health.register("datapath"),
             on_auth_required=self._auth_required,
             on_flow=self.flow_log.add,
-            backoff=BackoffPolicy(
-                initial=daemon_cfg.restart_backoff_initial.total_seconds(),
-                maximum=daemon_cfg.restart_backoff_max.total_seconds(),
-            ),
+            backoff=self._restart_backoff,
         )
         self.enforcement = enforcement
         self._jobs.extend(enforcement.jobs())
@@ -225,6 +224,7 @@ class Daemon:
         """Once the datapath is loaded, keep its maps in line with cluster state, SVIDs and attestations."""
         assert self.identity_plane is not None
         store = self.identity_plane.store
+        assert self.enforcement is not None  # the job exists only with a datapath
         datapath = await self.enforcement.wait_loaded()
         with datapath.maps() as maps:
             if self.handles.fresh:
