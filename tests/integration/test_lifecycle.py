@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,35 +11,14 @@ from pathlib import Path
 
 import pytest
 
-
-class NotifyReceiver:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[str] = []
-
-    def wait_for(self, line: str, timeout: float) -> float:
-        """Return the time at which a message containing ``line`` arrived."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(line in m.splitlines() for m in self.messages):
-                return time.monotonic()
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                break
-        pytest.fail(f"no {line!r} within {timeout}s; got {self.messages}")
+from tests.notify import NotifyReceiver
 
 
 @pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifyReceiver]:
     receiver = NotifyReceiver(tmp_path / "notify.sock")
     yield receiver
-    receiver.sock.close()
+    receiver.close()
 
 
 def start_authd(config: Path, notify: NotifyReceiver, **extra_env: str) -> subprocess.Popen[str]:

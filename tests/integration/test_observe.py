@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.notify import NotifyReceiver
 
 
 def test_observe_explains_a_disabled_datapath(tmp_path: Path) -> None:
@@ -14,18 +15,15 @@ def test_observe_explains_a_disabled_datapath(tmp_path: Path) -> None:
         f'[node]\nname = "node-a"\nstate_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\n'
         '[log]\nformat = "json"\n[datapath]\nenabled = false\n'
     )
-    notify_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        notify.settimeout(30)
+    notify = NotifyReceiver(tmp_path / "notify.sock")
+    try:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "authd", "run", "--config", str(config)],
-            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+            env={**os.environ, "NOTIFY_SOCKET": str(notify.path)},
             stdout=subprocess.DEVNULL,
         )
         try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
+            notify.wait_for("READY=1", timeout=30)
             assert (tmp_path / "run" / "authd.sock").stat().st_mode & 0o777 == 0o600
             result = subprocess.run(
                 [sys.executable, "-m", "authd", "observe", "--config", str(config)],
@@ -37,6 +35,8 @@ def test_observe_explains_a_disabled_datapath(tmp_path: Path) -> None:
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
+    finally:
+        notify.close()
     assert result.returncode == 1
     assert "the datapath is disabled" in result.stderr
     assert not (tmp_path / "run" / "authd.sock").exists()

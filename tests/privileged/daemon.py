@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.notify import NotifyReceiver
 from tests.privileged.topology import Topology
 
 
@@ -24,9 +24,7 @@ class Authd:
             '[log]\nformat = "json"\n'
             f'[datapath]\npin_dir = "{pin_dir}"\ninterfaces = ["adp{topo.tag}*"]\n'
         )
-        self.notify_path = tmp / "notify.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
+        self.notify = NotifyReceiver(tmp / "notify.sock")
         self.proc: subprocess.Popen[str] | None = None
         self.outputs: list[str] = []
 
@@ -43,14 +41,13 @@ class Authd:
                 "--config",
                 str(self.config),
             ],
-            env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)},
+            env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self.notify.settimeout(30)
-        while b"READY=1" not in self.notify.recv(4096):
-            pass
+        self.notify.messages.clear()  # a READY=1 from an earlier start must not count
+        self.notify.wait_for("READY=1", timeout=30)
         return time.monotonic() - started
 
     def stop(self) -> None:
