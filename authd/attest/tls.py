@@ -112,10 +112,13 @@ class ContextCache:
         """Start empty; hold at most ``max_entries`` contexts (about 33 KiB each, measured)."""
         self.max_entries = max_entries
         self._cache: OrderedDict[tuple[bytes, bytes, bool], ssl.SSLContext] = OrderedDict()
+        # The SVID store hands out the same BundleSet until bundles change: digest it once, not once
+        # per handshake (the listener asks twice per handshake, for its own and the served SVID).
+        self._digested: tuple[BundleSet, bytes] | None = None
 
     def get(self, svid: X509Svid, bundles: BundleSet, *, server: bool) -> ssl.SSLContext:
         """Return a context for ``svid`` and ``bundles``, building it on first use."""
-        key = (svid.leaf.fingerprint(hashes.SHA256()), _digest(bundles), server)
+        key = (svid.leaf.fingerprint(hashes.SHA256()), self._digest(bundles), server)
         context = self._cache.get(key)
         if context is None:
             context = (server_context if server else client_context)(svid, bundles)
@@ -129,6 +132,11 @@ class ContextCache:
     def __len__(self) -> int:
         """How many contexts are held."""
         return len(self._cache)
+
+    def _digest(self, bundles: BundleSet) -> bytes:
+        if self._digested is None or self._digested[0] is not bundles:
+            self._digested = (bundles, _digest(bundles))
+        return self._digested[1]
 
 
 def _digest(bundles: BundleSet) -> bytes:

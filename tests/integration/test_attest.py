@@ -431,3 +431,13 @@ def test_the_context_cache_drops_the_least_recently_used() -> None:
     assert cache.get(svids[0], bundles, server=True) is first
     assert cache.get(svids[2], bundles, server=True) is third
     assert cache.get(svids[1], bundles, server=True) is not second  # built again
+
+
+def test_the_context_cache_follows_bundle_changes() -> None:
+    ca, other = live_ca(TD), live_ca("federated.org")
+    svid = ca.mint(f"spiffe://{TD}/w", LIVE)
+    cache = ContextCache()
+    before = cache.get(svid, BundleSet.of([ca.bundle()]), server=True)
+    assert cache.get(svid, BundleSet.of([ca.bundle()]), server=True) is before  # same content, new object
+    after = cache.get(svid, BundleSet.of([ca.bundle(), other.bundle()]), server=True)
+    assert after is not before  # a trust domain more: the store of the context must change
