@@ -348,7 +348,7 @@ class AuthManager:
         results = self._attestations.results()
         wanted: dict[AuthPair, datetime] = {}
         for pair, peer in self._plan:
-            expiry = self._expiry(pair, peer, local, results)
+            expiry = self._expiry(pair, peer, local, results.get(peer) if peer is not None else None)
             if expiry is not None and expiry > now:
                 wanted[pair] = expiry
         current = self._table.read()
@@ -363,10 +363,7 @@ class AuthManager:
             else:
                 deletes.append(pair)
         upserts = {pair: expiry for pair, expiry in wanted.items() if current.get(pair) != expiry}
-        if upserts or deletes:
-            self._table.write(upserts, deletes)
-            self.stats.upserts += len(upserts)
-            self.stats.deletes += len(deletes)
+        if self._apply(upserts, deletes):
             log.info(
                 "auth map updated",
                 upserts=len(upserts),
@@ -388,8 +385,7 @@ class AuthManager:
         for peer in peers:
             result = self._attestations.result(peer)
             for pair in self._pairs_of.get(peer, ()):
-                mine = local.get(pair.local)
-                expiry = min(mine.not_after, result.not_after) if mine and result else None
+                expiry = self._expiry(pair, peer, local, result)
                 held = self._mirror.get(pair)
                 if expiry is not None and expiry > now:
                     if held != expiry:
@@ -398,10 +394,7 @@ class AuthManager:
                     held > now and self._keep_until_known(pair, local, synced=synced)
                 ):
                     deletes.append(pair)
-        if upserts or deletes:
-            self._table.write(upserts, deletes)
-            self.stats.upserts += len(upserts)
-            self.stats.deletes += len(deletes)
+        if self._apply(upserts, deletes):
             for pair in deletes:
                 del self._mirror[pair]
             self._mirror.update(upserts)
@@ -415,20 +408,29 @@ class AuthManager:
         self.stats.entries = len(self._mirror)
         self.stats.peer_reconciles += 1
 
+    def _apply(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> bool:
+        """Write changes to the auth map, if any; return whether there were any."""
+        if not upserts and not deletes:
+            return False
+        self._table.write(upserts, deletes)
+        self.stats.upserts += len(upserts)
+        self.stats.deletes += len(deletes)
+        return True
+
     @staticmethod
     def _expiry(
         pair: AuthPair,
         peer: Peer | None,
         local: Mapping[SpiffeId, X509Svid],
-        results: Mapping[Peer, Attestation],
+        result: Attestation | None,
     ) -> datetime | None:
+        """min(L.notAfter, R.notAfter): R's SVID held here when ``peer`` is None, else its attestation."""
         mine = local.get(pair.local)
         if mine is None:
             return None
         if peer is None:
             theirs = local.get(pair.remote)
             return min(mine.not_after, theirs.not_after) if theirs is not None else None
-        result = results.get(peer)
         return min(mine.not_after, result.not_after) if result is not None else None
 
     def _keep_until_known(self, pair: AuthPair, local: Mapping[SpiffeId, X509Svid], *, synced: bool) -> bool:
