@@ -107,7 +107,6 @@ class DevCluster:
     _namespaces: Namespaces = field(default_factory=Namespaces, init=False)
     _processes: Processes = field(default_factory=Processes, init=False)
     _spire: subprocess.Popen[bytes] | None = field(default=None, init=False)
-    _servers: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict, init=False)
     _notify_sockets: dict[str, socket.socket] = field(default_factory=dict, init=False)
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -482,16 +481,9 @@ class DevCluster:
     def start_servers(self, name: str) -> None:
         """Start the workload's TCP and UDP echo servers."""
         logs = self.workdir / "logs"
-        self._servers[name] = [
-            self._processes.start(
-                f"{name}-tcp", self._as_workload(name, ["tcp-server", "--port", str(TCP_PORT)]),
-                log_path=logs / f"{name}-tcp.log",
-            ),
-            self._processes.start(
-                f"{name}-udp", self._as_workload(name, ["udp-server", "--port", str(UDP_PORT)]),
-                log_path=logs / f"{name}-udp.log",
-            ),
-        ]  # fmt: skip
+        for kind, port in (("tcp", TCP_PORT), ("udp", UDP_PORT)):
+            argv = self._as_workload(name, [f"{kind}-server", "--port", str(port)])
+            self._processes.start(f"{name}-{kind}", argv, log_path=logs / f"{name}-{kind}.log")
         _wait_until(lambda: "listening" in (logs / f"{name}-tcp.log").read_text(), 10, f"{name}'s TCP server")
         _wait_until(lambda: "listening" in (logs / f"{name}-udp.log").read_text(), 10, f"{name}'s UDP server")
 
