@@ -91,6 +91,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } flows SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, AUTHD_ENDPOINT_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__type(key, struct authd_ipcache_key);
+	__type(value, struct authd_endpoint_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
 /* ------------------------------------------------------------------------------------------ parsing */
 
 #define IPV6_MAX_EXT_HEADERS 8

@@ -125,6 +125,7 @@ class MapName(enum.StrEnum):
     CONFIG = "config"
     AUTH_RATELIMIT = "auth_ratelimit"
     FLOWS = "flows"
+    ENDPOINTS = "endpoints"
 
 
 class ProgramName(enum.StrEnum):
@@ -162,6 +163,20 @@ class IpcacheValue(HeaderStruct):
         ("node", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
     ]
+
+
+class EndpointValue(HeaderStruct):
+    """Must match struct authd_endpoint_value."""
+
+    c_name = "authd_endpoint_value"
+    _fields_: ClassVar = [
+        ("ifindex", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+ENDPOINT_F_ROUTE = 0x1  # must match AUTHD_ENDPOINT_F_ROUTE
+ENDPOINT_F_CNI = 0x2  # must match AUTHD_ENDPOINT_F_CNI
 
 
 class PolicyKeyC(HeaderStruct):
@@ -295,6 +310,7 @@ class FlowEventC(HeaderStruct):
 STRUCTS: tuple[type[HeaderStruct], ...] = (
     IpcacheKey,
     IpcacheValue,
+    EndpointValue,
     PolicyKeyC,
     PolicyValue,
     AuthKeyC,

@@ -31,6 +31,7 @@ POLICY_VALUE = struct.Struct("=B3x")  # struct authd_policy_value
 IPCACHE_KEY = struct.Struct("=II16s")  # struct authd_ipcache_key
 IPCACHE_VALUE = struct.Struct("=III")  # struct authd_ipcache_value
 CONFIG_VALUE = struct.Struct("=I4xQ")  # struct authd_config
+ENDPOINT_VALUE = struct.Struct("=II")  # struct authd_endpoint_value
 
 Network = IPv4Network | IPv6Network
 Address = IPv4Address | IPv6Address
@@ -220,6 +221,41 @@ class IpcacheMap(_Map):
         return self._map.delete_batch([ipcache_key(n) for n in networks])
 
 
+@dataclass(frozen=True, slots=True)
+class EndpointOwner:
+    """Which host-side interface owns a local workload address, and who recorded it (ENDPOINT_F_*)."""
+
+    ifindex: int
+    flags: int
+
+    def __post_init__(self) -> None:
+        """Refuse values the map cannot hold."""
+        _u32("ifindex", self.ifindex)
+        _u32("flags", self.flags)
+
+
+class EndpointsMap(_Map):
+    """The endpoints map: local workload address prefix -> the interface that owns it."""
+
+    def items(self) -> list[tuple[Network, EndpointOwner]]:
+        """Every prefix with its owner."""
+        return [(_network_of(k), EndpointOwner(*ENDPOINT_VALUE.unpack_from(v))) for k, v in self._map.items()]
+
+    def get(self, network: Network | str) -> EndpointOwner | None:
+        """The owner stored for exactly this prefix, or None."""
+        raw = self._map.lookup(ipcache_key(ip_network(network)))
+        return None if raw is None else EndpointOwner(*ENDPOINT_VALUE.unpack_from(raw))
+
+    def update_many(self, entries: Mapping[Network, EndpointOwner]) -> None:
+        """Write many prefixes."""
+        pairs = [(ipcache_key(n), ENDPOINT_VALUE.pack(o.ifindex, o.flags)) for n, o in entries.items()]
+        self._update_batch(pairs, "endpoints")
+
+    def delete_many(self, networks: Iterable[Network]) -> int:
+        """Delete prefixes; missing ones are skipped. Return how many were deleted."""
+        return self._map.delete_batch([ipcache_key(n) for n in networks])
+
+
 class PolicyMap(_Map):
     """The policy map: which (local, remote, direction) need which authentication."""
 
@@ -298,7 +334,14 @@ class PinnedMaps:
         self.pin_dir = pin_dir
         handles: list[MapHandle] = []
         try:
-            names = (MapName.AUTH, MapName.IPCACHE, MapName.POLICY, MapName.COUNTERS, MapName.CONFIG)
+            names = (
+                MapName.AUTH,
+                MapName.IPCACHE,
+                MapName.POLICY,
+                MapName.COUNTERS,
+                MapName.CONFIG,
+                MapName.ENDPOINTS,
+            )
             handles.extend(open_map(pin_dir, name) for name in names)
         except DatapathError:
             for handle in handles:
@@ -309,10 +352,11 @@ class PinnedMaps:
         self.policy = PolicyMap(handles[2])
         self.counters = CounterMap(handles[3])
         self.config = ConfigMap(handles[4])
+        self.endpoints = EndpointsMap(handles[5])
 
     def close(self) -> None:
         """Close every fd (the pins stay)."""
-        for m in (self.auth, self.ipcache, self.policy, self.counters, self.config):
+        for m in (self.auth, self.ipcache, self.policy, self.counters, self.config, self.endpoints):
             m.close()
 
     def __enter__(self) -> Self:

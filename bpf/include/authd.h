@@ -44,6 +44,7 @@ enum authd_family {
 #define AUTHD_MAP_CONFIG "config"
 #define AUTHD_MAP_AUTH_RATELIMIT "auth_ratelimit"
 #define AUTHD_MAP_FLOWS "flows"
+#define AUTHD_MAP_ENDPOINTS "endpoints"
 
 /* Default sizes; authd sets the configured ones before load (bpf_map__set_max_entries). */
 #define AUTHD_IPCACHE_ENTRIES 65536
@@ -52,6 +53,7 @@ enum authd_family {
 #define AUTHD_EVENTS_BYTES (4 * 1024 * 1024)
 #define AUTHD_RATELIMIT_ENTRIES 65536
 #define AUTHD_FLOW_ENTRIES 65536
+#define AUTHD_ENDPOINT_ENTRIES 65536
 
 /* ipcache: one LPM trie for both families. The family takes the first 32 bits of the key data, so
  * prefixlen = 32 + the IP prefix length; an IPv4 address fills addr[0..3] and leaves the rest zero. */
@@ -68,6 +70,19 @@ struct authd_ipcache_value {
 	__u32 node;     /* AUTHD_NODE_LOCAL or a remote node handle */
 	__u32 flags;    /* reserved, 0 */
 };
+
+/* endpoints: which workload-facing interface owns each local workload address. An LPM trie with the
+ * ipcache's key layout; the value names the host-side interface. A packet that enters from a workload
+ * interface must carry a source address that interface owns, and a packet delivered to a workload with a
+ * local endpoint's source address must have entered the node through that endpoint's interface. Written
+ * by authd (from the node's routes) and by the CNI plugin (`authd cni`, on ADD, from the pins alone). */
+struct authd_endpoint_value {
+	__u32 ifindex; /* the host-side interface that owns the address */
+	__u32 flags;   /* AUTHD_ENDPOINT_F_*: who recorded it */
+};
+
+#define AUTHD_ENDPOINT_F_ROUTE 0x1 /* learned by authd from a route through the interface */
+#define AUTHD_ENDPOINT_F_CNI 0x2   /* recorded by the CNI plugin */
 
 /* policy: which (local, remote, direction) need authentication. Either identity may be
  * AUTHD_IDENTITY_ANY; lookups try (L,R), (L,ANY), (ANY,R), (ANY,ANY) and the first entry found decides,
