@@ -142,3 +142,33 @@ def _answers(control: ControlClient) -> bool:
         return bool(list(control.request("status")))
     except ControlError:
         return False
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        bytes(range(256)) * 4,  # garbage bytes: authd exited 1 on every start
+        b"",
+        b'{"format": 1, "identities": {"spiffe://example.org/a": 2',
+        b'{"format": 1, "identities": [], "nodes": {}}',
+    ],
+    ids=["garbage", "empty", "truncated", "wrong-types"],
+)
+def test_corrupt_handle_state_gives_fresh_handles_not_a_crash_loop(
+    tmp_path: Path, notify: NotifyReceiver, content: bytes
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "handles.json").write_bytes(content)
+    proc = start_authd(write_config(tmp_path / "authd.toml"), notify)
+    try:
+        notify.wait_for("READY=1", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert (state / "handles.json.corrupt").read_bytes() == content
+    (logged,) = [e for e in events(output) if "identity handle state corrupt" in str(e["event"])]
+    assert logged["level"] == "error"
+    assert logged["moved_to"] == str(state / "handles.json.corrupt")
