@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from authd import __version__
-from authd.errors import AuthdError, ConfigError
+from authd.errors import AuthdError, ConfigError, DaemonError
 
 if TYPE_CHECKING:
     from authd.config import Config
@@ -61,14 +61,24 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="authd",
         description="Mutual authentication between workloads, attested by SPIRE, enforced by BPF.",
     )
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"authd {__version__}")
+    # Every subcommand's parser is a _Parser too (argparse makes nested ones of the parent's class).
+    commands: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(  # type: ignore[assignment]  # a _Parser is an ArgumentParser
+        title="commands", metavar="COMMAND", required=True
+    )
 
     run = commands.add_parser("run", parents=[common, with_config], help="run the node daemon")
     run.set_defaults(command=_run)
+    reload = commands.add_parser(
+        "reload",
+        parents=[with_config],
+        help="make the running daemon re-read its config; fails, with the reason, if it rejects it",
+    )
+    reload.set_defaults(command=_reload)
 
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(title="config commands", metavar="COMMAND", required=True)
@@ -117,6 +127,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports an unknown argument with the usage of the (sub)command it was given to, not the top level's."""
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads; same arguments and result
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def _add_observe(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
 ) -> None:
@@ -158,6 +180,9 @@ def _observe(args: argparse.Namespace) -> int:
             print(json.dumps(response), flush=args.follow)
         else:
             print(render(Flow.from_json(response)), flush=args.follow)
+    if args.follow:  # a followed stream ends only when the daemon goes away
+        print("authd: the daemon closed the flow stream (stopped or restarting)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -351,13 +376,34 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     logbook = Logbook()
     log.configure(args.log_level or config.log.level, config.log.format, logbook=logbook)
-    status = asyncio.run(Daemon(config, args.config, logbook=logbook).run())
+    try:
+        status = asyncio.run(Daemon(config, args.config, logbook=logbook).run())
+    except PermissionError as err:  # not root: the first directory or socket of root's refuses
+        raise DaemonError(
+            f"run: {err.filename or 'an operation'}: permission denied; authd runs as root "
+            "(it loads BPF programs and owns /var/lib/authd and /run/authd): `systemctl start authd`"
+        ) from err
     if status != 0:
         # A job that ignored cancellation would make interpreter shutdown wait for it forever.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    # Reloading may reattach the datapath: give it longer than a status request.
+    for response in ControlClient(socket_path(config.node.runtime_dir), timeout=60.0).request("reload"):
+        restart_needed = response.get("restart_needed") or []
+        if restart_needed:
+            print(f"config reloaded; changes in {', '.join(restart_needed)} apply after a restart")
+        else:
+            print("config reloaded")
+        return 0
+    raise DaemonError("reload: the daemon closed the connection without a verdict")
 
 
 def _add_dev_spire(

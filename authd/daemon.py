@@ -43,6 +43,7 @@ from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
 from authd.spire.entries import EntryClient
 from authd.spire.sync import sync as sync_entries
+from authd.statelock import StateLock
 from authd.status import StatusOp
 from authd.svids import EventKind, SvidStore
 
@@ -72,6 +73,8 @@ class Daemon:
 
         ``logbook``: the one installed in logging (by the CLI), whose recent warnings ``authd status`` shows.
         """
+        # First, before anything of another daemon on this state directory could be touched.
+        self._state_lock = StateLock(config.node.state_dir)
         self.config = config
         self.logbook = logbook or Logbook()
         self._config_path = config_path
@@ -93,7 +96,7 @@ class Daemon:
         )
         self._jobs.append(Job("control", self.control.run, critical=False))
         self.node_name = local_node_name(config.node.name)
-        self.handles = HandleRegistry.open(_state_dir(config.node.state_dir) / STATE_FILE, self.node_name)
+        self.handles = HandleRegistry.open(config.node.state_dir / STATE_FILE, self.node_name)
         self.manager: AuthManager | None = None
         self.enforcement: Enforcement | None = None
         self._build_datapath()
@@ -134,6 +137,7 @@ class Daemon:
         if enforcement is not None:
             runtime["pin_dir"] = str(self.config.datapath.pin_dir)
         self.control.register("status", StatusOp(self.view, runtime=runtime))
+        self.control.register("reload", self._serve_reload)
         if http.enabled:
             http_health = self.health.register("http", gates_ready=False)
             self.http = HttpServer(
@@ -275,6 +279,12 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped by a signal or a critical failure; return the process exit status."""
         log.info("authd starting", node=self.config.node.name, config=str(self._config_path))
+        try:
+            return await self._run()
+        finally:
+            self._state_lock.release()
+
+    async def _run(self) -> int:
         with self._signals():
             serve = asyncio.create_task(self._serve(), name="serve")
             stop = asyncio.create_task(self._stop.wait(), name="stop-requested")
@@ -339,22 +349,25 @@ class Daemon:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
         try:
             yield
         finally:
             for signum in handled:
                 loop.remove_signal_handler(signum)
 
-    def reload(self) -> None:
-        """Re-read the config file; keep the running config if the new one is invalid."""
+    def reload(self) -> list[str]:
+        """Re-read the config file; keep the running config if the new one is invalid (ConfigError).
+
+        Returns the sections whose changes need a restart to apply.
+        """
         self._notifier.reloading()
         try:
             new = load_config(self._config_path)
         except ConfigError as err:
             log.error("config reload rejected, keeping the running config", problems=err.problems)
             self._notifier.reloaded(self.health.summary())
-            return
+            raise
         old, self.config = self.config, new
         for hook in self._reload_hooks:
             hook(old, new)
@@ -364,6 +377,22 @@ class Daemon:
         else:
             log.info("config reloaded")
         self._notifier.reloaded(self.health.summary())
+        return sorted(restart_needed)
+
+    def _reload_signalled(self) -> None:
+        """SIGHUP: reload; a rejection is already logged, and the running config stays."""
+        with contextlib.suppress(ConfigError):
+            self.reload()
+
+    async def _serve_reload(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The ``reload`` op (``authd reload``, the unit's ExecReload=): reload, answer with the verdict."""
+        del request
+        try:
+            restart_needed = self.reload()
+        except ConfigError as err:
+            problems = "; ".join(err.problems)
+            raise ControlError(f"reload: config rejected, the running one stays: {problems}") from err
+        yield {"reloaded": True, "restart_needed": restart_needed}
 
     def _apply_logging(self, old: Config, new: Config) -> None:
         if old.log != new.log:
@@ -374,12 +403,6 @@ async def _datapath_disabled(request: dict[str, Any]) -> AsyncIterator[dict[str,
     if request:  # always: the op exists only to say why it cannot answer
         raise ControlError("control: the datapath is disabled ([datapath] enabled = false)")
     yield {}
-
-
-def _state_dir(path: Path) -> Path:
-    """Create the state directory (owner-only) if it is missing."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
 
 
 def _live_datapath_change(old: Config, new: Config) -> set[str]:
