@@ -43,6 +43,7 @@ from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
 from authd.spire.entries import EntryClient
 from authd.spire.sync import sync as sync_entries
+from authd.spire.workload import NodeIdentity
 from authd.statelock import StateLock
 from authd.status import StatusOp
 from authd.svids import EventKind, SvidStore
@@ -101,7 +102,11 @@ class Daemon:
         self.enforcement: Enforcement | None = None
         self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
-        self.identity_plane = IdentityPlane.from_config(config.spire, lambda: self.health.register("svids"))
+        self.identity_plane = IdentityPlane.from_config(
+            config.spire,
+            lambda: self.health.register("svids"),
+            node=NodeIdentity(self.node_name, config.node.spiffe_id),
+        )
         if self.identity_plane is not None:
             self._jobs.extend(self.identity_plane.jobs())
             self._build_attestation(self.identity_plane.store)

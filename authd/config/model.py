@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from authd.config.schema import section, setting
+from authd.identity import SpiffeId
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -67,6 +68,14 @@ class NodeConfig:
 
     name: str | None = setting(
         None, "this node's name in cluster state (default: the host name)", check=node_name, example="node-a"
+    )
+    spiffe_id: SpiffeId | None = setting(
+        None,
+        "the node ID: authd's own SVID is the Workload API SVID with exactly this ID, and authd refuses to "
+        "start without one (default: spiffe://<the agent's trust domain>/authd/<name>); must match the "
+        "node's spiffe_id in cluster state",
+        check=lambda value: "must have a path, not be a bare trust domain" if value.is_root else None,
+        example="spiffe://example.org/authd/node-a",
     )
     state_dir: Path = setting(
         Path("/var/lib/authd"), "state that must survive restarts (identity handles)", check=absolute_path
