@@ -9,6 +9,8 @@ Watching: :class:`FileClusterSource` polls ``stat`` (inode, size, mtime) at a fi
 the file when any of them change, which catches both an editor's atomic rename and an in-place write; a
 file modified in the last :data:`RACY_SECONDS` is re-read even if its stat looks the same, because
 timestamps are coarse. A read during which the file changed is discarded and retried at the next poll.
+The file is opened non-blocking and anything but a regular file (a FIFO, a device, a directory) is
+refused as unreadable, so nothing put at the path can stall the watcher.
 A content digest makes a touch without a change a no-op. Reading and parsing run in a worker thread, so
 a large file never stalls the event loop (handshake deadlines, the ring buffer).
 
@@ -29,6 +31,7 @@ import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 
 import structlog
 
@@ -176,18 +179,28 @@ def _signature(stat: os.stat_result) -> Signature:
 def _read(path: Path) -> tuple[bytes, Signature]:
     """Read the file whole, with the signature it had throughout; raise ClusterStateError if unreadable.
 
+    The file is opened non-blocking and refused unless it is a regular file: opening or reading a FIFO,
+    a character device or a socket could block for ever, and no such thing is a cluster file anyway.
     The signature is taken from the open file before and after reading: if they differ the file was
     written while being read, and the caller should try again later.
     """
     try:
-        with path.open("rb") as file:
-            before = _signature(os.fstat(file.fileno()))
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError as err:
+        raise ClusterStateError(f"cluster: {path} does not exist") from err
+    except OSError as err:
+        raise ClusterStateError(f"cluster: cannot read {path}: {err.strerror or err}") from err
+    stat = os.fstat(descriptor)
+    if not S_ISREG(stat.st_mode):
+        os.close(descriptor)
+        raise ClusterStateError(f"cluster: cannot read {path}: not a regular file ({_kind(stat)})")
+    try:
+        with os.fdopen(descriptor, "rb") as file:
+            before = _signature(stat)
             if before[2] > MAX_FILE_BYTES:
                 raise ClusterStateError(f"cluster: {path} is larger than {MAX_FILE_BYTES} bytes")
             content = file.read(MAX_FILE_BYTES + 1)
             after = _signature(os.fstat(file.fileno()))
-    except FileNotFoundError as err:
-        raise ClusterStateError(f"cluster: {path} does not exist") from err
     except OSError as err:
         raise ClusterStateError(f"cluster: cannot read {path}: {err.strerror or err}") from err
     if len(content) > MAX_FILE_BYTES:
@@ -195,6 +208,20 @@ def _read(path: Path) -> tuple[bytes, Signature]:
     if before != after or len(content) != after[2]:
         raise _InFlux
     return content, after
+
+
+def _kind(stat: os.stat_result) -> str:
+    """What a non-regular file is, for the refusal."""
+    mode = stat.st_mode
+    if S_ISDIR(mode):
+        return "a directory"
+    if S_ISFIFO(mode):
+        return "a FIFO"
+    if S_ISSOCK(mode):
+        return "a socket"
+    if S_ISCHR(mode) or S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
 
 
 class _InFlux(Exception):  # noqa: N818 - internal signal

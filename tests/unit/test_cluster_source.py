@@ -238,7 +238,26 @@ def test_unreadable_path_is_a_read_error(world: World) -> None:
     world.source.poll()
     assert world.source.current() is None
     assert world.source.stats.read_errors == 1
-    assert "cannot read" in world.reason
+    assert world.reason == f"cluster: cannot read {world.path}: not a regular file (a directory)"
+
+
+def test_fifo_in_the_files_place_is_refused_without_blocking(world: World) -> None:
+    world.replace(GOOD)
+    world.source.poll()
+    good = world.source.current()
+    world.path.unlink()
+    os.mkfifo(world.path)
+    # With no writer, a blocking open of the FIFO would never return: poll() returning at all is the proof.
+    with capture_logs() as logs:
+        assert not world.source.poll()
+    (entry,) = logs
+    assert entry["event"] == "cluster state file unreadable, keeping the last good state"
+    assert entry["error"] == f"cluster: cannot read {world.path}: not a regular file (a FIFO)"
+    assert world.source.current() is good
+    assert world.health_state() is State.DEGRADED
+    world.path.unlink()
+    world.replace(GOOD.replace("10.1.0.1", "10.1.0.2"))
+    assert world.source.poll()  # a valid version after the FIFO is applied at once
 
 
 def test_non_utf8_is_rejected(world: World) -> None:
