@@ -101,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
         "--node", help="node to summarise (default: node.name of the config, or the host name)"
     )
     cluster_check.set_defaults(command=_cluster_check)
+    cluster_accept = cluster_commands.add_parser(
+        "accept",
+        parents=[with_config],
+        help="apply the cluster state the running daemon holds back as a likely bad deploy",
+    )
+    cluster_accept.add_argument(
+        "--version", help="accept only if the held version starts with this (as `authd status` shows it)"
+    )
+    cluster_accept.set_defaults(command=_cluster_accept)
 
     _add_observe(commands, with_config)
     _add_status(commands, with_config)
@@ -507,6 +516,18 @@ def _config_example(_args: argparse.Namespace) -> int:
     from authd.config import render_example  # noqa: PLC0415
 
     print(render_example(), end="")
+    return 0
+
+
+def _cluster_accept(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    client = ControlClient(socket_path(config.node.runtime_dir))
+    for answer in client.request("cluster-accept", version=args.version or ""):
+        print(
+            f"accepted version {answer['accepted']}: {answer['nodes']} nodes, {answer['endpoints']} endpoints"
+        )
     return 0
 
 

@@ -26,6 +26,7 @@ from authd.attest.schedule import Attestations, Peer
 from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
 from authd.cluster.file import FileClusterSource
+from authd.cluster.guard import serve_accept
 from authd.cluster.handles import STATE_FILE, HandleRegistry
 from authd.cluster.source import LiveDirectory, local_node_name
 from authd.config import Config, load_config
@@ -177,8 +178,11 @@ class Daemon:
             self.node_name,
             self.health.register("cluster"),
             poll_interval=config.cluster.poll_interval.total_seconds(),
+            settle=config.cluster.settle_time.total_seconds(),
+            max_endpoint_removal=config.cluster.max_endpoint_removal,
         )
         self._jobs.append(Job("cluster-file", self.cluster.run, critical=False))
+        self.control.register("cluster-accept", lambda request: serve_accept(self.cluster, request))
         self.listener = Listener(store, LiveDirectory(self.cluster), config.attest)
         self._jobs.append(Job("attest-listener", self._serve_attestations, critical=False))
         self.attestor = Attestor(store, config.attest)

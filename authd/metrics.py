@@ -221,9 +221,17 @@ class AuthdCollector(Collector):
             ("unchanged", stats.unchanged),
             ("rejected", stats.rejected),
             ("read-error", stats.read_errors),
+            ("held", stats.holds),
         ):
             updates.add_metric([result], count)
         yield updates
+        held = GaugeMetricFamily(
+            "authd_cluster_state_held",
+            "1 while a valid state is held back as a likely bad deploy until `authd cluster accept`",
+            labels=["version", "reason"],
+        )
+        held.add_metric([stats.held_version[:12], stats.held_reason], 1 if stats.held_version else 0)
+        yield held
 
     def _auth(self) -> Iterator[Metric]:
         stats = self._view.auth()

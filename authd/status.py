@@ -156,6 +156,9 @@ def _cluster(view: DaemonView) -> dict[str, Any] | None:
         "applied": stats.applied,
         "rejected": stats.rejected,
         "problems": list(stats.problems)[:5],
+        "held": {"version": stats.held_version[:12], "reason": stats.held_reason}
+        if stats.held_version
+        else None,
     }
 
 
@@ -203,6 +206,12 @@ def render(status: Report) -> str:
             f"cluster:   version {cluster['version'] or '(none yet)'}, {cluster['applied']} applied, "
             f"{cluster['rejected']} rejected{problems}"
         )
+        held = cluster.get("held")
+        if held:
+            lines.append(
+                f"           HELD BACK version {held['version']}: {held['reason']} "
+                f"(`authd cluster accept --version {held['version']}` applies it)"
+            )
     lines.append("health:")
     for component in status["health"]:
         reason = f": {component['reason']}" if component["reason"] else ""
