@@ -128,6 +128,7 @@ class Daemon:
             listener=self.listener if attestation else None,
             cluster=self.cluster if attestation else None,
             auth=lambda: self.manager.stats if self.manager is not None else None,
+            fail_closed_at=lambda: self.manager.fail_closed_at() if self.manager is not None else None,
             datapath=enforcement.snapshot if enforcement is not None else lambda: None,
             datapath_enabled=enforcement is not None,
             restarts=self._supervisor.restarts,

@@ -238,6 +238,14 @@ class AuthdCollector(Collector):
         if stats is None:
             return
         yield GaugeMetricFamily("authd_auth_map_entries", "entries in the auth map", value=stats.entries)
+        fail_closed = self._view.fail_closed_at()
+        if fail_closed is not None:
+            yield GaugeMetricFamily(
+                "authd_fail_closed_in_seconds",
+                "seconds until the first auth entry expires unless SPIRE renews it: during a SPIRE outage,"
+                " when traffic starts being denied (absent while the map holds no entry)",
+                value=max(_seconds_until(fail_closed, self._view.now()), 0.0),
+            )
         yield CounterMetricFamily(
             "authd_auth_reconciles", "reconciles of the datapath maps", value=stats.reconciles
         )

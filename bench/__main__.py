@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import attest, cluster, datapath, e2e, identity, lifecycle, operations
+from bench import attest, cluster, datapath, e2e, identity, lifecycle, operations, soak
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
@@ -18,6 +18,7 @@ SUITES: dict[str, Callable[[], Figures]] = {
     "attest": attest.run,
     "operations": operations.run,
     "e2e": e2e.run,
+    "soak": soak.run,
 }
 
 
