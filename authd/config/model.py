@@ -362,6 +362,12 @@ class SpireConfig:
         "longest delay between attempts to reopen a SPIRE stream",
         check=positive_duration,
     )
+    bundle_stream_reopen: timedelta = setting(
+        timedelta(minutes=5),
+        "reopen the bundle stream this often: SPIRE never drops a trust domain from an open stream, so a "
+        "removed federated trust domain stays trusted until the stream is reopened",
+        check=positive_duration,
+    )
     sync_interval: timedelta = setting(
         timedelta(0),
         "run `authd spire sync` from the daemon this often, on the node that reaches the server (0: never)",

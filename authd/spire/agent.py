@@ -87,13 +87,16 @@ class IdentityPlane:
         admin: Endpoint,
         node: NodeIdentity,
         backoff: BackoffFactory,
+        bundle_reopen: float,
     ) -> None:
         """Build the clients; nothing connects until the jobs run."""
         self.store = store
         self._health = health
         self.board = StreamBoard(self._report)
         self._workload = WorkloadApiClient(workload, store, node=node, backoff=backoff, status=self.board)
-        self._delegated = DelegatedIdentityClient(admin, store, backoff=backoff, status=self.board)
+        self._delegated = DelegatedIdentityClient(
+            admin, store, backoff=backoff, status=self.board, bundle_reopen=bundle_reopen
+        )
 
     @classmethod
     def from_config(
@@ -128,6 +131,7 @@ class IdentityPlane:
             admin=Endpoint.unix(config.admin_socket),
             node=node,
             backoff=policy,
+            bundle_reopen=config.bundle_stream_reopen.total_seconds(),
         )
 
     def set_workloads(self, workloads: Mapping[SpiffeId, Iterable[Selector]]) -> None:
