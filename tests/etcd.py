@@ -50,6 +50,7 @@ class EtcdCluster:
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         for index in range(self.size):
             name = f"m{index}"
             self.members.append(Member(name, free_port(), free_port(), self.directory / name))

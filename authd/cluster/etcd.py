@@ -169,7 +169,7 @@ class EtcdClient:
     async def _unary(self, path: str, request: Message, response_type: type[M], doing: str) -> M:
         method = self._connect().unary_unary(
             path,
-            request_serializer=Message.SerializeToString,
+            request_serializer=_serialize,
             response_deserializer=response_type.FromString,
         )
         try:
@@ -201,6 +201,10 @@ class EtcdClient:
     async def _next_member(self) -> None:
         await self.close()
         self._index = (self._index + 1) % len(self._config.endpoints)
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
 
 
 def _change(event: pb.Event) -> Change:
