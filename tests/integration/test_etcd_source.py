@@ -132,7 +132,7 @@ async def test_invalid_write_is_refused_and_names_the_key(etcd: EtcdCluster) -> 
                 await eventually(lambda: running.source.stats.rejected == 1, within=10)
             assert running.at(EXAMPLE)
             (problem,) = running.source.stats.problems
-            assert problem == f'{key} node: unknown node "node-c" (did you mean "node-a"?)'
+            assert problem == f'{key} node: unknown node "node-c" (did you mean "node-b"?)', problem
             assert running.health.status.state is State.DEGRADED
             assert any(e["event"] == "cluster state rejected, keeping the last good state" for e in logs)
             moved = with_web_at("10.1.0.7")
