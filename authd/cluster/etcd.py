@@ -36,9 +36,9 @@ _LEADER_REQUIRED = (("hasleader", "true"),)
 _MAX_MESSAGE = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 3000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # etcd's server refuses pings more often than --grpc-keepalive-min-time (5 s) with GOAWAY.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
@@ -126,6 +126,12 @@ class EtcdClient:
         if not response.succeeded:
             raise EtcdError("etcd: cluster state changed while it was being written; try again")
         return response.header.revision, len(ops)
+
+    async def put(self, key: bytes, value: bytes) -> int:
+        """Write one key unconditionally; return the revision (tools and benchmarks)."""
+        request = pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value))])
+        response = await self._unary(_TXN, request, pb.TxnResponse, "write a key")
+        return response.header.revision
 
     async def compact(self, revision: int) -> None:
         """Drop history before ``revision`` (operators and tests; authd itself never compacts)."""
