@@ -7,7 +7,8 @@ BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 \
-	systemd python3-seccomp
+	systemd python3-seccomp \
+	etcd-server
 
 .PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts wheel-check
 
@@ -17,10 +18,10 @@ all: venv
 artifacts: protos
 	$(MAKE) --no-print-directory -C bpf
 
-# Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto, gitignored). hatch_build.py
+# Protobuf modules and their type stubs for the SPIRE and etcd APIs (*/_proto, gitignored). hatch_build.py
 # passes the build environment's Python on the command line; otherwise the project venv's is used.
 PROTO_DIR := authd/spire/_proto
-PROTO_SRC := $(wildcard $(PROTO_DIR)/*.proto)
+PROTO_SRC := $(wildcard $(PROTO_DIR)/*.proto) $(wildcard authd/cluster/_proto/*.proto)
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 ifeq ($(origin PYTHON),command line)
 PROTOC_PYTHON := $(PYTHON)
@@ -31,7 +32,7 @@ endif
 .PHONY: protos
 protos: $(PROTO_GEN)
 
-$(PROTO_DIR)/%_pb2.py: $(PROTO_DIR)/%.proto $(PROTO_SRC)
+%_pb2.py: %.proto $(PROTO_SRC)
 	PATH="$(dir $(abspath $(PROTOC_PYTHON))):$$PATH" $(PROTOC_PYTHON) -m grpc_tools.protoc -I . --python_out=. --mypy_out=. $<
 
 system-deps:
@@ -64,7 +65,7 @@ test: lint typecheck wheel-check
 # docs, and work from a fresh venv that holds only it and its dependencies (docs/install.md's /opt/authd).
 WHEEL_DIR := $(BUILD)/wheel
 WHEEL_MUST_HOLD := authd/datapath/authd.bpf.o authd/spire/_proto/workload_pb2.py \
-	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py \
+	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py authd/cluster/_proto/etcd_pb2.py \
 	authd-$$v.data/data/share/authd/systemd/authd.service authd-$$v.data/data/share/doc/authd/install.md
 wheel-check: venv
 	rm -rf $(WHEEL_DIR)

@@ -92,10 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="inspect cluster state")
     cluster_commands = cluster.add_subparsers(title="cluster commands", metavar="COMMAND", required=True)
     cluster_check = cluster_commands.add_parser(
-        "check", parents=[with_config], help="validate the cluster state file and summarise it for a node"
+        "check",
+        parents=[with_config],
+        help="validate cluster state (file or etcd) and summarise it for a node",
     )
     cluster_check.add_argument(
-        "--file", type=Path, help="cluster state file (default: cluster.file of the config)"
+        "--file", type=Path, help="cluster state file (default: the configured source, file or etcd)"
     )
     cluster_check.add_argument(
         "--node", help="node to summarise (default: node.name of the config, or the host name)"
@@ -110,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
         "--version", help="accept only if the held version starts with this (as `authd status` shows it)"
     )
     cluster_accept.set_defaults(command=_cluster_accept)
+    cluster_push = cluster_commands.add_parser(
+        "push", parents=[with_config], help="load a cluster file into etcd as one transaction"
+    )
+    cluster_push.add_argument("file", type=Path, help="the cluster file (refused unless valid)")
+    cluster_push.add_argument("--dry-run", action="store_true", help="print the keys that would change")
+    cluster_push.set_defaults(command=_cluster_push)
+    cluster_export = cluster_commands.add_parser(
+        "export", parents=[with_config], help="print the cluster state in etcd as a cluster file"
+    )
+    cluster_export.set_defaults(command=_cluster_export)
 
     _add_observe(commands, with_config)
     _add_status(commands, with_config)
@@ -480,13 +492,13 @@ def _dev_spire(args: argparse.Namespace) -> int:
 
 
 def _spire_sync(args: argparse.Namespace) -> int:
-    from authd.cluster.file import load_cluster  # noqa: PLC0415 - keep the CLI's import light
+    from authd.cluster.tools import load_configured  # noqa: PLC0415 - keep the CLI's import light
     from authd.spire.entries import EntryClient  # noqa: PLC0415
     from authd.spire.sync import sync  # noqa: PLC0415
 
     _quiet_logs()
     config = _config_or_defaults(args.config)
-    state = load_cluster(config.cluster.file)
+    state = asyncio.run(load_configured(config.cluster))
 
     async def run() -> SyncPlan:
         async with EntryClient(config.spire.server_socket) as client:
@@ -531,28 +543,72 @@ def _cluster_accept(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_push(args: argparse.Namespace) -> int:
+    from authd.cluster.tools import push  # noqa: PLC0415
+    from authd.errors import ClusterStateError  # noqa: PLC0415
+
+    _quiet_logs()
+    config = _config_or_defaults(args.config)
+    try:
+        plan = asyncio.run(push(config.cluster, args.file, dry_run=args.dry_run))
+    except ClusterStateError as err:
+        print(f"authd: invalid cluster state {args.file}, nothing pushed:", file=sys.stderr)
+        for problem in err.problems or [str(err)]:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    verb = "would " if args.dry_run else ""
+    for word, keys in (("add", plan.added), ("change", plan.changed), ("remove", plan.removed)):
+        for key in keys:
+            print(f"{verb}{word} {config.cluster.etcd.prefix}{key}")
+    done = "at revision" if not args.dry_run else "against revision"
+    print(
+        f"{len(plan.added)} to add, {len(plan.changed)} to change, {len(plan.removed)} to remove "
+        f"({done} {plan.revision})"
+    )
+    return 0
+
+
+def _cluster_export(args: argparse.Namespace) -> int:
+    from authd.cluster.etcdcodec import render_toml  # noqa: PLC0415
+    from authd.cluster.tools import read_etcd  # noqa: PLC0415
+
+    _quiet_logs()
+    config = _config_or_defaults(args.config)
+    revision, state = asyncio.run(read_etcd(config.cluster.etcd))
+    print(f"# exported from etcd {config.cluster.etcd.prefix} at revision {revision}")
+    print(render_toml(state), end="")
+    return 0
+
+
 def _cluster_check(args: argparse.Namespace) -> int:
     from authd.cluster.desired import attestations, desired_state  # noqa: PLC0415
     from authd.cluster.file import load_cluster  # noqa: PLC0415
     from authd.cluster.handles import HandleRegistry  # noqa: PLC0415
     from authd.cluster.source import local_node_name  # noqa: PLC0415
+    from authd.cluster.tools import describe, load_configured  # noqa: PLC0415
     from authd.config import load_config  # noqa: PLC0415
     from authd.errors import ClusterStateError  # noqa: PLC0415
 
     path, node = args.file, args.node
+    cluster = None
     if path is None or node is None:
         config = load_config(args.config)
-        path = path or config.cluster.file
+        cluster = config.cluster
         node = node or local_node_name(config.node.name)
+    where = str(path) if path is not None or cluster is None else describe(cluster)
     try:
-        state = load_cluster(path)
+        state = (
+            load_cluster(path)
+            if path is not None or cluster is None
+            else asyncio.run(load_configured(cluster))
+        )
     except ClusterStateError as err:
-        print(f"authd: invalid cluster state {path}:", file=sys.stderr)
+        print(f"authd: invalid cluster state {where}:", file=sys.stderr)
         for problem in err.problems or [str(err)]:
             print(f"  {problem}", file=sys.stderr)
         return 1
     identities = state.identities
-    print(f"# {path}: valid, version {state.version[:12]}")
+    print(f"# {where}: valid, version {state.version[:12]}")
     print(
         f"nodes: {len(state.nodes)}, endpoints: {len(state.endpoints)} ({len(identities)} identities), "
         f"policy rules: {len(state.rules)}"

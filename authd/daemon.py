@@ -25,10 +25,10 @@ from authd.attest.listener import bind as bind_listener
 from authd.attest.schedule import Attestations, Peer
 from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
-from authd.cluster.file import FileClusterSource
 from authd.cluster.guard import serve_accept
 from authd.cluster.handles import STATE_FILE, HandleRegistry
 from authd.cluster.source import LiveDirectory, local_node_name
+from authd.cluster.sources import open_source
 from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
 from authd.daemonview import DaemonView
@@ -174,15 +174,8 @@ class Daemon:
     def _build_attestation(self, store: SvidStore) -> None:
         """Cluster state, attestation (listener, client, schedule) and, with a datapath, the auth manager."""
         config = self.config
-        self.cluster = FileClusterSource(
-            config.cluster.file,
-            self.node_name,
-            self.health.register("cluster"),
-            poll_interval=config.cluster.poll_interval.total_seconds(),
-            settle=config.cluster.settle_time.total_seconds(),
-            max_endpoint_removal=config.cluster.max_endpoint_removal,
-        )
-        self._jobs.append(Job("cluster-file", self.cluster.run, critical=False))
+        self.cluster = open_source(config.cluster, self.node_name, self.health.register("cluster"))
+        self._jobs.append(Job(f"cluster-{config.cluster.source}", self.cluster.run, critical=False))
         self.control.register("cluster-accept", lambda request: serve_accept(self.cluster, request))
         self.listener = Listener(store, LiveDirectory(self.cluster), config.attest)
         self._jobs.append(Job("attest-listener", self._serve_attestations, critical=False))

@@ -232,6 +232,12 @@ class AuthdCollector(Collector):
         )
         held.add_metric([stats.held_version[:12], stats.held_reason], 1 if stats.held_version else 0)
         yield held
+        since = stats.out_of_touch_since
+        yield GaugeMetricFamily(
+            "authd_cluster_state_age_seconds",
+            "how long the source has been out of touch with its store (etcd), so the state possibly stale",
+            value=max(0.0, self._view.now().timestamp() - since) if since is not None else 0.0,
+        )
 
     def _auth(self) -> Iterator[Metric]:
         stats = self._view.auth()

@@ -215,6 +215,10 @@ def render(status: Report) -> str:
             f"cluster:   version {cluster['version'] or '(none yet)'}, {cluster['applied']} applied, "
             f"{cluster['rejected']} rejected{problems}"
         )
+        if cluster.get("out_of_touch_s") is not None:
+            lines.append(
+                f"           OUT OF TOUCH with its store for {cluster['out_of_touch_s']}s, state kept"
+            )
         held = cluster.get("held")
         if held:
             lines.append(

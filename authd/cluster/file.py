@@ -29,10 +29,11 @@ import hashlib
 import os
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
+from typing import Any
 
 import structlog
 
@@ -131,6 +132,11 @@ def parse_cluster(text: str, *, source: str = "<cluster>") -> ClusterState:
         raise ClusterStateError(
             f"cluster: {source} is not valid TOML", [f"{source}: not valid TOML: {err}"]
         ) from err
+    return state_from_tables(data, source=source)
+
+
+def state_from_tables(data: Mapping[str, Any], *, source: str) -> ClusterState:
+    """Validate the cluster file's tables, however they were stored (TOML, or etcd's JSON values)."""
     problems: list[str] = []
     decoded = decode(ClusterFile, data, problems)
     nodes = []

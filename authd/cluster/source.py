@@ -43,7 +43,9 @@ class SourceStats:
     (a touch, an edit of comments); ``rejected``: bad versions refused; ``read_errors``: failures to read
     the source at all (missing or unreadable file); ``version``: digest of the state in force, "" if none;
     ``holds``: valid versions the deploy guard held back (:mod:`authd.cluster.guard`); ``held_reason`` and
-    ``held_version``: the one held now, "" if none.
+    ``held_version``: the one held now, "" if none; etcd only: ``snapshots`` read, watched ``changes``
+    applied, and ``out_of_touch_since``, the time (clock seconds) since which etcd cannot be reached, None
+    while it can.
     """
 
     applied: int = 0
@@ -54,6 +56,9 @@ class SourceStats:
     version: str = ""
     held_reason: str = ""
     held_version: str = ""
+    snapshots: int = 0
+    changes: int = 0
+    out_of_touch_since: float | None = None
     problems: list[str] = field(default_factory=list)
 
 

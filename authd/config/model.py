@@ -252,7 +252,7 @@ def _etcd_prefix(value: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class EtcdConfig:
-    """The etcd cluster holding cluster state (``cluster.source = "etcd"``; docs/etcd.md)."""
+    """The etcd cluster holding cluster state (``cluster.source = "etcd"``; docs/architecture.md)."""
 
     endpoints: tuple[str, ...] = setting(
         ("https://127.0.0.1:2379",),
