@@ -17,10 +17,11 @@ all: venv
 artifacts: protos
 	$(MAKE) --no-print-directory -C bpf
 
-# Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto, gitignored). hatch_build.py
-# passes the build environment's Python on the command line; otherwise the project venv's is used.
-PROTO_DIR := authd/spire/_proto
-PROTO_SRC := $(wildcard $(PROTO_DIR)/*.proto)
+# Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto) and the node channel
+# (authd/attest/_proto), gitignored. hatch_build.py passes the build environment's Python on the command
+# line; otherwise the project venv's is used.
+PROTO_DIRS := authd/spire/_proto authd/attest/_proto
+PROTO_SRC := $(foreach dir,$(PROTO_DIRS),$(wildcard $(dir)/*.proto))
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 ifeq ($(origin PYTHON),command line)
 PROTOC_PYTHON := $(PYTHON)
@@ -31,7 +32,7 @@ endif
 .PHONY: protos
 protos: $(PROTO_GEN)
 
-$(PROTO_DIR)/%_pb2.py: $(PROTO_DIR)/%.proto $(PROTO_SRC)
+%_pb2.py: %.proto $(PROTO_SRC)
 	PATH="$(dir $(abspath $(PROTOC_PYTHON))):$$PATH" $(PROTOC_PYTHON) -m grpc_tools.protoc -I . --python_out=. --mypy_out=. $<
 
 system-deps:
@@ -65,6 +66,7 @@ test: lint typecheck wheel-check
 WHEEL_DIR := $(BUILD)/wheel
 WHEEL_MUST_HOLD := authd/datapath/authd.bpf.o authd/spire/_proto/workload_pb2.py \
 	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py \
+	authd/attest/_proto/channel_pb2.py \
 	authd-$$v.data/data/share/authd/systemd/authd.service authd-$$v.data/data/share/doc/authd/install.md
 wheel-check: venv
 	rm -rf $(WHEEL_DIR)
