@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 LOG_INTERVAL = 10.0
 """Seconds between two log lines for failures of the same reason (every one is counted)."""
+KEEPALIVE = (10, 5, 3)
+"""TCP keepalive (idle s, interval s, probes): a peer gone without a word is noticed within 25 s."""
 
 
 def policy_peers(state: ClusterState, local_node: str) -> frozenset[str]:
@@ -272,7 +274,7 @@ class Channels:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     try:
-                        reader, writer = await asyncio.open_connection(address, link.port)
+                        reader, writer = await asyncio.open_connection(sock=await _dial(address, link.port))
                     except OSError as err:
                         errors.append(f"{address}: {err}")
                         continue
@@ -311,6 +313,7 @@ class Channels:
 
     async def _accept(self, conn: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()
+        _keepalive(conn)
         writer: asyncio.StreamWriter | None = None
         try:
             try:
@@ -439,6 +442,28 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, asyncio.IncompleteReadError | ConnectionError):
         return "closed"
     return "connection-error"
+
+
+async def _dial(address: str, port: int) -> socket.socket:
+    """A TCP connection to ``address:port`` with keepalive on."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)  # noqa: FBT003 - the socket API
+    try:
+        _keepalive(sock)
+        await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in zip(
+        (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT), KEEPALIVE, strict=True
+    ):
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def bind(address: str, port: int) -> socket.socket:
