@@ -1,4 +1,4 @@
-"""Issue 5's proof across real processes: two ``authd run`` nodes, dev-spire, attestation, auth maps.
+"""Issues 5 and 12 across real processes: two ``authd run`` nodes, dev-spire, node channels, auth maps.
 
 The cluster is :mod:`authd.devcluster` (prefix ``aap``): each node is a network namespace on a shared
 bridge, with its own address, its own authd and its own pinned maps (``/sys/fs/bpf/aap-<node>``), and
@@ -337,6 +337,58 @@ def test_the_listener_refuses_and_cuts_what_it_must_while_serving_a_node(cluster
     # The channel between the nodes went on unharmed: node B's entries never lapsed.
     with auth_maps(cluster) as views:
         assert_always_live([Sample(now(), views["node-b"].entries())], EXPECTED["node-b"])
+
+
+# ---------------------------------------------------------------------------------- a flood from a pod
+
+
+async def _flood(address: str, port: int, connections: int, hellos: int) -> int:
+    """Open ``connections`` bare connections and send ``hellos`` ClientHellos; how many were refused."""
+    refused = 0
+    hello = bytes.fromhex("16030100c4010000c00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
+
+    async def one(payload: bytes | None) -> None:
+        nonlocal refused
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection(address, port)
+            if payload is not None:
+                writer.write(payload)
+            if await asyncio.wait_for(reader.read(), 5) == b"":
+                refused += 1
+            writer.close()
+
+    for start in range(0, connections + hellos, 100):
+        batch = [
+            None if i < connections else hello for i in range(start, min(start + 100, connections + hellos))
+        ]
+        await asyncio.gather(*(one(payload) for payload in batch))
+    return refused
+
+
+def test_a_flood_from_a_pod_never_reaches_tls_and_costs_no_entry(cluster: DevCluster) -> None:
+    """2000 connections and 1000 ClientHellos from web's namespace, a pod, against node A's channel port."""
+    address = str(cluster.network.nodes["node-a"].address)
+    done = threading.Event()
+    outcome: list[int] = []
+
+    def flood() -> None:
+        try:
+            result = run_in_netns(
+                NETNS_DIR / cluster.workload("web").netns,
+                lambda: asyncio.run(_flood(address, 4250, 2000, 1000)),
+            )
+            assert isinstance(result, int)
+            outcome.append(result)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=flood)
+    with auth_maps(cluster) as views:
+        worker.start()
+        samples = sample(views["node-b"], 120, until=lambda _s: done.is_set())
+        worker.join()
+        assert_always_live(samples, EXPECTED["node-b"])
+    assert outcome == [3000]  # every one closed unanswered
 
 
 def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevCluster) -> None:
