@@ -250,7 +250,8 @@ class Attestations:
                 log.warning(
                     "attestation no longer verifies", peer=str(peer.remote_id), node=peer.node, rule=err.rule
                 )
-                state.result, state.last_failure = None, err.rule
+                # An answer, like a chain rule broken by a proof: revoked, and its entries go at once.
+                state.result, state.refused, state.last_failure = None, True, err.rule
                 dropped.append(peer)
         if dropped:
             self._on_change(dropped)

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from authd.attest import wire
+from authd.attest._proto.channel_pb2 import Hello, Proof
 from authd.attest.channels import Channels, bind, dials, policy_peers
 from authd.attest.results import Attestations, Peer, Target
-from authd.attest.tls import client_context
+from authd.attest.tls import client_context, server_context
 from authd.backoff import BackoffPolicy
 from authd.cluster.model import ClusterState
 from authd.config.model import AttestConfig
@@ -196,6 +198,7 @@ async def test_bundle_change_revokes_at_once() -> None:
         other = live_ca()
         p.b.results.bundles_changed(BundleSet.of([other.bundle()]))
         assert p.b.results.result(Peer(DB, "node-a")) is None
+        assert p.b.results.refused(Peer(DB, "node-a"))  # so the auth manager deletes its entries now
         assert Peer(DB, "node-a") in p.b.changes.seen
 
 
@@ -236,3 +239,43 @@ async def test_sources_that_are_not_nodes_never_reach_tls() -> None:
             assert await reader.read() == b""
             writer.close()
         await eventually(lambda: p.a.channels.stats.refused["not-a-node"] == 50)
+
+
+async def test_a_malformed_proof_closes_the_channel_counted_and_it_is_dialed_again() -> None:
+    """node-b's authd is hostile: it answers node-a's want with a proof nothing can parse."""
+    ca = live_ca()
+    bundles = BundleSet.of([ca.bundle()])
+    hostile_sock = bind("127.0.0.2", 0)
+    cluster = topology(0, hostile_sock.getsockname()[1])
+    node_b = ca.mint(str(sid("authd/node-b")), LIVE)
+    served = 0
+
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        writer.write(wire.encode(Hello(version=wire.VERSION, nonce=bytes(32))))
+        await wire.read(reader)  # node-a's hello
+        await wire.read(reader)  # its want
+        writer.write(wire.encode(Proof(spiffe_id=str(WEB), chain=[b"\x30\x03\x02\x01\x01"], signature=b"x")))
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hostile, sock=hostile_sock, ssl=server_context(node_b, bundles))
+    identities = FakeIdentities(ca.mint(str(sid("authd/node-a")), LIVE), trusted=bundles)
+    results = Attestations(on_change=Changes())
+    channels = Channels("node-a", identities, results, CONFIG, FAST)
+    results.ask_through(channels)
+    channels.cluster_changed(cluster)
+    task = asyncio.create_task(channels.run())
+    try:
+        results.want(targets(cluster, WEB, at="node-b"))
+        await eventually(lambda: channels.stats.ended["malformed-certificate"] >= 2)
+        assert served >= 2  # dialed again after each close: nothing stalled or restarted
+        assert not task.done()
+        assert results.result(Peer(WEB, "node-b")) is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.close()

@@ -12,7 +12,7 @@ from authd.cluster.desired import AuthPair
 from authd.cluster.handles import HandleRegistry
 from authd.cluster.model import ClusterState
 from authd.errors import AttestError
-from authd.x509svid import X509Svid
+from authd.x509svid import BundleSet, X509Svid
 from tests.fakes.attest import ScriptedChannels
 from tests.fakes.authtables import FakeAuthTable, FakeSvids, FakeTables
 from tests.fakes.ca import LeafOptions, TestCA
@@ -343,3 +343,15 @@ async def test_a_periodic_full_reconcile_notices_what_others_did_to_the_map() ->
         h.table.entries.clear()  # flushed by hand...
         h.table.entries[stray] = now() + dt.timedelta(hours=1)  # ...and an entry nobody wants
         await eventually(lambda: h.table.entries == wanted)
+
+
+async def test_a_bundle_change_that_unverifies_a_result_deletes_its_entries_at_once() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        other = TestCA.create("example.org", not_before=now() - dt.timedelta(days=1))
+        h.client.answers.clear()  # asked again, node-b has nothing that verifies under the new bundle
+        h.attestations.bundles_changed(BundleSet.of([other.bundle()]))
+        await eventually(lambda: not h.table.entries, within=1)
