@@ -124,6 +124,7 @@ class Channels:
         self._checker = ProofChecker()
         self._state: ClusterState | None = None
         self._local_id: SpiffeId | None = None
+        self._local_addresses: tuple[str, ...] = ()
         self._links: dict[str, _Link] = {}
         self._wants: dict[str, frozenset[SpiffeId]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -138,6 +139,7 @@ class Channels:
         self._state = state
         local = state.node(self._node)
         self._local_id = local.spiffe_id if local is not None else None
+        self._local_addresses = tuple(str(a) for a in local.addresses) if local is not None else ()
         others = [node for node in state.nodes.values() if node.name != self._node]
         self._admission.set_node_addresses(str(address) for node in others for address in node.addresses)
         self._update_links()
@@ -274,7 +276,9 @@ class Channels:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     try:
-                        reader, writer = await asyncio.open_connection(sock=await _dial(address, link.port))
+                        reader, writer = await asyncio.open_connection(
+                            sock=await _dial(address, link.port, self._local_addresses)
+                        )
                     except OSError as err:
                         errors.append(f"{address}: {err}")
                         continue
@@ -444,13 +448,22 @@ def _reason(err: BaseException) -> str:
     return "connection-error"
 
 
-async def _dial(address: str, port: int) -> socket.socket:
-    """A TCP connection to ``address:port`` with keepalive on."""
+async def _dial(address: str, port: int, sources: tuple[str, ...]) -> socket.socket:
+    """A TCP connection to ``address:port`` with keepalive on, from this node's own address if it has one.
+
+    The peer admits node addresses only: the connection leaves from the first of this node's addresses
+    in cluster state of the same family, when that address is local; otherwise the kernel chooses.
+    """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)  # noqa: FBT003 - the socket API
     try:
         _keepalive(sock)
+        for source in sources:
+            if (":" in source) == (family == socket.AF_INET6):
+                with contextlib.suppress(OSError):  # not an address of this host (NAT): any source
+                    sock.bind((source, 0))
+                break
         await asyncio.get_running_loop().sock_connect(sock, (address, port))
     except BaseException:
         sock.close()
