@@ -216,7 +216,7 @@ def _nodes(world: _World) -> Iterator[_Cluster]:
     sockets = {name: bind(address, 0) for name, address in NODE_ADDRESSES.items()}
     ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
     pins = {name: Path(f"/sys/fs/bpf/aap-bench-{tag}-{name}") for name in NODE_ADDRESSES}
-    sizes = MapSizes(ipcache=4096, policy=4096, auth=65536, events_bytes=1 << 20, flows=4096)
+    sizes = MapSizes(ipcache=32768, policy=32768, auth=65536, events_bytes=1 << 20, flows=4096)
     loaded = [Datapath.load(pins[name], sizes) for name in NODE_ADDRESSES]
     processes, pipes = [], {}
     try:

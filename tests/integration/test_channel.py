@@ -279,3 +279,40 @@ async def test_a_malformed_proof_closes_the_channel_counted_and_it_is_dialed_aga
         with contextlib.suppress(asyncio.CancelledError):
             await task
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("presented", "reason"),
+    [
+        ("spiffe://example.org/authd/node-c", "server-unexpected-id"),  # another node
+        ("spiffe://example.org/db", "server-unexpected-id"),  # a workload of node-b
+    ],
+)
+async def test_the_dialer_refuses_a_server_that_is_not_the_peer_node(presented: str, reason: str) -> None:
+    ca = live_ca()
+    bundles = BundleSet.of([ca.bundle()])
+    impostor_sock = bind("127.0.0.2", 0)
+    cluster = topology(0, impostor_sock.getsockname()[1])
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(
+        silent, sock=impostor_sock, ssl=server_context(ca.mint(presented, LIVE), bundles)
+    )
+    identities = FakeIdentities(ca.mint(str(sid("authd/node-a")), LIVE), trusted=bundles)
+    results = Attestations(on_change=Changes())
+    channels = Channels("node-a", identities, results, CONFIG, FAST)
+    results.ask_through(channels)
+    channels.cluster_changed(cluster)
+    task = asyncio.create_task(channels.run())
+    try:
+        results.want(targets(cluster, WEB, at="node-b"))
+        await eventually(lambda: channels.stats.ended[reason] >= 1)
+        assert not channels.stats.opened  # nothing was sent to it
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.close()
