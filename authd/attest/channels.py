@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import ssl
 import time
@@ -128,6 +129,7 @@ class Channels:
         self._links: dict[str, _Link] = {}
         self._wants: dict[str, frozenset[SpiffeId]] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._context = contextvars.copy_context()
         self._logged_at: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
         self.stats = ChannelStats()
@@ -225,7 +227,9 @@ class Channels:
 
     def _start(self, link: _Link) -> None:
         if link.dialer and link.task is None and self._group is not None:
-            link.task = self._group.create_task(self._dial_loop(link), name=f"channel-{link.name}")
+            link.task = self._group.create_task(
+                self._dial_loop(link), name=f"channel-{link.name}", context=self._context
+            )
 
     def _drop_link(self, link: _Link) -> None:
         if link.task is not None:
@@ -239,6 +243,8 @@ class Channels:
         """Keep the channels this node dials up, until cancelled."""
         try:
             async with asyncio.TaskGroup() as group:
+                # Dial loops start from whoever changed the wants; they run (and log) as this job.
+                self._context = contextvars.copy_context()
                 self._group = group
                 for link in self._links.values():
                     link.task = None
