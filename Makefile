@@ -18,10 +18,11 @@ all: venv
 artifacts: protos
 	$(MAKE) --no-print-directory -C bpf
 
-# Protobuf modules and their type stubs for the SPIRE and etcd APIs (*/_proto, gitignored). hatch_build.py
-# passes the build environment's Python on the command line; otherwise the project venv's is used.
-PROTO_DIR := authd/spire/_proto
-PROTO_SRC := $(wildcard $(PROTO_DIR)/*.proto) $(wildcard authd/cluster/_proto/*.proto)
+# Protobuf modules and their type stubs for the SPIRE and etcd APIs and the node channel (*/_proto,
+# gitignored). hatch_build.py passes the build environment's Python on the command line; otherwise the
+# project venv's is used.
+PROTO_DIRS := authd/spire/_proto authd/cluster/_proto authd/attest/_proto
+PROTO_SRC := $(foreach dir,$(PROTO_DIRS),$(wildcard $(dir)/*.proto))
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 ifeq ($(origin PYTHON),command line)
 PROTOC_PYTHON := $(PYTHON)
@@ -66,6 +67,7 @@ test: lint typecheck wheel-check
 WHEEL_DIR := $(BUILD)/wheel
 WHEEL_MUST_HOLD := authd/datapath/authd.bpf.o authd/spire/_proto/workload_pb2.py \
 	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py authd/cluster/_proto/etcd_pb2.py \
+	authd/attest/_proto/channel_pb2.py \
 	authd-$$v.data/data/share/authd/systemd/authd.service authd-$$v.data/data/share/doc/authd/install.md
 wheel-check: venv
 	rm -rf $(WHEEL_DIR)
@@ -89,7 +91,7 @@ demo: venv
 
 clean:
 	rm -rf $(BUILD) dist .pytest_cache .mypy_cache .ruff_cache
-	rm -f $(PROTO_DIR)/*_pb2.py $(PROTO_DIR)/*_pb2.pyi
+	rm -f $(foreach dir,$(PROTO_DIRS),$(dir)/*_pb2.py $(dir)/*_pb2.pyi)
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean

@@ -37,8 +37,7 @@ from typing import Protocol
 
 import structlog
 
-from authd.attest.client import Attestation, Target
-from authd.attest.schedule import Attestations, Peer
+from authd.attest.results import Attestation, Attestations, Peer, Target
 from authd.cluster.desired import AuthPair, DesiredState, desired_state
 from authd.cluster.model import ClusterState, IpNetwork
 from authd.datapath import AuthType, IpcacheEntry, PolicyKey

@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from authd import log as logsetup
-from authd.attest.client import Attestor
-from authd.attest.listener import Listener
-from authd.attest.listener import bind as bind_listener
-from authd.attest.schedule import Attestations, Peer
+from authd.attest.channels import Channels
+from authd.attest.channels import bind as bind_listener
+from authd.attest.results import Attestations, Peer
 from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
 from authd.cluster.guard import serve_accept
 from authd.cluster.handles import STATE_FILE, HandleRegistry
-from authd.cluster.source import LiveDirectory, local_node_name
+from authd.cluster.source import local_node_name
 from authd.cluster.sources import open_source
 from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
@@ -47,7 +46,7 @@ from authd.spire.sync import sync as sync_entries
 from authd.spire.workload import NodeIdentity
 from authd.statelock import StateLock
 from authd.status import StatusOp
-from authd.svids import EventKind, SvidStore
+from authd.svids import EventKind, SvidEvent, SvidStore
 
 if TYPE_CHECKING:
     from authd.datapath.enforcement import Enforcement
@@ -123,9 +122,8 @@ class Daemon:
             health=self.health,
             svids=plane.store if plane is not None else None,
             streams=plane.board if plane is not None else None,
-            attestor=self.attestor if attestation else None,
+            channels=self.channels if attestation else None,
             attestations=self.attestations if attestation else None,
-            listener=self.listener if attestation else None,
             cluster=self.cluster if attestation else None,
             auth=lambda: self.manager.stats if self.manager is not None else None,
             fail_closed_at=lambda: self.manager.fail_closed_at() if self.manager is not None else None,
@@ -172,25 +170,26 @@ class Daemon:
         self._reload_hooks.append(lambda _old, new: enforcement.reload(new.datapath))
 
     def _build_attestation(self, store: SvidStore) -> None:
-        """Cluster state, attestation (listener, client, schedule) and, with a datapath, the auth manager."""
+        """Cluster state, the node channels and their results and, with a datapath, the auth manager."""
         config = self.config
         self.cluster = open_source(config.cluster, self.node_name, self.health.register("cluster"))
         self._jobs.append(Job(f"cluster-{config.cluster.source}", self.cluster.run, critical=False))
         self.control.register("cluster-accept", lambda request: serve_accept(self.cluster, request))
-        self.listener = Listener(store, LiveDirectory(self.cluster), config.attest)
-        self._jobs.append(Job("attest-listener", self._serve_attestations, critical=False))
-        self.attestor = Attestor(store, config.attest)
-        self.attestations = Attestations(
-            self.attestor,
-            renew_after=config.attest.renew_after,
-            backoff=BackoffPolicy(
+        self.attestations = Attestations(on_change=self._attestations_changed)
+        self.channels = Channels(
+            self.node_name,
+            store,
+            self.attestations,
+            config.attest,
+            BackoffPolicy(
                 initial=config.attest.retry_initial.total_seconds(),
                 maximum=config.attest.retry_max.total_seconds(),
             ),
-            max_in_flight=config.attest.client_concurrency,
-            on_change=self._attestations_changed,
         )
-        self._jobs.append(Job("attest-schedule", self.attestations.run, critical=False))
+        self.attestations.ask_through(self.channels)
+        self._jobs.append(Job("channel-listener", self._serve_channels, critical=False))
+        self._jobs.append(Job("channels", self.channels.run, critical=False))
+        self._jobs.append(Job("channel-inputs", self._feed_channels, critical=False))
         self._jobs.append(Job("cluster-workloads", self._follow_local_workloads, critical=False))
         if self.config.datapath.enabled:
             self._jobs.append(Job("auth-manager", self._run_auth_manager, critical=False))
@@ -210,13 +209,46 @@ class Daemon:
                         log.warning("spire sync failed, retrying later", error=str(err), retry_in_s=interval)
                 await asyncio.sleep(interval)
 
-    async def _serve_attestations(self) -> None:
+    async def _serve_channels(self) -> None:
+        """Accept channels on ``attest.listen_address``, or this node's first address in cluster state."""
         attest = self.config.attest
-        sock = await asyncio.to_thread(bind_listener, attest.listen_address, attest.port)
+        address = attest.listen_address
+        if not address:
+            async for state in self.cluster.snapshots():
+                node = state.node(self.node_name)
+                if node is not None and node.addresses:
+                    address = str(node.addresses[0])
+                    break
+        sock = await asyncio.to_thread(bind_listener, address, attest.port)
         try:
-            await self.listener.serve(sock)
+            await self.channels.serve(sock)
         finally:
             sock.close()
+
+    async def _feed_channels(self) -> None:
+        """Cluster state and SVID changes to the channels (and bundle changes to the results)."""
+        assert self.identity_plane is not None
+        store = self.identity_plane.store
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._feed_channels_cluster())
+            with store.subscribe() as events:
+                async for event in events:
+                    self._svid_event_to_channels(event, store)
+
+    async def _feed_channels_cluster(self) -> None:
+        async for state in self.cluster.snapshots():
+            self.channels.cluster_changed(state)
+
+    def _svid_event_to_channels(self, event: SvidEvent, store: SvidStore) -> None:
+        kind = event.kind
+        if kind in (EventKind.BUNDLE_CHANGED, EventKind.RESYNC):
+            self.attestations.bundles_changed(store.bundles())
+        if event.own and kind in (EventKind.ADDED, EventKind.ROTATED):
+            self.channels.own_rotated()
+        elif event.spiffe_id is not None and not event.own:
+            self.channels.local_changed(event.spiffe_id)
+        if kind in (EventKind.SYNCED, EventKind.RESYNC):
+            self.channels.local_synced(everything=kind is EventKind.RESYNC)
 
     async def _follow_local_workloads(self) -> None:
         """Tell the identity plane which workloads run here, so it fetches exactly their SVIDs."""
@@ -263,9 +295,7 @@ class Daemon:
     async def _feed_svids(self, manager: AuthManager, store: SvidStore) -> None:
         with store.subscribe() as events:
             manager.svids_changed()
-            async for event in events:
-                if event.kind in (EventKind.BUNDLE_CHANGED, EventKind.RESYNC):
-                    self.attestations.bundles_changed(store.bundles())
+            async for _ in events:
                 manager.svids_changed()
 
     def _attestations_changed(self, peers: Collection[Peer]) -> None:

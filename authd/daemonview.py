@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
-from authd.attest.client import ClientStats
-from authd.attest.listener import ListenerStats
-from authd.attest.schedule import PeerStatus, ScheduleStats
+from authd.attest.channels import ChannelStats
+from authd.attest.results import PeerStatus, ResultStats
 from authd.authmanager import ManagerStats
 from authd.cluster.source import SourceStats
 from authd.health import ComponentStatus, State
@@ -87,34 +86,29 @@ class StreamSource(Protocol):
         ...
 
 
-class AttestorSource(Protocol):
-    """The attestation client."""
+class ChannelSource(Protocol):
+    """The node channels."""
 
     @property
-    def stats(self) -> ClientStats:
-        """Attempts by result and the latency histogram."""
+    def stats(self) -> ChannelStats:
+        """Channels opened, lost and refused, and proofs exchanged."""
+        ...
+
+    def sessions(self) -> dict[str, bool]:
+        """Every peer node a channel is kept with, and whether it is up."""
         ...
 
 
 class AttestationSource(Protocol):
-    """The attestation schedule."""
+    """The attestation results."""
 
     @property
-    def stats(self) -> ScheduleStats:
-        """Attempts by outcome."""
+    def stats(self) -> ResultStats:
+        """Outcomes by result."""
         ...
 
     def peers(self) -> list[PeerStatus]:
         """Every wanted peer with its result and last failure."""
-        ...
-
-
-class ListenerSource(Protocol):
-    """The attestation listener."""
-
-    @property
-    def stats(self) -> ListenerStats:
-        """Served and refused handshakes."""
         ...
 
 
@@ -143,9 +137,8 @@ class DaemonView:
     health: HealthSource
     svids: SvidSource | None = None
     streams: StreamSource | None = None
-    attestor: AttestorSource | None = None
+    channels: ChannelSource | None = None
     attestations: AttestationSource | None = None
-    listener: ListenerSource | None = None
     cluster: ClusterStatsSource | None = None
     auth: Callable[[], ManagerStats | None] = _none
     """The auth manager's stats while it runs (it runs once the datapath is loaded)."""

@@ -161,28 +161,14 @@ class AuthdCollector(Collector):
 
     def _attestation(self) -> Iterator[Metric]:
         view = self._view
-        if view.attestor is not None:
-            stats = view.attestor.stats
-            attempts = CounterMetricFamily(
-                "authd_attestations",
-                "attestations this node ran, by result (ok or the failure reason)",
-                labels=["result"],
-            )
-            for result, count in sorted(stats.results.items()):
-                attempts.add_metric([result], count)
-            yield attempts
-            yield _histogram(
-                "authd_attestation_duration_seconds", "time to a successful attestation", stats.latency
-            )
         if view.attestations is not None:
             outcomes = CounterMetricFamily(
-                "authd_attestation_schedule_attempts",
-                "scheduled attestations by outcome: ok, rotated-not-yet (the peer still shows the old SVID "
-                "past its renewal point) or the failure reason",
-                labels=["outcome"],
+                "authd_attestations",
+                "outcomes of identity proofs from other nodes: ok, rotated, repeated, or the failure reason",
+                labels=["result"],
             )
-            for outcome, count in sorted(view.attestations.stats.attempts.items()):
-                outcomes.add_metric([outcome], count)
+            for result, count in sorted(view.attestations.stats.attempts.items()):
+                outcomes.add_metric([result], count)
             yield outcomes
             peers = view.attestations.peers()
             yield GaugeMetricFamily(
@@ -193,17 +179,39 @@ class AuthdCollector(Collector):
                 "wanted peers with a valid attestation",
                 value=sum(1 for p in peers if p.result is not None),
             )
-        if view.listener is not None:
-            listener = view.listener.stats
+        if view.channels is not None:
+            stats = view.channels.stats
+            sessions = view.channels.sessions()
+            yield GaugeMetricFamily(
+                "authd_channels", "peer nodes a channel is kept with", value=len(sessions)
+            )
+            yield GaugeMetricFamily(
+                "authd_channels_up", "channels established now", value=sum(sessions.values())
+            )
+            opened = CounterMetricFamily(
+                "authd_channels_opened", "channel sessions established, by side", labels=["side"]
+            )
+            for side, count in sorted(stats.opened.items()):
+                opened.add_metric([side], count)
+            yield opened
+            for name, doc, counts in (
+                ("authd_channels_lost", "channels dialed that failed or ended, by reason", stats.ended),
+                ("authd_channels_refused", "incoming channels refused or ended, by reason", stats.refused),
+            ):
+                family = CounterMetricFamily(name, doc, labels=["reason"])
+                for reason, count in sorted(counts.items()):
+                    family.add_metric([reason], count)
+                yield family
             yield CounterMetricFamily(
-                "authd_attestations_served", "attestations served to other nodes", value=listener.served
+                "authd_channel_proofs_sent",
+                "identity proofs sent to other nodes",
+                value=stats.exchanged.proofs_sent,
             )
-            refused = CounterMetricFamily(
-                "authd_attestations_refused", "attestation handshakes refused, by reason", labels=["reason"]
+            yield _histogram(
+                "authd_attestation_duration_seconds",
+                "time from asking a node for an identity to its verified proof",
+                stats.exchanged.proof_latency,
             )
-            for reason, count in sorted(listener.refused.items()):
-                refused.add_metric([reason], count)
-            yield refused
 
     def _cluster(self) -> Iterator[Metric]:
         source = self._view.cluster

@@ -1,29 +1,20 @@
-"""Attestation: handshake rate and latency against one listener, convergence, handshakes against pairs.
+"""Attestation over the node channels: convergence, pushed rotations, channels against pairs.
 
-What runs, and why this way:
+What runs, and why this way: two node processes, each running the in-process components the daemon wires
+(SVID store, node channels, attestation results, auth manager) against *real* pinned BPF maps (so it
+needs root), over loopback TLS 1.3 (127.0.0.2 and 127.0.0.3), with default attest settings.
 
-* **Handshakes** (``attest.handshakes_per_s``, ``..._c16``, ``attest.latency_p50_ms``/``p99_ms``): authd's
-  :class:`~authd.attest.listener.Listener` serves in a child process (a core of its own, as on a peer
-  node) on 127.0.0.1 with default limits; this process runs the :class:`~authd.attest.client.Attestor`.
-  Each attestation is the real thing: TCP connect, TLS 1.3 with P-256 SVIDs under an intermediate, the
-  SNI choosing the served SVID, SPIFFE verification on both sides, the node proof. Sequential, then
-  16 in flight; latencies are those of the sequential run. ``attest.raw_tls_handshakes_per_s`` is the
-  same-run baseline: Python's ``ssl`` doing mutual TLS 1.3 handshakes with the same certificates and one
-  byte back, without any SPIFFE verification, server also in a child process. Rounds alternate so that
-  drifting load on a shared machine hits both alike; figures are medians.
-* **Convergence** (``attest.converge_s_N``): two node processes, each running the in-process components
-  the daemon wires (SVID store, listener, attestor, attestation schedule, auth manager) against *real*
-  pinned BPF maps (so it needs root), over loopback TLS (127.0.0.2 and 127.0.0.3), with default attest
-  settings. Node A hosts N identities, node B one; policy requires authentication both ways. Both
-  processes first receive the SVIDs of their new workloads (untimed); the clock starts when both are
-  handed the new cluster state and stops when both auth maps hold all 2N entries, so it counts the
-  desired-state computation, N + 1 attestations (16 in flight, against one listener each) and the map
-  writes. It leaves out what is not attestation: SPIRE issuing the new workloads' SVIDs and the cluster
-  file's poll interval (the end-to-end demo measures those). Were the SVIDs to arrive after the state, a
-  node asked too early answers "not hosted" and the asking node retries after its backoff (0.5 s first).
-* **Handshakes against pairs** (``attest.handshakes_for_20x20``, ``attest.pairs_for_20x20``): the same two
-  processes, 20 identities on each node, every identity of one node paired with every one of the other
-  both ways; the count of attestations both listeners served, next to the auth entries both maps hold.
+* **Convergence** (``attest.converge_s_N``): node A hosts N identities, node B one; policy requires
+  authentication both ways. Both processes first receive the SVIDs of their new workloads (untimed); the
+  clock starts when both are handed the new cluster state and stops when both auth maps hold all 2N
+  entries: the desired-state computation, the wants and N + 1 proofs over the one channel, and the map
+  writes. It leaves out SPIRE issuing the SVIDs and the cluster file's poll interval.
+* **Pushed rotations** (``attest.rotation_push_ms_p50``/``_p99``): with 1000 identities converged, A's
+  store gets a rotated SVID (a different notAfter) for identities one at a time; the time from that to
+  the moved expiry written in B's auth map (both processes read CLOCK_MONOTONIC).
+* **Channels against pairs** (``attest.channels_for_20x20``, ``attest.pairs_for_20x20``): 20 identities
+  on each node, every identity of one node paired with every one of the other both ways; the channel
+  sessions both nodes opened, next to the auth entries both maps hold.
 """
 
 from __future__ import annotations
@@ -37,23 +28,20 @@ import os
 import secrets
 import shutil
 import socket
-import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from authd import log
-from authd.attest.client import Attestor, Target
-from authd.attest.listener import Listener, bind
-from authd.attest.schedule import Attestations
-from authd.attest.tls import client_context, server_context
-from authd.authmanager import AuthManager
+from authd.attest.channels import Channels, bind
+from authd.attest.results import Attestations
+from authd.authmanager import AuthManager, AuthTable
 from authd.backoff import BackoffPolicy
+from authd.cluster.desired import AuthPair
 from authd.cluster.handles import HandleRegistry
 from authd.cluster.model import ClusterState
-from authd.cluster.source import LiveDirectory
 from authd.config.model import AttestConfig
 from authd.identity import SpiffeId
 from authd.svids import BundleOrigin, SvidStore
@@ -61,30 +49,31 @@ from authd.x509svid import BundleSet, X509Svid
 from bench.figures import Figures, figure, median
 from tests.fakes.ca import LeafOptions, TestCA
 from tests.fakes.cluster import FakeClusterSource, endpoint, node, rule, state
-from tests.fakes.identities import FakeIdentities, FakeNodes
 
 TD = "example.org"
-ROUNDS = 5
-ROUND_SECONDS = 0.6
-IN_FLIGHT = 16
-CONVERGE_ROUNDS = {1: 5, 100: 3, 1000: 2}
+CONVERGE_ROUNDS = {1: 5, 100: 3, 1000: 2, 10000: 1}
+ROTATIONS = 50
 NODE_ADDRESSES = {"node-a": "127.0.0.2", "node-b": "127.0.0.3"}
 
 
 def run() -> Figures:
-    """Measure handshakes always; convergence and the 20 x 20 count only as root (real BPF maps)."""
+    """Convergence, rotations and the 20 x 20 count, as root (real BPF maps)."""
     log.configure("warning", "console")
-    world = _World.create()
-    figures = _handshakes(world)
+    figures: Figures = {}
     if os.geteuid() != 0:
-        print("bench: attest convergence needs root (real BPF maps); skipped")
+        print("bench: attest needs root (real BPF maps); skipped")
         return figures
+    world = _World.create()
     with _nodes(world) as cluster:
         for count, rounds in CONVERGE_ROUNDS.items():
             samples = [cluster.converge(count, round_) for round_ in range(rounds)]
             figures[f"attest.converge_s_{count}"] = figure(median(samples), "s")
-        handshakes, pairs = cluster.twenty_by_twenty()
-        figures["attest.handshakes_for_20x20"] = figure(handshakes, "handshakes")
+            if count == 1000:
+                pushes = sorted(cluster.rotations(count, rounds - 1))
+                figures["attest.rotation_push_ms_p50"] = figure(_quantile(pushes, 0.5) * 1000, "ms")
+                figures["attest.rotation_push_ms_p99"] = figure(_quantile(pushes, 0.99) * 1000, "ms")
+        channels, pairs = cluster.twenty_by_twenty()
+        figures["attest.channels_for_20x20"] = figure(channels, "channels")
         figures["attest.pairs_for_20x20"] = figure(pairs, "auth entries")
     return figures
 
@@ -97,6 +86,7 @@ class _World:
     """One trust domain's CA and every SVID the benchmarks use, minted before any process forks."""
 
     ca: TestCA
+    issuer: TestCA
     bundles: BundleSet
     own: dict[str, X509Svid]
     svids: dict[SpiffeId, X509Svid]
@@ -119,7 +109,7 @@ class _World:
         for path in paths:
             spiffe_id = SpiffeId.parse(f"spiffe://{TD}/{path}")
             svids[spiffe_id] = issuer.mint(str(spiffe_id), live)
-        return cls(root, BundleSet.of([root.bundle()]), own, svids)
+        return cls(root, issuer, BundleSet.of([root.bundle()]), own, svids)
 
 
 def _remote_paths(count: int, round_: int) -> list[str]:
@@ -127,126 +117,8 @@ def _remote_paths(count: int, round_: int) -> list[str]:
     return [f"remote-{count}-{round_}/r{index}" for index in range(count)]
 
 
-# --------------------------------------------------------------------------------------- handshakes
-
-
-def _handshakes(world: _World) -> Figures:
-    listener_ids = FakeIdentities(world.own["node-a"], trusted=world.bundles)
-    served = next(iter(world.svids.values()))
-    listener_ids.host(served)
-    client_ids = FakeIdentities(world.own["node-b"], trusted=world.bundles)
-    nodes = FakeNodes({world.own["node-b"].spiffe_id: "node-b"})
-
-    attest_sock = bind("127.0.0.1", 0)
-    raw_sock = bind("127.0.0.1", 0)
-    servers = [
-        _fork(_serve_attestations, attest_sock, listener_ids, nodes),
-        _fork(_serve_raw_tls, raw_sock, served, world.bundles),
-    ]
-    target = Target(
-        served.spiffe_id,
-        "node-a",
-        world.own["node-a"].spiffe_id,
-        ("127.0.0.1",),
-        attest_sock.getsockname()[1],
-    )
-    raw_port = raw_sock.getsockname()[1]
-    attest_sock.close()
-    raw_sock.close()
-    try:
-        return asyncio.run(_measure_handshakes(client_ids, target, raw_port, world))
-    finally:
-        for process in servers:
-            process.terminate()
-            process.join()
-
-
-async def _measure_handshakes(
-    client_ids: FakeIdentities, target: Target, raw_port: int, world: _World
-) -> Figures:
-    attestor = Attestor(client_ids, AttestConfig())
-    raw_context = client_context(world.own["node-b"], world.bundles)
-
-    async def attest() -> None:
-        await attestor.attest(target)
-
-    async def raw() -> None:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", raw_port, ssl=raw_context, server_hostname="bench.invalid"
-        )
-        await reader.readexactly(1)
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
-
-    await attest()  # warm up both servers (contexts are built on first use)
-    await raw()
-    sequential, concurrent, baseline = [], [], []
-    for _ in range(ROUNDS):
-        sequential.append(await _rate(attest, 1))
-        concurrent.append(await _rate(attest, IN_FLIGHT))
-        baseline.append(await _rate(raw, 1))
-    assert set(attestor.stats.results) == {"ok"}, attestor.stats.results
-    # The sequential rounds' latencies: the last ones recorded are from concurrent rounds, so measure anew.
-    attestor.stats.latencies.clear()
-    deadline = time.monotonic() + ROUND_SECONDS * 2
-    while time.monotonic() < deadline:
-        await attest()
-    latencies = sorted(attestor.stats.latencies)
-    return {
-        "attest.handshakes_per_s": figure(median(sequential), "1/s"),
-        "attest.handshakes_per_s_c16": figure(median(concurrent), "1/s"),
-        "attest.raw_tls_handshakes_per_s": figure(median(baseline), "1/s"),
-        "attest.handshake_cost_in_raw_tls": figure(median(baseline) / median(sequential), "ratio"),
-        "attest.latency_p50_ms": figure(_quantile(latencies, 0.5) * 1000, "ms"),
-        "attest.latency_p99_ms": figure(_quantile(latencies, 0.99) * 1000, "ms"),
-    }
-
-
-async def _rate(operation: Callable[[], Any], in_flight: int) -> float:
-    done = 0
-    started = time.monotonic()
-    deadline = started + ROUND_SECONDS
-
-    async def worker() -> None:
-        nonlocal done
-        while time.monotonic() < deadline:
-            await operation()
-            done += 1
-
-    async with asyncio.TaskGroup() as group:
-        for _ in range(in_flight):
-            group.create_task(worker())
-    return done / (time.monotonic() - started)
-
-
 def _quantile(samples: list[float], q: float) -> float:
     return samples[min(len(samples) - 1, int(q * len(samples)))]
-
-
-def _fork(target: Callable[..., None], *args: object) -> multiprocessing.process.BaseProcess:
-    process = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
-    process.start()
-    return process
-
-
-def _serve_attestations(sock: socket.socket, identities: FakeIdentities, nodes: FakeNodes) -> None:
-    listener = Listener(identities, nodes, AttestConfig())
-    asyncio.run(listener.serve(sock))
-
-
-def _serve_raw_tls(sock: socket.socket, svid: X509Svid, bundles: BundleSet) -> None:
-    # Blocking sockets, one connection at a time: the simplest TLS server Python's ssl offers (asyncio's
-    # TLS server answered 40 ms late on these machines, which would measure asyncio, not TLS).
-    context = server_context(svid, bundles)
-    sock.settimeout(None)
-    while True:
-        conn, _ = sock.accept()
-        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
-            tls.sendall(b"!")
-
-
-# ------------------------------------------------------------------------------------ convergence
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,11 +160,22 @@ class _Cluster:
             pipe.send(("state", scenario))
         return started, float(max(pipe.recv() for pipe in self._pipes.values()))
 
-    def served(self) -> int:
-        """Attestations both listeners have served so far."""
+    def opened(self) -> int:
+        """Channel sessions both nodes opened so far (each channel counts once per side)."""
         for pipe in self._pipes.values():
-            pipe.send(("served", None))
-        return sum(pipe.recv() for pipe in self._pipes.values())
+            pipe.send(("opened", None))
+        return sum(int(pipe.recv()) for pipe in self._pipes.values()) // 2
+
+    def rotations(self, count: int, round_: int) -> list[float]:
+        """Seconds from a rotated SVID at A to its moved expiry in B's map, for ROTATIONS identities."""
+        paths = _remote_paths(count, round_)[:ROTATIONS]
+        self._pipes["node-b"].send(("watch", paths))
+        self._pipes["node-b"].recv()
+        self._pipes["node-a"].send(("rotate", paths))
+        rotated: dict[str, float] = self._pipes["node-a"].recv()
+        self._pipes["node-b"].send(("written", paths))
+        written: dict[str, float] = self._pipes["node-b"].recv()
+        return [written[path] - rotated[path] for path in paths]
 
     def converge(self, count: int, round_: int) -> float:
         """Seconds from a new cluster state with ``count`` identities on A to all entries on both nodes."""
@@ -306,9 +189,9 @@ class _Cluster:
         return done - started
 
     def twenty_by_twenty(self) -> tuple[int, int]:
-        """Handshakes both listeners served for 20 x 20 identities, and the auth entries that made."""
+        """Channels opened for 20 x 20 identities (from no channel at all), and the auth entries made."""
         self.apply(_Scenario((), (), {"node-a": 0, "node-b": 0}))
-        before = self.served()
+        before = self.opened()
         scenario = _Scenario(
             tuple((f"left/a{i}", "node-a") for i in range(20))
             + tuple((f"right/b{i}", "node-b") for i in range(20)),
@@ -316,7 +199,13 @@ class _Cluster:
             {"node-a": 400, "node-b": 400},
         )
         self.apply(scenario)
-        return self.served() - before, sum(scenario.expected.values())
+        return self.opened() - before, sum(scenario.expected.values())
+
+
+def _fork(target: Callable[..., None], *args: object) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
 
 
 @contextlib.contextmanager
@@ -327,7 +216,7 @@ def _nodes(world: _World) -> Iterator[_Cluster]:
     sockets = {name: bind(address, 0) for name, address in NODE_ADDRESSES.items()}
     ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
     pins = {name: Path(f"/sys/fs/bpf/aap-bench-{tag}-{name}") for name in NODE_ADDRESSES}
-    sizes = MapSizes(ipcache=4096, policy=4096, auth=65536, events_bytes=1 << 20, flows=4096)
+    sizes = MapSizes(ipcache=32768, policy=32768, auth=65536, events_bytes=1 << 20, flows=4096)
     loaded = [Datapath.load(pins[name], sizes) for name in NODE_ADDRESSES]
     processes, pipes = [], {}
     try:
@@ -383,24 +272,27 @@ class _Node:
         from authd.datapath.tables import PinnedAuthTable, PinnedTables  # noqa: PLC0415
 
         config = AttestConfig()
-        listener = Listener(self.store, LiveDirectory(self.cluster), config)
-        attestor = Attestor(self.store, config)
         holder: list[AuthManager] = []
         attestations = Attestations(
-            attestor,
-            renew_after=config.renew_after,
-            backoff=BackoffPolicy(
+            on_change=lambda peers: holder[0].attestations_changed(peers) if holder else None
+        )
+        channels = Channels(
+            self.name,
+            self.store,
+            attestations,
+            config,
+            BackoffPolicy(
                 initial=config.retry_initial.total_seconds(), maximum=config.retry_max.total_seconds()
             ),
-            max_in_flight=config.client_concurrency,
-            on_change=lambda peers: holder[0].attestations_changed(peers) if holder else None,
         )
+        attestations.ask_through(channels)
         handles = HandleRegistry(None, self.name)
         with PinnedMaps(self.pin_dir) as maps:
+            table = _WriteTimes(PinnedAuthTable(maps.auth, handles))
             manager = AuthManager(
                 node_name=self.name,
                 handles=handles,
-                table=PinnedAuthTable(maps.auth, handles),
+                table=table,
                 tables=PinnedTables(maps.ipcache, maps.policy),
                 svids=self.store,
                 attestations=attestations,
@@ -409,34 +301,62 @@ class _Node:
             holder.append(manager)
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(listener.serve(sock)),
-                    group.create_task(attestations.run()),
+                    group.create_task(channels.serve(sock)),
+                    group.create_task(channels.run()),
                     group.create_task(manager.run()),
-                    group.create_task(self._feed_svids(manager)),
+                    group.create_task(self._feed_svids(manager, channels)),
                 ]
                 while (message := await asyncio.to_thread(pipe.recv)) is not None:
-                    step, scenario = message
-                    if step == "served":
-                        await asyncio.sleep(0.1)  # the last acceptance lines were counted after sending
-                        pipe.send(listener.stats.served)
-                        continue
-                    if step == "svids":
-                        self._hold_svids(scenario)
+                    step, argument = message
+                    if step == "opened":
+                        pipe.send(sum(channels.stats.opened.values()))
+                    elif step == "svids":
+                        self._hold_svids(argument)
                         pipe.send(None)
-                        continue
-                    passes = manager.stats.reconciles + manager.stats.peer_reconciles
-                    current = _cluster_state(scenario, self.ports)
-                    self.cluster.publish(current)
-                    manager.cluster_changed(current)
-                    # Polled: the manager offers no event for "the map holds this many entries".
-                    while (  # noqa: ASYNC110
-                        manager.stats.reconciles + manager.stats.peer_reconciles == passes
-                        or manager.stats.entries != scenario.expected[self.name]
-                    ):
-                        await asyncio.sleep(0.001)
-                    pipe.send(time.monotonic())
+                    elif step == "rotate":
+                        pipe.send(await self._rotate(argument))
+                    elif step == "watch":
+                        table.watch = {SpiffeId.parse(f"spiffe://{TD}/{path}") for path in argument}
+                        pipe.send(None)
+                    elif step == "written":
+                        pipe.send(await table.written_all(len(argument)))
+                    else:
+                        await self._apply(argument, manager, channels, pipe)
                 for task in tasks:
                     task.cancel()
+
+    async def _apply(
+        self,
+        scenario: _Scenario,
+        manager: AuthManager,
+        channels: Channels,
+        pipe: multiprocessing.connection.Connection,
+    ) -> None:
+        passes = manager.stats.reconciles + manager.stats.peer_reconciles
+        current = _cluster_state(scenario, self.ports)
+        self.cluster.publish(current)
+        channels.cluster_changed(current)
+        manager.cluster_changed(current)
+        # Polled: the manager offers no event for "the map holds this many entries".
+        while (  # noqa: ASYNC110
+            manager.stats.reconciles + manager.stats.peer_reconciles == passes
+            or manager.stats.entries != scenario.expected[self.name]
+        ):
+            await asyncio.sleep(0.001)
+        pipe.send(time.monotonic())
+
+    async def _rotate(self, paths: list[str]) -> dict[str, float]:
+        """Rotate each identity in turn (SPIRE's way: a new SVID with a new notAfter); when each was."""
+        now = dt.datetime.now(dt.UTC)
+        live = LeafOptions(not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(minutes=50))
+        rotated = {}
+        for path in paths:
+            spiffe_id = SpiffeId.parse(f"spiffe://{TD}/{path}")
+            svid = self.world.issuer.mint(str(spiffe_id), live)
+            rotated[path] = time.monotonic()
+            self.store.set_local(spiffe_id, svid)
+            await asyncio.sleep(0.02)  # one at a time, as SPIRE rotates them
+        return rotated
 
     def _hold_svids(self, scenario: _Scenario) -> None:
         """What SPIRE would deliver: the SVIDs of this node's workloads in the scenario, and no others."""
@@ -448,7 +368,38 @@ class _Node:
         for spiffe_id in local:
             self.store.set_local(spiffe_id, self.world.svids[spiffe_id])
 
-    async def _feed_svids(self, manager: AuthManager) -> None:
+    async def _feed_svids(self, manager: AuthManager, channels: Channels) -> None:
+        """As the daemon feeds them: every SVID change to the manager, local ones to the channels."""
         with self.store.subscribe() as events:
-            async for _event in events:
+            async for event in events:
+                if event.spiffe_id is not None and not event.own:
+                    channels.local_changed(event.spiffe_id)
                 manager.svids_changed()
+
+
+class _WriteTimes:
+    """The auth table, noting when entries of watched remote identities were written (upserted)."""
+
+    def __init__(self, table: AuthTable) -> None:
+        self._table = table
+        self.watch: set[SpiffeId] = set()
+        self._written: dict[str, float] = {}
+
+    def read(self) -> dict[AuthPair, datetime]:
+        return self._table.read()
+
+    def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:
+        self._table.write(upserts, deletes)
+        stamp = time.monotonic()
+        for pair in upserts:
+            if pair.remote in self.watch:
+                self._written[pair.remote.path.removeprefix("/")] = stamp
+
+    def purge_unresolved(self) -> int:
+        return self._table.purge_unresolved()
+
+    async def written_all(self, count: int) -> dict[str, float]:
+        while len(self._written) < count:  # noqa: ASYNC110 - a bench's wait
+            await asyncio.sleep(0.005)
+        written, self._written = self._written, {}
+        return written

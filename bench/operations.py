@@ -12,8 +12,7 @@ import time
 
 import aiohttp
 
-from authd.attest.client import Attestation
-from authd.attest.schedule import Peer, PeerStatus
+from authd.attest.results import Attestation, Peer, PeerStatus
 from authd.config.model import HttpConfig
 from authd.httpapi import HttpServer
 from authd.identity import SpiffeId
@@ -36,7 +35,7 @@ async def _scrape() -> tuple[list[float], int]:
     for n in range(PEERS):
         remote = SpiffeId.parse(f"spiffe://example.org/ns/bench/sa/r{n}")
         result = Attestation(remote, f"node-{n % 50}", "10.0.0.1", leaf.chain, NOW)
-        parts.schedule.statuses.append(
+        parts.results.statuses.append(
             PeerStatus(
                 Peer(remote, f"node-{n % 50}"), result, refused=False, last_failure="", in_flight=False
             )

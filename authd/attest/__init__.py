@@ -1,6 +1,7 @@
-"""Attestation between nodes: proving, with a TLS 1.3 handshake, that a node really hosts an identity.
+"""Attestation between nodes over the node channel: one TLS 1.3 session per pair of nodes.
 
-The listener (:mod:`authd.attest.listener`) serves the SVID of a local workload chosen by SNI to other
-nodes' authd, which must present a node SVID of a node in cluster state. The client
-(:mod:`authd.attest.client`) asks a remote node for one identity and verifies what it presents.
+:mod:`.channels` keeps the sessions up (who dials, admission, reconnects); :mod:`.channel` is one session,
+asking for identities and proving local ones with :mod:`.proofs`, in frames of :mod:`.wire`;
+:mod:`.outcomes` decides what each outcome means; :mod:`.results` holds "R at A until T" for the auth
+manager; :mod:`.tls` builds the contexts and :mod:`.admission` guards the listener.
 """

@@ -1,4 +1,4 @@
-"""TLS 1.3 contexts for attestation, built from SVIDs and bundles, and the peer chain after a handshake.
+"""TLS 1.3 contexts of the node channel, built from the node SVID and bundles, and the peer chain.
 
 The decision is always :func:`authd.x509svid.verify_chain`, run on the peer's presented chain against
 the bundle of the peer's *own* trust domain, because a merged store would let a federated CA vouch for
@@ -9,7 +9,7 @@ the server broke (expired, wrong ID, CA leaf...) instead of OpenSSL's generic "v
 is sent to the server before :func:`verify_chain` accepted it.
 
 Certificates and keys reach OpenSSL through anonymous memory files (memfd), never through the disk.
-Session tickets are off: every attestation proves possession of the private key afresh.
+Session tickets are off: every channel proves possession of the node's private key afresh.
 """
 
 from __future__ import annotations
@@ -112,13 +112,13 @@ class ContextCache:
     :attr:`max_entries` rebuilds only those not asked for lately.
     """
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    def __init__(self, max_entries: int = 8) -> None:
         """Start empty; hold at most ``max_entries`` contexts (about 33 KiB each, measured)."""
         self.max_entries = max_entries
         # (identity, server side) -> (leaf fingerprint, bundle digest, the context built from them)
         self._cache: OrderedDict[tuple[SpiffeId, bool], tuple[bytes, bytes, ssl.SSLContext]] = OrderedDict()
         # The SVID store hands out the same BundleSet until bundles change: digest it once, not once
-        # per handshake (the listener asks twice per handshake, for its own and the served SVID).
+        # per handshake.
         self._digested: tuple[BundleSet, bytes] | None = None
 
     def get(self, svid: X509Svid, bundles: BundleSet, *, server: bool) -> ssl.SSLContext:

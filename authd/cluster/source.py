@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from authd.cluster.model import ClusterState
-from authd.identity import SpiffeId
 
 
 class ClusterSource(Protocol):
@@ -92,24 +91,6 @@ class StateFeed:
                 yield state
             else:
                 await changed.wait()
-
-
-class LiveDirectory:
-    """Node lookups against the state a source has in force at the moment of asking.
-
-    Satisfies the attestation listener's ``NodeDirectory``: a node removed from cluster state stops being
-    accepted as a client at once, with no restart.
-    """
-
-    def __init__(self, source: ClusterSource) -> None:
-        """Look things up in ``source.current()``."""
-        self._source = source
-
-    def node_named_by(self, spiffe_id: SpiffeId) -> str | None:
-        """The name of the node whose authd runs as ``spiffe_id``; None if unknown or no state yet."""
-        state = self._source.current()
-        node = state.node_by_id(spiffe_id) if state is not None else None
-        return node.name if node is not None else None
 
 
 def local_node_name(configured: str | None) -> str:

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from authd.config.schema import section, setting
+from authd.config.schema import IpNetwork, section, setting
 from authd.identity import SpiffeId
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -47,6 +47,11 @@ def ip_address(value: str) -> str | None:
     return None
 
 
+def optional_ip_address(value: str) -> str | None:
+    """Require an IPv4 or IPv6 address, or nothing."""
+    return ip_address(value) if value else None
+
+
 def port_number(value: int) -> str | None:
     """Require a TCP port."""
     return None if 1 <= value <= 65535 else "must be a port number in 1..65535"
@@ -55,11 +60,6 @@ def port_number(value: int) -> str | None:
 def at_least_one(value: float) -> str | None:
     """Require a count or rate of at least one."""
     return None if value >= 1 else "must be at least 1"
-
-
-def open_fraction(value: float) -> str | None:
-    """Require a fraction strictly between 0 and 1."""
-    return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,49 +178,54 @@ class DatapathConfig:
 
 @dataclass(frozen=True, slots=True)
 class AttestConfig:
-    """Attestation between nodes: the TLS 1.3 listener and the client that asks other nodes."""
+    """The node channel: one mutually authenticated TLS 1.3 connection per pair of nodes sharing policy."""
 
-    listen_address: str = setting("0.0.0.0", "address the attestation listener binds", check=ip_address)  # noqa: S104 - other nodes must reach it
+    listen_address: str = setting(
+        "",
+        "address the channel listener binds; empty: this node's first address in cluster state, which "
+        "pods cannot reach (unlike 0.0.0.0)",
+        check=optional_ip_address,
+    )
     port: int = setting(
         4250,
-        "TCP port of the attestation listener (and of peers, unless a node overrides it)",
+        "TCP port of the channel listener (and of peers, unless a node overrides it)",
         check=port_number,
+    )
+    allow_sources: tuple[IpNetwork, ...] = setting(
+        (),
+        "networks admitted to the handshake besides the addresses of nodes in cluster state",
+        example=["192.0.2.0/24"],
     )
     handshake_timeout: timedelta = setting(
         timedelta(seconds=2),
-        "deadline from accept to a verified client; slow or idle peers are cut",
+        "deadline from accept (or connect) to the peer's hello; slow or idle peers are cut",
         check=positive_duration,
     )
     max_concurrent_handshakes: int = setting(
         64, "handshakes served at once; connections beyond are closed at once", check=at_least_one
     )
     per_source_rate: float = setting(
-        20.0,
-        "connections per second one source address may open that end in no served attestation",
-        check=at_least_one,
+        20.0, "handshakes per second one node address (an IPv6 /64) may start", check=at_least_one
     )
     per_source_burst: int = setting(
-        40, "such connections one source may open at once before the rate applies", check=at_least_one
+        40, "handshakes one source may start at once before the rate applies", check=at_least_one
+    )
+    global_rate: float = setting(
+        200.0, "handshakes per second the listener starts, all sources together", check=at_least_one
     )
     client_timeout: timedelta = setting(
         timedelta(seconds=3),
-        "deadline of one attestation attempt to one peer address",
+        "deadline of one connection attempt to one peer address, TLS included",
         check=positive_duration,
-    )
-    client_concurrency: int = setting(16, "attestations this node runs at once", check=at_least_one)
-    renew_after: float = setting(
-        0.6,
-        "fraction of a remote SVID's lifetime after which it is re-attested (SPIRE rotates at about half)",
-        check=open_fraction,
     )
     retry_initial: timedelta = setting(
         timedelta(milliseconds=500),
-        "first delay before a failed attestation is retried",
+        "first delay before a lost or failed channel is dialed again",
         check=positive_duration,
     )
     retry_max: timedelta = setting(
         timedelta(seconds=30),
-        "longest delay between retries of a failing attestation",
+        "longest delay between two attempts to dial a channel",
         check=positive_duration,
     )
 
@@ -406,7 +411,7 @@ class Config:
     node: NodeConfig = section(NodeConfig, "this node")
     log: LogConfig = section(LogConfig, "logging")
     daemon: DaemonConfig = section(DaemonConfig, "daemon lifecycle")
-    attest: AttestConfig = section(AttestConfig, "attestation between nodes")
+    attest: AttestConfig = section(AttestConfig, "the node channels: attestation between nodes")
     cluster: ClusterConfig = section(ClusterConfig, "cluster state")
     datapath: DatapathConfig = section(DatapathConfig, "the BPF datapath")
     spire: SpireConfig = section(SpireConfig, "SPIRE agent and server")

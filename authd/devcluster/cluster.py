@@ -444,6 +444,14 @@ class DevCluster:
         """The node's recent flows as JSON objects (``authd observe --json``), oldest first."""
         return [json.loads(line) for line in self.observe(node, "--json", *extra) if line.startswith("{")]
 
+    def channel_peers(self, node: str) -> list[str]:
+        """The peer node of every channel session the node's authd established ("channel up")."""
+        return [
+            str(event["node"])
+            for event in readings.events(self.log_path(node))
+            if event.get("event") == "channel up"
+        ]
+
     def attestations(self, node: str) -> int:
         """How many attestations the node's authd made that brought a new result ("peer attested")."""
         return readings.count_events(self.log_path(node), "peer attested")

@@ -74,7 +74,7 @@ class Demo:
         cluster, say = self.cluster, self.say
         say.say(
             f"Built in {build_seconds:.1f} s: two nodes (network namespaces on one bridge), each running "
-            "`authd run` with its own BPF pins and attestation listener; one SPIRE stand-in "
+            "`authd run` with its own BPF pins and node channel listener; one SPIRE stand-in "
             "(`authd dev-spire`) with an agent per node; workloads attached to their node by veth pairs, "
             "like pods, each running TCP and UDP echo servers under its own uid, which is how SPIRE's "
             "agent tells them apart."
@@ -92,8 +92,10 @@ class Demo:
         )
         expiry = cluster.wait_for_entry("node-b", "backend", "frontend")
         say.say(
-            "Before any packet was sent, node-b's authd attested frontend@node-a over mutual TLS (one "
-            "handshake per remote identity and node) and wrote the pair into its pinned auth map, valid "
+            "Before any packet was sent, the two authd opened one channel (TLS 1.3, each side presenting "
+            "its node SVID and checking the other's exact node ID); over it node-b asked for frontend, "
+            "node-a answered with frontend's chain signed by frontend's key for this session and these two "
+            "nodes, and node-b wrote the pair into its pinned auth map, valid "
             f"until {_clock(expiry)}, when the first of the two SVIDs expires:"
         )
         say.command(
@@ -184,9 +186,10 @@ class Demo:
         say.heading("3. SVIDs rotate under a live connection")
         say.say(
             f"SVIDs here live {self.ttl:g} s and SPIRE renews them at about half their life. An auth "
-            "entry expires with the first of its two SVIDs, so authd must notice each rotation, attest "
-            "again and move the entry's expiry forward before it runs out, while traffic flows. frontend "
-            "now sends a message every 10 ms to backend until the entry it started with has expired:"
+            "entry expires with the first of its two SVIDs. When frontend's SVID rotates on node-a, node-a "
+            "pushes the new proof over the channel at once (nobody polls), and node-b moves the entry's "
+            "expiry forward, while traffic flows. frontend now sends a message every 10 ms to backend "
+            "until the entry it started with has expired:"
         )
         before = {node: cluster.counters(node) for node in ("node-a", "node-b")}
         first = cluster.wait_for_entry("node-b", "backend", "frontend")
@@ -249,11 +252,14 @@ class Demo:
             [f"{label:36}{counters['node-a'][key]:>10}{counters['node-b'][key]:>10}" for label, key in rows]
         )
         attested = cluster.attestations("node-b")
+        sessions = {node: cluster.channel_peers(node) for node in ("node-a", "node-b")}
         say.say(
-            f'Attestations ("peer attested" in node-b\'s authd log): {attested}. node-b attests '
-            "frontend@node-a once, and again after each of its rotations: one handshake per remote identity "
-            "and node, never one per pair of workloads. (node-a attests nobody: no policy protects a "
-            "workload on node-a.)"
+            f'Channel sessions ("channel up" in the authd logs): node-a {len(sessions["node-a"])}, '
+            f"node-b {len(sessions['node-b'])}, every one with the other node: one channel for the node "
+            "pair, established again whenever a node SVID rotated. Proofs of frontend@node-a verified by "
+            f'node-b ("peer attested"): {attested}, the first and one per rotation, pushed by node-a over '
+            "that channel. Channels grow with node pairs, proofs with remote identities, never with pairs "
+            "of workloads. (node-a asks for nothing: no policy protects a workload on node-a.)"
         )
         denied_registered = [
             flow
@@ -273,6 +279,10 @@ class Demo:
             f"every denied packet ({denied_total}) was one of intruder's SYNs",
         )
         say.check(attested > 0, "node-b attested frontend@node-a")
+        say.check(
+            set(sessions["node-a"]) == {"node-b"} and set(sessions["node-b"]) == {"node-a"},
+            "one channel for the node pair, and no other channel",
+        )
 
 
 def run(prefix: str, svid_ttl: float, logs: Path | None) -> int:

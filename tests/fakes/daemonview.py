@@ -1,7 +1,7 @@
 """A daemon's worth of components for the metrics collector and the status report, with nothing running.
 
 Real stats objects (they are plain data) filled by hand, a real SVID store fed SVIDs from the test CA, and
-small stand-ins for the schedule and the stream board.
+small stand-ins for the results, the channels and the stream board.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from authd.attest.client import Attestation, ClientStats
-from authd.attest.listener import ListenerStats
-from authd.attest.schedule import Peer, PeerStatus, ScheduleStats
+from authd.attest.channels import ChannelStats
+from authd.attest.results import Attestation, Peer, PeerStatus, ResultStats
 from authd.authmanager import ManagerStats
 from authd.cluster.source import SourceStats
 from authd.daemonview import DaemonView
@@ -41,28 +40,25 @@ class FakeBoard:
 
 
 @dataclass
-class FakeSchedule:
-    """The attestation schedule: fixed peer statuses."""
+class FakeResults:
+    """The attestation results: fixed peer statuses."""
 
     statuses: list[PeerStatus] = field(default_factory=list)
-    stats: ScheduleStats = field(default_factory=ScheduleStats)
+    stats: ResultStats = field(default_factory=ResultStats)
 
     def peers(self) -> list[PeerStatus]:
         return list(self.statuses)
 
 
 @dataclass
-class FakeAttestor:
-    """The attestation client's stats."""
+class FakeChannels:
+    """The node channels: their stats and which are up."""
 
-    stats: ClientStats
+    stats: ChannelStats
+    up: dict[str, bool] = field(default_factory=dict)
 
-
-@dataclass
-class FakeListener:
-    """The attestation listener's stats."""
-
-    stats: ListenerStats
+    def sessions(self) -> dict[str, bool]:
+        return dict(self.up)
 
 
 @dataclass
@@ -79,9 +75,8 @@ class Parts:
     health: Health
     store: SvidStore
     board: FakeBoard
-    attestor: ClientStats
-    schedule: FakeSchedule
-    listener: ListenerStats
+    channels: ChannelStats
+    results: FakeResults
     cluster: SourceStats
     manager: ManagerStats
     snapshot: DatapathSnapshot
@@ -101,20 +96,19 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
     store.set_bundles(BundleOrigin.DELEGATED_IDENTITY_API, {TD: ca.bundle()})
     db = ca.mint(str(DB))
     attested = Attestation(DB, "node-b", "10.0.0.2", db.chain, NOW)
-    schedule = FakeSchedule(
+    results = FakeResults(
         [
             PeerStatus(Peer(API, "node-b"), None, refused=True, last_failure="not-hosted", in_flight=False),
             PeerStatus(Peer(DB, "node-b"), attested, refused=False, last_failure="", in_flight=False),
         ]
     )
-    schedule.stats.attempts.update({"ok": 3, "rotated-not-yet": 1})
-    attestor = ClientStats()
+    results.stats.attempts.update({"ok": 3, "not-hosted": 2, "rotated": 1})
+    channels = ChannelStats()
     for seconds in (0.002, 0.004, 0.03):
-        attestor.record_latency(seconds)
-    attestor.results.update({"ok": 3, "not-hosted": 2})
-    listener = ListenerStats()
-    listener.served = 7
-    listener.refused.update({"rate-limited": 1})
+        channels.exchanged.proof_latency.observe(seconds)
+    channels.exchanged.proofs_sent = 7
+    channels.opened.update({"dialed": 1})
+    channels.refused.update({"not-a-node": 1})
     cluster = SourceStats(applied=2, rejected=1, version="ab" * 32, problems=["node[2].name: bad"])
     manager = ManagerStats(reconciles=4, upserts=3, deletes=1, entries=3)
     manager.auth_required.update({"attesting": 2})
@@ -129,9 +123,8 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         health=health,
         store=store,
         board=FakeBoard({"delegated-svids[unix:uid:1000]": "UNAVAILABLE"}, Counter({"delegated-svids": 3})),
-        attestor=attestor,
-        schedule=schedule,
-        listener=listener,
+        channels=channels,
+        results=results,
         cluster=cluster,
         manager=manager,
         snapshot=snapshot,
@@ -143,9 +136,8 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         health=health,
         svids=store,
         streams=parts.board,
-        attestor=FakeAttestor(attestor),
-        attestations=schedule,
-        listener=FakeListener(listener),
+        channels=FakeChannels(channels, {"node-b": True, "node-c": False}),
+        attestations=results,
         cluster=FakeClusterSource(cluster),
         auth=lambda: parts.manager,
         fail_closed_at=lambda: NOW + timedelta(seconds=90),

@@ -16,6 +16,7 @@ class FakeIdentities:
     own: X509Svid | None
     local: dict[SpiffeId, X509Svid] = field(default_factory=dict)
     trusted: BundleSet = field(default_factory=lambda: BundleSet({}))
+    synced: bool = True
 
     def own_svid(self) -> X509Svid | None:
         return self.own
@@ -31,13 +32,3 @@ class FakeIdentities:
 
     def host(self, svid: X509Svid) -> None:
         self.local[svid.spiffe_id] = svid
-
-
-@dataclass
-class FakeNodes:
-    """Known node identities by SPIFFE ID."""
-
-    nodes: dict[SpiffeId, str] = field(default_factory=dict)
-
-    def node_named_by(self, spiffe_id: SpiffeId) -> str | None:
-        return self.nodes.get(spiffe_id)

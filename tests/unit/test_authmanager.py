@@ -6,21 +6,18 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from authd.attest.schedule import Attestations, Peer
+from authd.attest.results import Attestations, Peer
 from authd.authmanager import AuthManager
-from authd.backoff import BackoffPolicy
 from authd.cluster.desired import AuthPair
 from authd.cluster.handles import HandleRegistry
 from authd.cluster.model import ClusterState
 from authd.errors import AttestError
-from authd.x509svid import X509Svid
-from tests.fakes.attest import ScriptedAttestClient
+from authd.x509svid import BundleSet, X509Svid
+from tests.fakes.attest import ScriptedChannels
 from tests.fakes.authtables import FakeAuthTable, FakeSvids, FakeTables
 from tests.fakes.ca import LeafOptions, TestCA
 from tests.fakes.cluster import endpoint, node, rule, sid, state
 from tests.waiting import eventually
-
-FAST = BackoffPolicy(initial=0.05, maximum=0.05, jitter=0)
 
 
 def now() -> dt.datetime:
@@ -54,7 +51,7 @@ class Harness:
     table: FakeAuthTable
     tables: FakeTables
     svids: FakeSvids
-    client: ScriptedAttestClient
+    client: ScriptedChannels
     attestations: Attestations
     handles: HandleRegistry
 
@@ -75,17 +72,13 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def manager(table: FakeAuthTable | None = None, *, synced: bool = True) -> AsyncIterator[Harness]:
-    client = ScriptedAttestClient()
     handles = HandleRegistry(None, "node-a")
     svids = FakeSvids(synced=synced)
     holder: list[AuthManager] = []
     attestations = Attestations(
-        client,
-        renew_after=0.6,
-        backoff=FAST,
-        max_in_flight=8,
         on_change=lambda peers: holder[0].attestations_changed(peers),  # noqa: PLW0108 - made below
     )
+    client = ScriptedChannels(attestations)
     auth_table, tables = table or FakeAuthTable(), FakeTables()
     mgr = AuthManager(
         node_name="node-a",
@@ -97,7 +90,7 @@ async def manager(table: FakeAuthTable | None = None, *, synced: bool = True) ->
         attest_port=4250,
     )
     holder.append(mgr)
-    tasks = [asyncio.create_task(attestations.run()), asyncio.create_task(mgr.run())]
+    tasks = [asyncio.create_task(mgr.run())]
     try:
         yield Harness(mgr, auth_table, tables, svids, client, attestations, handles)
     finally:
@@ -206,7 +199,7 @@ async def test_restored_entries_stay_while_the_peer_is_unreachable_and_go_when_i
         h.svids.local[sid("web")] = web
         h.client.script(str(sid("db")), "node-b", AttestError("unreachable", "node-b is down"))
         h.manager.cluster_changed(two_nodes(("web", "db")))
-        await eventually(lambda: h.attestations.stats.attempts["unreachable"] >= 2)
+        await eventually(lambda: h.attestations.stats.attempts["unreachable"] >= 1)
         assert table.entries == {pair: restored_expiry}
         h.client.answers[(str(sid("db")), "node-b")].clear()
         h.client.script(str(sid("db")), "node-b", AttestError("not-hosted", "db moved away"))
@@ -354,3 +347,15 @@ async def test_a_periodic_full_reconcile_notices_what_others_did_to_the_map() ->
         h.table.entries.clear()  # flushed by hand...
         h.table.entries[stray] = now() + dt.timedelta(hours=1)  # ...and an entry nobody wants
         await eventually(lambda: h.table.entries == wanted)
+
+
+async def test_a_bundle_change_that_unverifies_a_result_deletes_its_entries_at_once() -> None:
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: len(h.table.entries) == 1)
+        other = TestCA.create("example.org", not_before=now() - dt.timedelta(days=1))
+        h.client.answers.clear()  # asked again, node-b has nothing that verifies under the new bundle
+        h.attestations.bundles_changed(BundleSet.of([other.bundle()]))
+        await eventually(lambda: not h.table.entries, within=1)

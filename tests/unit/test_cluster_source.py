@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from authd.attest.listener import NodeDirectory
 from authd.cluster.file import RACY_SECONDS, FileClusterSource
 from authd.cluster.model import ClusterState
-from authd.cluster.source import ClusterSource, LiveDirectory, StateFeed, local_node_name
+from authd.cluster.source import ClusterSource, StateFeed, local_node_name
 from authd.health import Health, State
-from tests.fakes.cluster import FakeClusterSource, node, sid, state
+from tests.fakes.cluster import FakeClusterSource, node, state
 from tests.unit.test_cluster_file import DB, GOOD, NODES, RULE, WEB
 
 SETTLE = 2.0
@@ -346,17 +345,6 @@ async def test_feed_gives_latest_value_to_slow_consumers() -> None:
 def test_local_node_name_prefers_config_then_lowercased_host_name() -> None:
     assert local_node_name("node-a") == "node-a"
     assert local_node_name(None) == socket.gethostname().lower()
-
-
-def test_live_directory_follows_the_state_in_force() -> None:
-    source = FakeClusterSource()
-    directory: NodeDirectory = LiveDirectory(source)
-    assert directory.node_named_by(sid("authd/node-a")) is None  # no state yet
-    source.publish(state([node("node-a")]))
-    assert directory.node_named_by(sid("authd/node-a")) == "node-a"
-    assert directory.node_named_by(sid("web")) is None
-    source.publish(state([node("node-b")]))
-    assert directory.node_named_by(sid("authd/node-a")) is None  # removed: refused at once
 
 
 NODES_ONLY = NODES

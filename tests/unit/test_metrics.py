@@ -46,11 +46,14 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_spire_stream_failures_total", stream="delegated-svids") == 3
     assert value(found, "authd_attestations_total", result="ok") == 3
     assert value(found, "authd_attestations_total", result="not-hosted") == 2
+    assert value(found, "authd_attestations_total", result="rotated") == 1
     assert value(found, "authd_attestation_peers") == 2
-    assert value(found, "authd_attestation_schedule_attempts_total", outcome="rotated-not-yet") == 1
     assert value(found, "authd_attestation_peers_attested") == 1
-    assert value(found, "authd_attestations_served_total") == 7
-    assert value(found, "authd_attestations_refused_total", reason="rate-limited") == 1
+    assert value(found, "authd_channels") == 2
+    assert value(found, "authd_channels_up") == 1
+    assert value(found, "authd_channels_opened_total", side="dialed") == 1
+    assert value(found, "authd_channels_refused_total", reason="not-a-node") == 1
+    assert value(found, "authd_channel_proofs_sent_total") == 7
     assert value(found, "authd_cluster_state_info", version="abababababab") == 1
     assert value(found, "authd_cluster_state_updates_total", result="rejected") == 1
     assert value(found, "authd_auth_map_entries") == 3
@@ -72,7 +75,7 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
 def test_values_are_read_at_scrape_time(ca: FakeCA) -> None:
     view, parts = build(ca)
     registry = registry_for(view)
-    parts.attestor.results["ok"] += 10
+    parts.results.stats.attempts["ok"] += 10
     parts.snapshot = parts.snapshot.__class__(
         counters={"denied_auth_expired": 2},
         auth_capacity=2048,

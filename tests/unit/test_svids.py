@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from authd.attest.protocol import LocalIdentities
+from authd.attest.channel import LocalIdentities
 from authd.authmanager import SvidView
 from authd.errors import SvidError
 from authd.identity import SpiffeId, TrustDomain

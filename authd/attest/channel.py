@@ -1,0 +1,290 @@
+"""One node channel session: two authd, each asking for identities and proving the ones it hosts.
+
+Both ends are equal once TLS is up (who dialed does not matter here). Each sends a :class:`Hello` with a
+fresh nonce; then each side sends :class:`Want` changes for the identities it needs from the other, and
+answers every identity the other wants with a :class:`Proof` signed for the other side's nonce (see
+:mod:`authd.attest.proofs`) or :class:`NotHosted`. The answers are pushed again whenever they change: a
+local SVID that rotates, appears or goes away, and the local SVIDs syncing ("not hosted yet" becomes
+final). Nothing is polled.
+
+Sending is one writer task that drains a set of pending answers, so a rotation that happens twice before
+it could be sent is sent once, with the latest SVID, and memory stays bounded by the number of wanted
+identities. Anything malformed from the peer raises :class:`~authd.attest.outcomes.ViolationError`, which
+ends the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from authd.attest import wire
+from authd.attest._proto.channel_pb2 import Hello, NotHosted, Proof, Want
+from authd.attest.outcomes import Outcome, ViolationError, chain_rule, not_hosted
+from authd.attest.proofs import ProofChecker, binding, chain_der, sign
+from authd.attest.results import Attestation, Peer
+from authd.errors import SvidError
+from authd.histogram import Histogram
+from authd.identity import SpiffeId
+from authd.x509svid import BundleSet, X509Svid
+
+MAX_THEIR_WANTS = 1 << 17
+"""Identities one peer may want from this node at once; more is a violation."""
+ANSWER_BATCH = 64
+"""Answers written before the writer waits for the peer to take them (back-pressure)."""
+
+
+class LocalIdentities(Protocol):
+    """The SVIDs this node holds and the bundles it trusts (the SVID store)."""
+
+    def own_svid(self) -> X509Svid | None:
+        """The node SVID this authd runs as, if held."""
+        ...
+
+    def svid_for(self, spiffe_id: SpiffeId) -> X509Svid | None:
+        """The SVID of one workload hosted on this node, if held."""
+        ...
+
+    def bundles(self) -> BundleSet:
+        """Trust bundles by trust domain."""
+        ...
+
+    @property
+    def synced(self) -> bool:
+        """Whether the local SVIDs reflect SPIRE (so "not hosted" is final)."""
+        ...
+
+
+class ResultSink(Protocol):
+    """Where verified proofs and answers go (the results)."""
+
+    def proved(self, attestation: Attestation) -> None:
+        """A peer proved an identity."""
+        ...
+
+    def failed(self, peer: Peer, outcome: Outcome, detail: str) -> None:
+        """A peer answered, or its proof broke a rule."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ends:
+    """The two nodes of a session, as cluster state names them, and the peer's address."""
+
+    local_id: SpiffeId
+    peer_name: str
+    peer_id: SpiffeId
+    address: str
+
+
+@dataclass
+class SessionStats:
+    """What sessions did (one object shared by all sessions of a node)."""
+
+    proofs_sent: int = 0
+    not_hosted_sent: int = 0
+    proofs_received: int = 0
+    proof_latency: Histogram = field(default_factory=Histogram)
+    """Seconds from asking a node for an identity to its verified proof."""
+
+
+class Session:
+    """One channel session over an authenticated stream; :meth:`run` until it ends."""
+
+    def __init__(
+        self,
+        stream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        ends: Ends,
+        identities: LocalIdentities,
+        results: ResultSink,
+        checker: ProofChecker,
+        *,
+        hello_timeout: float,
+        now: Callable[[], datetime],
+        stats: SessionStats,
+    ) -> None:
+        """Nothing is sent before :meth:`run`; what the session does is counted in ``stats``."""
+        self.ends = ends
+        self._reader, self._writer = stream
+        self._identities, self._results, self._checker = identities, results, checker
+        self._hello_timeout, self._now = hello_timeout, now
+        self._nonce = secrets.token_bytes(wire.NONCE_BYTES)
+        self._peer_nonce = b""
+        self._wanted: set[SpiffeId] = set()
+        self._add: set[SpiffeId] = set()
+        self._drop: set[SpiffeId] = set()
+        self._their_wants: set[SpiffeId] = set()
+        self._to_answer: dict[SpiffeId, None] = {}
+        self._wake = asyncio.Event()
+        self._asked: dict[SpiffeId, float] = {}
+        self.stats = stats
+        self.established = False
+
+    # ------------------------------------------------------------------- called by the channels
+
+    def want(self, wanted: Collection[SpiffeId]) -> None:
+        """Set the identities this side wants from the peer."""
+        wanted = set(wanted)
+        added, dropped = wanted - self._wanted, self._wanted - wanted
+        self._wanted = wanted
+        self._add = (self._add | added) - dropped
+        self._drop = (self._drop | dropped) - added
+        if added or dropped:
+            self._wake.set()
+
+    def ask_again(self, identities: Iterable[SpiffeId]) -> None:
+        """Ask for wanted identities again: the peer answers each afresh."""
+        again = {i for i in identities if i in self._wanted}
+        if again:
+            self._add |= again
+            self._wake.set()
+
+    def local_changed(self, spiffe_id: SpiffeId) -> None:
+        """A local SVID appeared, rotated or went away: push the new answer if the peer wants it."""
+        if spiffe_id in self._their_wants:
+            self._to_answer[spiffe_id] = None
+            self._wake.set()
+
+    def reanswer(self, *, everything: bool) -> None:
+        """Answer again every identity the peer wants that is not hosted (or every one).
+
+        After the local SVIDs synced, "not hosted yet" becomes final; after lost SVID events, any answer
+        may have changed.
+        """
+        for spiffe_id in self._their_wants:
+            if everything or self._identities.svid_for(spiffe_id) is None:
+                self._to_answer[spiffe_id] = None
+        self._wake.set()
+
+    def close(self) -> None:
+        """End the session (the peer sees the connection close)."""
+        self._writer.close()
+
+    # ------------------------------------------------------------------------------- the session
+
+    async def run(self) -> None:
+        """Exchange hellos, then read and write until the stream ends; raise ViolationError on bad input."""
+        self._writer.write(wire.encode(Hello(version=wire.VERSION, nonce=self._nonce)))
+        async with asyncio.timeout(self._hello_timeout):
+            await self._writer.drain()
+            hello = await wire.read(self._reader)
+        if not isinstance(hello, Hello):
+            raise ViolationError("malformed-frame", "the first frame is not a hello")
+        if hello.version != wire.VERSION:
+            raise ViolationError("version", f"peer speaks version {hello.version}, this node {wire.VERSION}")
+        self._peer_nonce = hello.nonce
+        self.established = True
+        self._add = set(self._wanted)
+        self._drop = set()
+        self._wake.set()
+        tasks = {asyncio.ensure_future(self._read_loop()), asyncio.ensure_future(self._write_loop())}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        for task in done:
+            task.result()  # the reason it ended: a ViolationError, or the connection's error
+        raise ConnectionResetError("peer closed the channel")
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                body = await wire.read(self._reader)
+            except asyncio.IncompleteReadError:
+                return
+            if isinstance(body, Want):
+                self._their_want(body)
+            elif isinstance(body, Proof):
+                self._proof(body)
+            elif isinstance(body, NotHosted):
+                self._not_hosted(body)
+            elif isinstance(body, Hello):
+                raise ViolationError("malformed-frame", "a second hello")
+
+    def _their_want(self, want: Want) -> None:
+        for text in want.add:
+            spiffe_id = wire.spiffe_id(text)
+            self._their_wants.add(spiffe_id)
+            self._to_answer[spiffe_id] = None
+        for text in want.drop:
+            spiffe_id = wire.spiffe_id(text)
+            self._their_wants.discard(spiffe_id)
+            self._to_answer.pop(spiffe_id, None)
+        if len(self._their_wants) > MAX_THEIR_WANTS:
+            raise ViolationError("too-many-wants", f"peer wants {len(self._their_wants)} identities")
+        self._wake.set()
+
+    def _proof(self, proof: Proof) -> None:
+        spiffe_id = wire.spiffe_id(proof.spiffe_id)
+        if spiffe_id not in self._wanted:
+            return  # asked for once, no longer wanted: the answer crossed the drop
+        ends = self.ends
+        message = binding(self._nonce, ends.local_id, ends.peer_id, spiffe_id)
+        peer = Peer(spiffe_id, ends.peer_name)
+        now = self._now()
+        try:
+            chain = self._checker.check(
+                list(proof.chain), proof.signature, message, spiffe_id, self._identities.bundles(), now
+            )
+        except SvidError as err:
+            self._results.failed(peer, chain_rule(err), str(err))
+            return
+        self.stats.proofs_received += 1
+        asked = self._asked.pop(spiffe_id, None)
+        if asked is not None:
+            self.stats.proof_latency.observe(time.monotonic() - asked)
+        self._results.proved(Attestation(spiffe_id, ends.peer_name, ends.address, chain, now))
+
+    def _not_hosted(self, answer: NotHosted) -> None:
+        spiffe_id = wire.spiffe_id(answer.spiffe_id)
+        if spiffe_id in self._wanted:
+            self._results.failed(
+                Peer(spiffe_id, self.ends.peer_name),
+                not_hosted(synced=answer.synced),
+                f"node {self.ends.peer_name} does not host it",
+            )
+
+    async def _write_loop(self) -> None:
+        writer = self._writer
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._add or self._drop:
+                add, drop = sorted(self._add), sorted(self._drop)
+                self._add, self._drop = set(), set()
+                for frame in wire.wants(add, drop):
+                    writer.write(frame)
+                asked = time.monotonic()
+                self._asked.update(dict.fromkeys(add, asked))
+                for spiffe_id in drop:
+                    self._asked.pop(spiffe_id, None)
+                await writer.drain()
+            sent = 0
+            while self._to_answer and sent < ANSWER_BATCH:
+                spiffe_id = next(iter(self._to_answer))
+                del self._to_answer[spiffe_id]
+                writer.write(self._answer(spiffe_id))
+                sent += 1
+            if sent:
+                await writer.drain()
+            if self._to_answer:
+                self._wake.set()
+
+    def _answer(self, spiffe_id: SpiffeId) -> bytes:
+        svid = self._identities.svid_for(spiffe_id)
+        if svid is None:
+            self.stats.not_hosted_sent += 1
+            return wire.encode(NotHosted(spiffe_id=str(spiffe_id), synced=self._identities.synced))
+        ends = self.ends
+        message = binding(self._peer_nonce, ends.peer_id, ends.local_id, spiffe_id)
+        self.stats.proofs_sent += 1
+        return wire.encode(
+            Proof(spiffe_id=str(spiffe_id), chain=chain_der(svid), signature=sign(svid, message))
+        )

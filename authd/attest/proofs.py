@@ -1,0 +1,115 @@
+"""Identity proofs: "I, node P, host R", made for node A in one channel session, and their check.
+
+A proof is R's chain and a signature, made with R's private key, over :func:`binding`: a context string,
+A's nonce for this session, A's node ID, P's node ID and R's SPIFFE ID, each length-prefixed. Holding R's
+SVID is what hosting R means; the nonce keeps the proof to this session, the node IDs to this pair of
+nodes (a node that also hosts R cannot pass its proof off as P's), and R's ID to R.
+
+:class:`ProofChecker` verifies the chain against the bundle of R's trust domain with the exact ID R, then
+the signature. Chains verified under the bundle set in force are remembered (by their DER digest) until
+the first certificate expires or the bundles change, so a re-sent or rotated-back proof costs one
+signature check. A chain that breaks an SVID rule is an answer (:func:`authd.attest.outcomes.chain_rule`);
+certificates or signatures that do not parse or verify are a :class:`~authd.attest.outcomes.ViolationError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from authd.attest.outcomes import ViolationError
+from authd.identity import SpiffeId
+from authd.x509svid import BundleSet, PrivateKey, X509Svid, authorize_id, verify_chain
+
+_CONTEXT = b"authd-channel-proof/1\0"
+
+
+def binding(nonce: bytes, asker: SpiffeId, prover: SpiffeId, identity: SpiffeId) -> bytes:
+    """What a proof signs (see the module docstring)."""
+    parts = (nonce, str(asker).encode(), str(prover).encode(), str(identity).encode())
+    return _CONTEXT + b"".join(len(part).to_bytes(2, "big") + part for part in parts)
+
+
+def sign(svid: X509Svid, message: bytes) -> bytes:
+    """Sign ``message`` with the SVID's key."""
+    key: PrivateKey = svid.private_key
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    return key.sign(message)
+
+
+def chain_der(svid: X509Svid) -> list[bytes]:
+    """The SVID's chain as DER, leaf first, as a proof carries it."""
+    return [cert.public_bytes(serialization.Encoding.DER) for cert in svid.chain]
+
+
+def check_signature(leaf: x509.Certificate, signature: bytes, message: bytes) -> None:
+    """Verify ``signature`` over ``message`` with the leaf's key; a ViolationError if it does not verify."""
+    try:
+        key = leaf.public_key()
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        else:
+            raise ViolationError("unsupported-key", f"proof leaf has a {type(key).__name__}")
+    except InvalidSignature as err:
+        raise ViolationError("bad-signature", "the proof is not signed for this session") from err
+    except (UnsupportedAlgorithm, ValueError) as err:
+        raise ViolationError("unsupported-key", f"proof leaf key cannot be used: {err}") from err
+
+
+def load_chain(ders: Sequence[bytes]) -> tuple[x509.Certificate, ...]:
+    """Parse a proof's certificates; a ViolationError if any does not parse (X.509 v1/v2 included)."""
+    try:
+        return tuple(x509.load_der_x509_certificate(der) for der in ders)
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as err:
+        raise ViolationError("malformed-certificate", f"unparsable certificate in a proof: {err}") from err
+
+
+class ProofChecker:
+    """Checks proofs against the bundles in force, remembering chains already verified."""
+
+    def __init__(self, max_entries: int = 16384) -> None:
+        """Remember at most ``max_entries`` verified chains (the least recently used go first)."""
+        self._max_entries = max_entries
+        self._verified: OrderedDict[bytes, tuple[BundleSet, SpiffeId, datetime]] = OrderedDict()
+        self.cache_hits = 0
+
+    def check(
+        self,
+        ders: Sequence[bytes],
+        signature: bytes,
+        message: bytes,
+        identity: SpiffeId,
+        bundles: BundleSet,
+        at: datetime,
+    ) -> tuple[x509.Certificate, ...]:
+        """The verified chain of a proof of ``identity``; SvidError for a rule, else ViolationError."""
+        chain = load_chain(ders)
+        key = hashlib.sha256(b"".join(len(d).to_bytes(4, "big") + d for d in ders)).digest()
+        known = self._verified.get(key)
+        if known is not None and known[0] is bundles and known[1] == identity and at < known[2]:
+            self._verified.move_to_end(key)
+            self.cache_hits += 1
+        else:
+            try:
+                verify_chain(chain, bundles, at=at, authorize=authorize_id(identity))
+            except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as err:
+                raise ViolationError("malformed-certificate", f"cannot read a proved chain: {err}") from err
+            self._verified[key] = (bundles, identity, min(c.not_valid_after_utc for c in chain))
+            if len(self._verified) > self._max_entries:
+                self._verified.popitem(last=False)
+        check_signature(chain[0], signature, message)
+        return chain
