@@ -162,8 +162,12 @@ class Session:
         self._wake.set()
 
     def close(self) -> None:
-        """End the session (the peer sees the connection close)."""
-        self._writer.close()
+        """End the session at once (the peer sees the connection close).
+
+        An abort, not a TLS close: a graceful shutdown would wait for the peer's close_notify, and
+        a peer that never sends it would hold the socket for ssl's shutdown timeout.
+        """
+        self._writer.transport.abort()
 
     # ------------------------------------------------------------------------------- the session
 

@@ -298,7 +298,7 @@ class Channels:
                     ) from err
             except BaseException:
                 if writer is not None:
-                    writer.close()
+                    writer.transport.abort()
                 raise
             return reader, writer, address
         raise AttestError("unreachable", f"no address of node {link.name} answered: {'; '.join(errors)}")
@@ -350,7 +350,7 @@ class Channels:
             self._refused(_reason(err), source, err)
         finally:
             if writer is not None:
-                writer.close()
+                writer.transport.abort()
             conn.close()
 
     def _client_link(self, chain: tuple[x509.Certificate, ...], bundles: BundleSet) -> _Link:
