@@ -39,7 +39,9 @@ def _missing() -> str | None:
 def timings() -> Iterator[dict[str, float]]:
     """Figures the tier measures, printed at the end of the session (pytest -s shows them)."""
     figures: dict[str, float] = {}
+    started = time.monotonic()
     yield figures
+    figures["tier wall time, s"] = time.monotonic() - started
     for name, value in figures.items():
         print(f"\n[system tier] {name}: {value:.2f}")  # noqa: T201 - the measured figures, for the report
 
