@@ -47,6 +47,7 @@ from authd.spire.workload import NodeIdentity
 from authd.statelock import StateLock
 from authd.status import StatusOp
 from authd.svids import EventKind, SvidEvent, SvidStore
+from authd.unraisable import UnraisableLog, captured
 
 if TYPE_CHECKING:
     from authd.datapath.enforcement import Enforcement
@@ -318,7 +319,7 @@ class Daemon:
             self._state_lock.release()
 
     async def _run(self) -> int:
-        with self._signals():
+        with self._signals(), captured(UnraisableLog()):
             serve = asyncio.create_task(self._serve(), name="serve")
             stop = asyncio.create_task(self._stop.wait(), name="stop-requested")
             await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)

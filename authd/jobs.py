@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from authd.backoff import BackoffFactory
-from authd.errors import DaemonError
+from authd.errors import AuthdError, DaemonError
 from authd.health import Health
 
 log = structlog.get_logger(__name__)
@@ -73,7 +73,11 @@ class Supervisor:
                 delay = backoff.next_delay()
                 self.restarts[job.name] = self.restarts.get(job.name, 0) + 1
                 component.degraded(f"restarting in {delay:.1f}s after {type(err).__name__}: {err}")
-                log.warning("job failed, restarting", retry_in_s=round(delay, 3), exc_info=err)
+                # authd's own errors say what failed in one line; anything else is a bug: its traceback.
+                if isinstance(err, AuthdError):
+                    log.warning("job failed, restarting", retry_in_s=round(delay, 3), error=str(err))
+                else:
+                    log.warning("job failed, restarting", retry_in_s=round(delay, 3), exc_info=err)
                 await self._sleep(delay)
             else:
                 log.info("job finished")

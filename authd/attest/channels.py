@@ -493,8 +493,9 @@ def bind(address: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
         sock.listen(1024)
-    except OSError:
+    except OSError as err:
         with contextlib.suppress(OSError):
             sock.close()
-        raise
+        # EADDRNOTAVAIL (attest.listen_address is not this host's), EADDRINUSE: one line, not a traceback.
+        raise AttestError("listen", f"cannot listen on {address}:{port}: {err.strerror}") from err
     return sock

@@ -353,7 +353,7 @@ class SpireConfig:
         check=absolute_path,
     )
     server_socket: Path = setting(
-        Path("/tmp/spire-server/private/api.sock"),  # noqa: S108 - SPIRE server's own default path
+        Path("/run/spire/server/private/api.sock"),  # not /tmp: the unit has PrivateTmp=yes
         "SPIRE server's API socket (Entry API, used by `authd spire sync`)",
         check=absolute_path,
     )

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +124,45 @@ def test_a_non_root_run_says_it_needs_root() -> None:
     assert result.returncode == 1, result.stderr
     assert "permission denied; authd runs as root" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_attest_address_the_host_lacks_logs_one_line_per_retry(tmp_path: Path) -> None:
+    config = tmp_path / "authd.toml"
+    config.write_text(
+        f'[node]\nname = "node-a"\nstate_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\n'
+        '[log]\nformat = "json"\n[datapath]\nenabled = false\n[http]\nenabled = false\n'
+        '[attest]\nlisten_address = "192.0.2.77"\n'  # TEST-NET-1: never this host's
+    )
+    entries = tmp_path / "entries.toml"
+    entries.write_text("")
+    from tests.integration.devspire import short_dir  # noqa: PLC0415
+
+    with short_dir() as spire_dir:
+        spire = subprocess.Popen(
+            [sys.executable, "-m", "authd", "dev-spire", "--dir", str(spire_dir), "--trust-domain",
+             "example.org", "--node", "node-a", "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        with config.open("a") as extra:
+            extra.write(
+                f'[spire]\nworkload_socket = "{spire_dir}/node-a/public/api.sock"\n'
+                f'admin_socket = "{spire_dir}/node-a/private/admin.sock"\n'
+                f'[cluster]\nfile = "{tmp_path}/cluster.toml"\n'
+            )
+        (tmp_path / "cluster.toml").write_text('trust_domain = "example.org"\n')
+        authd = subprocess.Popen(
+            [sys.executable, "-m", "authd", "run", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(4)
+        finally:
+            authd.send_signal(signal.SIGTERM)
+            out, err = authd.communicate(timeout=30)
+            spire.kill()
+            spire.wait()
+    failures = [line for line in out.splitlines() if '"job failed, restarting"' in line]
+    assert failures, out
+    assert all("192.0.2.77:4250: Cannot assign requested address" in line for line in failures), failures
+    assert "Traceback" not in out + err
+    assert all('"exception"' not in line for line in failures)

@@ -1,5 +1,6 @@
-"""What an operator sees of a two-node cluster: /metrics, /readyz, ``authd status``, named ``bpf`` listings,
-and authd running inside the systemd unit's sandbox with only the unit's capabilities.
+"""What an operator sees of a two-node cluster: /metrics, /readyz, ``authd status``, named ``bpf`` listings.
+
+(authd under the unit's sandbox and capabilities is tested under a real systemd: tests/system.)
 
 One dev cluster (prefix ``aop``) serves every test here: a1 on node-a may reach b1 on node-b only
 authenticated (ingress at b1); c1 on node-a is not in cluster state, so it is denied.
@@ -8,15 +9,10 @@ authenticated (ingress at b1); c1 on node-a is not in cluster state, so it is de
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,9 +22,6 @@ from authd.devcluster.netns import in_netns
 
 pytestmark = pytest.mark.privileged
 
-ROOT = Path(__file__).parents[2]
-UNIT = ROOT / "systemd" / "authd.service"
-SANDBOX = Path(__file__).with_name("unit_sandbox.py")
 SPEC = ClusterSpec(
     prefix="aop",
     workloads=(
@@ -159,131 +152,3 @@ def test_bpf_listings_name_the_handles(cluster: DevCluster) -> None:
     policy = cluster.authd("node-b", "bpf", "policy", "list")
     assert spiffe("b1") in policy
     assert "any" in policy
-
-
-def _start_sandboxed(cluster: DevCluster, node: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """authd on ``node`` inside the unit's sandbox, as systemd would start it; return once READY=1."""
-    entry = cluster._nodes[node]  # the harness's record of the node: its config and directories
-    node_dir = entry.config.parent
-    for sub in ("state", "run"):
-        (node_dir / sub).mkdir(exist_ok=True)
-    notify_path = cluster.workdir / f"{node}-sandbox.notify"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    log_path = cluster.workdir / "logs" / f"authd-{node}-sandbox.log"
-    sandbox = [
-        "/usr/bin/python3", str(SANDBOX), str(UNIT),
-        "--keep", str(cluster.workdir), "--keep", str(ROOT),  # a checkout under /tmp stays visible
-        "--rw", str(node_dir / "state"), "--rw", str(node_dir / "run"),
-        "--",
-        sys.executable, "-m", "authd", "run", "--config", str(entry.config),
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            in_netns(entry.net.netns, sandbox),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
-        )
-    try:
-        deadline = time.monotonic() + 60
-        notify.settimeout(0.5)
-        while True:
-            assert proc.poll() is None, f"authd in the sandbox exited: {log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, (
-                f"authd in the sandbox not ready: {log_path.read_text()[-3000:]}"
-            )
-            try:
-                if b"READY=1" in notify.recv(4096):
-                    return proc, log_path
-            except TimeoutError:
-                continue
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        notify.close()
-
-
-def test_authd_runs_in_the_units_sandbox_with_its_capabilities(cluster: DevCluster) -> None:
-    if (
-        not Path("/usr/bin/python3").exists()
-        or subprocess.run(
-            ["/usr/bin/python3", "-c", "import seccomp"], capture_output=True, check=False
-        ).returncode
-    ):
-        pytest.fail("the unit sandbox needs Debian's python3-seccomp (make system-deps installs it)")
-    cluster.stop_authd("node-b")
-    cluster.authd("node-b", "bpf", "unload")  # a fresh load, attach and pin under the unit's limits
-    proc, log_path = _start_sandboxed(cluster, "node-b")
-    try:
-        # nsenter, the sandbox stages and setpriv all exec: the process is authd itself.
-        caps = Path(f"/proc/{proc.pid}/status").read_text()
-        assert re.search(r"CapEff:\s+000000c000001000", caps), caps  # CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF
-        assert re.search(r"NoNewPrivs:\s+1", caps), caps
-        assert re.search(r"Seccomp:\s+2", caps), caps
-        allowed = cluster.tcp("a1", "b1", duration=0.3, connect_timeout=5)
-        assert allowed["connected"], allowed
-        denied = cluster.tcp("c1", "b1", duration=0.2, connect_timeout=1)
-        assert not denied["connected"], denied
-        report = status(cluster, "node-b")
-        (peer,) = [p for p in report["peers"] if p["spiffe_id"] == spiffe("a1")]
-        assert peer["attested"], report
-        assert report["datapath"]["interfaces"] == ["lxc0"]
-        assert report["healthy"], report
-        # A reload that drops the interface detaches from it, without CAP_SYS_ADMIN to look programs up.
-        config = cluster._nodes["node-b"].config
-        original = config.read_text()
-        config.write_text(original.replace('interfaces = ["lxc*"]', 'interfaces = ["aopnone*"]'))
-        try:
-            proc.send_signal(signal.SIGHUP)
-            cluster.wait_for(lambda: "authd" not in _tc_filters(cluster, "node-b"), 10, "detach on reload")
-        finally:
-            config.write_text(original)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(20) == 0, log_path.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    cluster.start_authd("node-b")
-
-
-def _tc_filters(cluster: DevCluster, node: str) -> str:
-    netns = cluster.network.nodes[node].netns
-    return subprocess.run(
-        in_netns(netns, ["tc", "filter", "show", "dev", "lxc0", "ingress"]),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-def test_the_sandbox_enforces_what_it_emulates(tmp_path: Path) -> None:
-    writable = tmp_path / "state"
-    writable.mkdir()
-    probe = (
-        "import errno, os, socket, pathlib, sys\n"
-        f"pathlib.Path('{writable}/ok').write_text('x')\n"
-        "results = []\n"
-        "for attempt in (lambda: pathlib.Path('/etc/aop-probe').write_text('x'),\n"
-        "                lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW),\n"
-        "                lambda: os.unshare(0) if hasattr(os, 'unshare') else os.setuid(0),\n"
-        "                lambda: os.chroot('/')):\n"
-        "    try:\n"
-        "        attempt(); results.append('allowed')\n"
-        "    except OSError as err:\n"
-        "        results.append(errno.errorcode[err.errno])\n"
-        "print(' '.join(results))\n"
-    )
-    argv = ["/usr/bin/python3", str(SANDBOX), str(UNIT), "--keep", str(tmp_path), "--keep", str(ROOT)]
-    argv += ["--rw", str(writable), "--"]
-    out = subprocess.run(
-        [*argv, "/usr/bin/python3", "-c", probe], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert out.stdout.split() == ["EROFS", "EAFNOSUPPORT", "EPERM", "EPERM"], out.stderr
-    assert (writable / "ok").read_text() == "x"
-    assert not Path("/etc/aop-probe").exists()
