@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from authd.attest.client import Attestation, Attestor, Target
+from authd.attest.client import TRANSIENT, Attestation, Attestor, Target
 from authd.attest.listener import Listener, bind
 from authd.attest.protocol import NONCE_BYTES, node_proof
 from authd.attest.tls import ContextCache, client_context
@@ -367,6 +367,21 @@ async def test_client_refuses_a_server_without_a_valid_node_proof(cluster: Clust
         with pytest.raises(AttestError) as caught:
             await cluster.attestor().attest(cluster.target(WEB, port))
     assert caught.value.reason == reason
+
+
+async def test_an_expired_node_svid_on_either_side_is_a_transient_failure(cluster: Cluster) -> None:
+    """SPIRE down: node SVIDs expire first. That says nothing about R, so the last result must stay."""
+    expired = LeafOptions(not_before=NOW - dt.timedelta(hours=2), not_after=NOW - dt.timedelta(seconds=1))
+    stale_client = FakeIdentities(cluster.ca.mint(str(NODE_B), expired), trusted=cluster.node_b.bundles())
+    with pytest.raises(AttestError) as ours:
+        await cluster.attestor(stale_client).attest(cluster.target(WEB))
+    stale_server = FakeIdentities(cluster.ca.mint(str(NODE_A), expired), trusted=cluster.node_a.bundles())
+    stale_server.host(cluster.node_a.local[WEB])
+    async with serving(Listener(stale_server, FakeNodes({NODE_B: "node-b"}), CONFIG)) as port:
+        with pytest.raises(AttestError) as theirs:
+            await cluster.attestor().attest(cluster.target(WEB, port))
+    assert (ours.value.reason, theirs.value.reason) == ("own-certificate-expired", "node-expired")
+    assert {ours.value.reason, theirs.value.reason} <= TRANSIENT
 
 
 async def test_a_listener_on_another_node_is_refused(cluster: Cluster) -> None:
