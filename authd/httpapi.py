@@ -3,7 +3,9 @@
 - ``GET /metrics``: Prometheus text format (:mod:`authd.metrics`).
 - ``GET /healthz``: liveness, 200 while the process serves requests; says whether a component failed.
 - ``GET /readyz``: readiness, 503 until every gating component (SVIDs, datapath, cluster state) has been
-  ready once and while one of them is failed, 200 otherwise; per-component JSON either way.
+  ready once and while one of them is failed, 200 otherwise; per-component JSON either way. A degraded
+  component (SPIRE down, the last good SVIDs still serving) keeps it 200: authd still enforces with the
+  state SPIRE last vouched for, and ``authd_fail_closed_in_seconds`` says for how long.
 
 Loopback by default (``[http] listen_address``): nothing here is authenticated. The server is a named
 daemon job; failing to bind is logged and retried, and never stops enforcement.
