@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import attest, cluster, datapath, e2e, identity, lifecycle, operations
+from bench import attest, cluster, datapath, e2e, identity, lifecycle, operations, reconcile
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
@@ -16,6 +16,7 @@ SUITES: dict[str, Callable[[], Figures]] = {
     "cluster": cluster.run,
     "datapath": datapath.run,
     "attest": attest.run,
+    "reconcile": reconcile.run,
     "operations": operations.run,
     "e2e": e2e.run,
 }
