@@ -21,6 +21,11 @@ with what the last full reconcile read and what was written since: results arriv
 at a time, and a full pass for each would make converging on N remote identities cost O(N^2) (with
 1000, it was most of the time to converge).
 
+A full reconcile does not block the event loop: the desired-state computation, the map dump, the diff
+over every pair and the bulk writes run in a worker thread (with 200k entries they take seconds of CPU).
+Its inputs are snapshots taken on the loop, and only this manager's loop writes the auth map, waiting for
+the worker before it does anything else, so writes stay ordered and nothing writes in between.
+
 Handshakes are the attestation schedule's business (one per remote identity and node); a local SVID
 rotation only moves expiries.
 """
@@ -171,7 +176,7 @@ class AuthManager:
         self._desired: DesiredState | None = None
         # Per desired version: each pair with the peer whose attestation it needs (None on this node),
         # and the pairs of each peer.
-        self._plan: list[tuple[AuthPair, Peer | None]] = []
+        self._plan: _Plan = []
         self._pairs_of: dict[Peer, list[AuthPair]] = {}
         self._tables_version = ""
         self._dirty = asyncio.Event()
@@ -270,11 +275,11 @@ class AuthManager:
             ):
                 self._full = True
             if self._full:
-                self.reconcile()
+                await self.reconcile()
             else:
                 self._reconcile_peers()
 
-    def reconcile(self) -> None:
+    async def reconcile(self) -> None:
         """Bring every map in line with the inputs, writing only differences (reads the auth map)."""
         self._last_full = self._now()
         state = self._state
@@ -282,28 +287,30 @@ class AuthManager:
             return
         self._full = False
         self._changed_peers.clear()
-        desired = self._desired_state(state)
+        desired = await self._desired_state(state)
         if self._tables_version != desired.version:
-            changed = self._tables.sync_ipcache(desired.ipcache) + self._tables.sync_policy(desired.policy)
+            changed = await asyncio.to_thread(self._sync_tables, desired)
             self.stats.table_changes += changed
             self._tables_version = desired.version
             if changed:
                 log.info("datapath tables synced", version=desired.version[:12], changed=changed)
-        self._write_auth(desired.pairs)
+        await self._write_auth(desired.pairs)
         if self._svids.synced:
-            self._collect_garbage(state)
+            await self._collect_garbage(state)
         self.stats.reconciles += 1
 
-    def _collect_garbage(self, state: ClusterState) -> None:
+    def _sync_tables(self, desired: DesiredState) -> int:
+        return self._tables.sync_ipcache(desired.ipcache) + self._tables.sync_policy(desired.policy)
+
+    async def _collect_garbage(self, state: ClusterState) -> None:
         """Delete entries no handle explains, then free the handles nothing uses any more.
 
         Runs only once the sources synced, after the ipcache and policy maps were made equal to cluster
         state: by then a handle of an identity or node that left cluster state is referenced at most by
         auth entries still in the map, and those keep it.
         """
-        self.stats.deletes += self._table.purge_unresolved()
-        in_map_ids = {pair.local for pair in self._mirror} | {pair.remote for pair in self._mirror}
-        in_map_nodes = {pair.node for pair in self._mirror}
+        self.stats.deletes += await asyncio.to_thread(self._table.purge_unresolved)
+        in_map_ids, in_map_nodes = await asyncio.to_thread(_referenced, self._mirror)
         identities = [
             i for i in self._handles.identities if i not in state.identities and i not in in_map_ids
         ]
@@ -317,23 +324,31 @@ class AuthManager:
         self._tables_version = ""
         self._mark()
 
-    def _desired_state(self, state: ClusterState) -> DesiredState:
+    async def _desired_state(self, state: ClusterState) -> DesiredState:
         if self._desired is None or self._desired.version != state.version:
             self._handles.assign(state.identities, state.nodes)
-            self._desired = desired = desired_state(state, self._node, self._handles)
             # What depends on the desired state alone is worked out once per version, not once per
             # reconcile: reconciles follow every attestation result, and there are as many results as
             # remote identities.
-            targets = self._targets(state, desired.pairs)
-            self._plan = [
-                (pair, None if pair.on_local_node else Peer(pair.remote, pair.node)) for pair in desired.pairs
-            ]
-            self._pairs_of = {}
-            for pair, peer in self._plan:
-                if peer is not None:
-                    self._pairs_of.setdefault(peer, []).append(pair)
+            desired, plan, pairs_of, targets = await asyncio.to_thread(self._plan_for, state)
+            self._desired, self._plan, self._pairs_of = desired, plan, pairs_of
             self._attestations.want(targets)
+            return desired
         return self._desired
+
+    def _plan_for(
+        self, state: ClusterState
+    ) -> tuple[DesiredState, _Plan, dict[Peer, list[AuthPair]], dict[Peer, Target]]:
+        """The desired state of ``state``, each pair with the peer it needs, and the attestation targets."""
+        desired = desired_state(state, self._node, self._handles)
+        plan = [
+            (pair, None if pair.on_local_node else Peer(pair.remote, pair.node)) for pair in desired.pairs
+        ]
+        pairs_of: dict[Peer, list[AuthPair]] = {}
+        for pair, peer in plan:
+            if peer is not None:
+                pairs_of.setdefault(peer, []).append(pair)
+        return desired, plan, pairs_of, self._targets(state, desired.pairs)
 
     def _targets(self, state: ClusterState, pairs: frozenset[AuthPair]) -> dict[Peer, Target]:
         peers: dict[Peer, Target] = {}
@@ -350,37 +365,57 @@ class AuthManager:
             )
         return peers
 
-    def _write_auth(self, pairs: frozenset[AuthPair]) -> None:
+    async def _write_auth(self, pairs: frozenset[AuthPair]) -> None:
         now = self._now()
-        local = self._svids.local_svids()
+        local = dict(self._svids.local_svids())
         results = self._attestations.results()
+        synced = self._svids.synced
+        refused = frozenset(peer for peer in self._pairs_of if self._attestations.refused(peer))
+        upserts, deletes, mirror, next_expiry = await asyncio.to_thread(
+            self._full_pass, pairs, now, local, results, synced, refused.__contains__
+        )
+        if upserts or deletes:
+            self.stats.upserts += len(upserts)
+            self.stats.deletes += len(deletes)
+            log.info("auth map updated", upserts=len(upserts), deletes=len(deletes), entries=len(mirror))
+        self._mirror = mirror
+        self.stats.entries = len(mirror)
+        self._next_expiry = next_expiry
+
+    def _full_pass(
+        self,
+        pairs: frozenset[AuthPair],
+        now: datetime,
+        local: Mapping[SpiffeId, X509Svid],
+        results: Mapping[Peer, Attestation],
+        synced: bool,  # noqa: FBT001 - positional for asyncio.to_thread
+        refused: Callable[[Peer], bool],
+    ) -> tuple[dict[AuthPair, datetime], list[AuthPair], dict[AuthPair, datetime], datetime | None]:
+        """Compute every wanted entry, read the map, write the differences (in a worker thread)."""
         wanted: dict[AuthPair, datetime] = {}
         for pair, peer in self._plan:
             expiry = self._expiry(pair, peer, local, results.get(peer) if peer is not None else None)
             if expiry is not None and expiry > now:
                 wanted[pair] = expiry
         current = self._table.read()
-        synced = self._svids.synced
         deletes: list[AuthPair] = []
         kept: dict[AuthPair, datetime] = {}
         for pair, expiry in current.items():
             if pair in wanted:
                 continue
-            if expiry > now and pair in pairs and self._keep_until_known(pair, local, synced=synced):
+            if (
+                expiry > now
+                and pair in pairs
+                and _keep_until_known(pair, local, synced=synced, refused=refused)
+            ):
                 kept[pair] = expiry
             else:
                 deletes.append(pair)
         upserts = {pair: expiry for pair, expiry in wanted.items() if current.get(pair) != expiry}
-        if self._apply(upserts, deletes):
-            log.info(
-                "auth map updated",
-                upserts=len(upserts),
-                deletes=len(deletes),
-                entries=len(wanted) + len(kept),
-            )
-        self._mirror = {**kept, **wanted}
-        self.stats.entries = len(self._mirror)
-        self._next_expiry = min(self._mirror.values()) if self._mirror else None
+        if upserts or deletes:
+            self._table.write(upserts, deletes)
+        mirror = {**kept, **wanted}
+        return upserts, deletes, mirror, min(mirror.values()) if mirror else None
 
     def _reconcile_peers(self) -> None:
         """Bring the entries of the peers whose attestations changed in line, from the mirror."""
@@ -399,7 +434,8 @@ class AuthManager:
                     if held != expiry:
                         upserts[pair] = expiry
                 elif held is not None and not (
-                    held > now and self._keep_until_known(pair, local, synced=synced)
+                    held > now
+                    and _keep_until_known(pair, local, synced=synced, refused=self._attestations.refused)
                 ):
                     deletes.append(pair)
         if self._apply(upserts, deletes):
@@ -441,16 +477,33 @@ class AuthManager:
             return min(mine.not_after, theirs.not_after) if theirs is not None else None
         return min(mine.not_after, result.not_after) if result is not None else None
 
-    def _keep_until_known(self, pair: AuthPair, local: Mapping[SpiffeId, X509Svid], *, synced: bool) -> bool:
-        """Whether an entry that cannot be computed now is kept until its expiry.
 
-        Before the SVID store synced, the local SVIDs may simply not have arrived yet. A remote pair
-        restored from the pinned map after a restart stays while its peer cannot be asked (unreachable,
-        timeout) and its local SVID is held: the map is the state that survives restarts. It goes when
-        the peer answers that it does not host the identity, or presents something that is not it.
-        """
-        if not synced:
-            return True
-        if pair.on_local_node or pair.local not in local:
-            return False
-        return not self._attestations.refused(Peer(pair.remote, pair.node))
+_Plan = list[tuple[AuthPair, Peer | None]]
+
+
+def _referenced(entries: Collection[AuthPair]) -> tuple[set[SpiffeId], set[str]]:
+    """The identities and nodes that auth entries refer to."""
+    identities: set[SpiffeId] = set()
+    nodes: set[str] = set()
+    for pair in entries:
+        identities.add(pair.local)
+        identities.add(pair.remote)
+        nodes.add(pair.node)
+    return identities, nodes
+
+
+def _keep_until_known(
+    pair: AuthPair, local: Mapping[SpiffeId, X509Svid], *, synced: bool, refused: Callable[[Peer], bool]
+) -> bool:
+    """Whether an entry that cannot be computed now is kept until its expiry.
+
+    Before the SVID store synced, the local SVIDs may simply not have arrived yet. A remote pair
+    restored from the pinned map after a restart stays while its peer cannot be asked (unreachable,
+    timeout) and its local SVID is held: the map is the state that survives restarts. It goes when
+    the peer answers that it does not host the identity, or presents something that is not it.
+    """
+    if not synced:
+        return True
+    if pair.on_local_node or pair.local not in local:
+        return False
+    return not refused(Peer(pair.remote, pair.node))

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import attest, cluster, datapath, e2e, etcd, identity, lifecycle, operations, soak
+from bench import attest, cluster, datapath, e2e, etcd, identity, lifecycle, operations, reconcile, soak
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
@@ -17,6 +17,7 @@ SUITES: dict[str, Callable[[], Figures]] = {
     "etcd": etcd.run,
     "datapath": datapath.run,
     "attest": attest.run,
+    "reconcile": reconcile.run,
     "operations": operations.run,
     "e2e": e2e.run,
     "soak": soak.run,
