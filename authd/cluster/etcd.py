@@ -127,12 +127,6 @@ class EtcdClient:
             raise EtcdError("etcd: cluster state changed while it was being written; try again")
         return response.header.revision, len(ops)
 
-    async def put(self, key: bytes, value: bytes) -> int:
-        """Write one key unconditionally; return the revision (tools and benchmarks)."""
-        request = pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value))])
-        response = await self._unary(_TXN, request, pb.TxnResponse, "write a key")
-        return response.header.revision
-
     async def compact(self, revision: int) -> None:
         """Drop history before ``revision`` (operators and tests; authd itself never compacts)."""
         await self._unary(_COMPACT, pb.CompactionRequest(revision=revision), pb.CompactionResponse, "compact")
