@@ -134,6 +134,8 @@ class EtcdClient:
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[list[Change]]:
         """Yield the changes under ``prefix`` from ``start_revision`` on, one list per batch etcd sends.
 
+        The first list is empty: it says the watch is established (etcd reachable, with a leader).
+
         Raise EtcdCompactedError when ``start_revision`` is no longer in etcd's history, EtcdError when the
         stream fails or the member loses its leader. A batch never splits one revision.
         """
@@ -156,7 +158,8 @@ class EtcdClient:
                     )
                 if response.canceled:
                     raise EtcdError(f"etcd: {self.endpoint} cancelled the watch: {response.cancel_reason}")
-                if response.events:
+                if response.created or response.events:
+                    # The empty batch of a created watch tells the caller etcd answers again.
                     yield [_change(event) for event in response.events]
         except grpc.aio.AioRpcError as err:
             raise await self._failed("watch cluster state", err) from err
