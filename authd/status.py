@@ -155,6 +155,7 @@ def _cluster(view: DaemonView) -> dict[str, Any] | None:
     if view.cluster is None:
         return None
     stats = view.cluster.stats
+    since = stats.out_of_touch_since
     return {
         "version": stats.version[:12] or None,
         "applied": stats.applied,
@@ -163,6 +164,7 @@ def _cluster(view: DaemonView) -> dict[str, Any] | None:
         "held": {"version": stats.held_version[:12], "reason": stats.held_reason}
         if stats.held_version
         else None,
+        "out_of_touch_s": None if since is None else int(view.now().timestamp() - since),
     }
 
 

@@ -1,7 +1,8 @@
 """One process of the ``cluster.etcd_watchers_100`` benchmark: several etcd sources following one prefix.
 
 Run as ``python -m bench.etcd_watcher ENDPOINT PREFIX COUNT``: prints ``ready`` once every source holds
-a state, then reads a revision from stdin and prints ``done`` once every source has applied it.
+a state, then reads a revision from stdin and prints ``done`` once every source has applied it; exits
+after one more line.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ async def follow(endpoint: str, prefix: str, count: int) -> None:
     while not all(source.revision >= target for source in sources):  # noqa: ASYNC110 - polled benchmark
         await asyncio.sleep(0.01)
     print("done", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # stay up while the parent reads our memory
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -127,18 +127,14 @@ class EtcdClient:
             raise EtcdError("etcd: cluster state changed while it was being written; try again")
         return response.header.revision, len(ops)
 
-    async def put(self, key: bytes, value: bytes) -> int:
-        """Write one key unconditionally; return the revision (tools and benchmarks)."""
-        request = pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value))])
-        response = await self._unary(_TXN, request, pb.TxnResponse, "write a key")
-        return response.header.revision
-
     async def compact(self, revision: int) -> None:
         """Drop history before ``revision`` (operators and tests; authd itself never compacts)."""
         await self._unary(_COMPACT, pb.CompactionRequest(revision=revision), pb.CompactionResponse, "compact")
 
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[list[Change]]:
         """Yield the changes under ``prefix`` from ``start_revision`` on, one list per batch etcd sends.
+
+        The first list is empty: it says the watch is established (etcd reachable, with a leader).
 
         Raise EtcdCompactedError when ``start_revision`` is no longer in etcd's history, EtcdError when the
         stream fails or the member loses its leader. A batch never splits one revision.
@@ -162,7 +158,8 @@ class EtcdClient:
                     )
                 if response.canceled:
                     raise EtcdError(f"etcd: {self.endpoint} cancelled the watch: {response.cancel_reason}")
-                if response.events:
+                if response.created or response.events:
+                    # The empty batch of a created watch tells the caller etcd answers again.
                     yield [_change(event) for event in response.events]
         except grpc.aio.AioRpcError as err:
             raise await self._failed("watch cluster state", err) from err

@@ -146,6 +146,9 @@ class EtcdClusterSource:
     def apply(self, changes: list[Change]) -> None:
         """Apply one batch of watched changes to the copy, then evaluate the result."""
         self._in_touch()
+        if not changes:  # the watch is (re-)established: in touch again, nothing changed
+            self._report_health()
+            return
         for change in changes:
             key = change.key[len(self._prefix) :].decode()
             if change.value is None:
