@@ -7,7 +7,7 @@ BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 \
-	systemd python3-seccomp
+	systemd python3-seccomp prometheus
 
 .PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts wheel-check
 
@@ -17,10 +17,11 @@ all: venv
 artifacts: protos
 	$(MAKE) --no-print-directory -C bpf
 
-# Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto, gitignored). hatch_build.py
-# passes the build environment's Python on the command line; otherwise the project venv's is used.
-PROTO_DIR := authd/spire/_proto
-PROTO_SRC := $(wildcard $(PROTO_DIR)/*.proto)
+# Protobuf modules and their type stubs for the SPIRE APIs (authd/spire/_proto) and Hubble's Observer API
+# (authd/hubble/_proto), gitignored. hatch_build.py passes the build environment's Python on the command
+# line; otherwise the project venv's is used.
+PROTO_DIRS := authd/spire/_proto authd/hubble/_proto
+PROTO_SRC := $(foreach d,$(PROTO_DIRS),$(wildcard $(d)/*.proto))
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 ifeq ($(origin PYTHON),command line)
 PROTOC_PYTHON := $(PYTHON)
@@ -31,7 +32,7 @@ endif
 .PHONY: protos
 protos: $(PROTO_GEN)
 
-$(PROTO_DIR)/%_pb2.py: $(PROTO_DIR)/%.proto $(PROTO_SRC)
+%_pb2.py: %.proto $(PROTO_SRC)
 	PATH="$(dir $(abspath $(PROTOC_PYTHON))):$$PATH" $(PROTOC_PYTHON) -m grpc_tools.protoc -I . --python_out=. --mypy_out=. $<
 
 system-deps:
@@ -65,6 +66,7 @@ test: lint typecheck wheel-check
 WHEEL_DIR := $(BUILD)/wheel
 WHEEL_MUST_HOLD := authd/datapath/authd.bpf.o authd/spire/_proto/workload_pb2.py \
 	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py \
+	authd/hubble/_proto/flow_pb2.py authd/hubble/_proto/observer_pb2.py \
 	authd-$$v.data/data/share/authd/systemd/authd.service authd-$$v.data/data/share/doc/authd/install.md
 wheel-check: venv
 	rm -rf $(WHEEL_DIR)
@@ -88,7 +90,7 @@ demo: venv
 
 clean:
 	rm -rf $(BUILD) dist .pytest_cache .mypy_cache .ruff_cache
-	rm -f $(PROTO_DIR)/*_pb2.py $(PROTO_DIR)/*_pb2.pyi
+	rm -f $(foreach d,$(PROTO_DIRS),$(d)/*_pb2.py $(d)/*_pb2.pyi)
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean

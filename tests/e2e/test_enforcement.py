@@ -50,14 +50,14 @@ def test_registered_pair_is_allowed_from_its_first_syn(
 
     assert_lossless(report)
     flows = connection_flows(cluster, "node-b", client, report, family=family)
-    syn = [f for f in flows if f["direction"] == "INGRESS" and f["tcp_flags"] == ["SYN"]]
+    syn = [f for f in flows if f["traffic_direction"] == "INGRESS" and readings.tcp_flags(f) == {"SYN"}]
     assert syn, flows
-    assert syn[0]["verdict"] == "ALLOWED"
+    assert syn[0]["verdict"] == "FORWARDED"
     assert syn[0]["auth_type"] == "SPIRE"
-    assert syn[0]["policy_match"] == "auth"
-    assert syn[0]["source"]["spiffe_id"] == SPEC.spiffe_id(client)
-    assert syn[0]["destination"]["spiffe_id"] == SPEC.spiffe_id(server)
-    assert not [f for f in flows if f["verdict"] == "DENIED"]
+    assert syn[0]["policy_match_type"] == 1  # L3-Only: a policy entry for the identity pair
+    assert readings.spiffe_id(syn[0]["source"]) == SPEC.spiffe_id(client)
+    assert readings.spiffe_id(syn[0]["destination"]) == SPEC.spiffe_id(server)
+    assert not [f for f in flows if f["verdict"] == "DROPPED"]
     assert denied(cluster, "node-b") == before
 
 
@@ -97,8 +97,8 @@ def test_unregistered_workload_is_denied_auth_required(cluster: DevCluster, fami
     assert not report["connected"], report
     flows = connection_flows(cluster, "node-b", "intruder", report, family=family)
     assert flows
-    assert all(f["verdict"] == "DENIED" for f in flows), flows
-    assert {f["drop_reason"] for f in flows} == {"AUTH_REQUIRED"}
+    assert all(f["verdict"] == "DROPPED" for f in flows), flows
+    assert {f["drop_reason_desc"] for f in flows} == {"AUTH_REQUIRED"}
     assert flows[0]["source"]["identity"] == 0  # world: SPIRE and cluster state do not know it
     assert flows[0]["tcp_flags"] == ["SYN"]
     syns = 1 + report["syn_retrans"]
@@ -151,7 +151,7 @@ def test_workload_registered_at_run_time_connects_without_a_drop(cluster: DevClu
 
     assert_lossless(report)
     flows = connection_flows(cluster, "node-b", "late", report)
-    syn = next(f for f in flows if f["tcp_flags"] == ["SYN"])
-    assert syn["verdict"] == "ALLOWED"
-    assert syn["source"]["spiffe_id"] == SPEC.spiffe_id("late")
+    syn = next(f for f in flows if readings.tcp_flags(f) == {"SYN"})
+    assert syn["verdict"] == "FORWARDED"
+    assert readings.spiffe_id(syn["source"]) == SPEC.spiffe_id("late")
     assert denied(cluster, "node-b") == before
