@@ -124,8 +124,8 @@ def _add_observe(
         "observe",
         parents=[parent],
         help="show policy-verdict flows from the running daemon (like hubble observe)",
-        description="Flows as `hubble observe` prints them; filters as Hubble's. Several --node-socket "
-        "options read several nodes' daemons and merge their flows.",
+        description="Flows as `hubble observe` prints them, read over Hubble's Observer API; filters as "
+        "Hubble's. Several --server options read several nodes and merge their flows.",
     )
     observe.add_argument(
         "-o", "--output", choices=["compact", "dict", "json", "jsonpb"], default="compact", help="output mode"
@@ -167,12 +167,13 @@ def _add_observe(
             flag, dest=dest, action="append", default=[], help=f"only flows with this {what}"
         )
     observe.add_argument(
+        "--server",
         "--node-socket",
+        dest="servers",
         action="append",
-        type=Path,
         default=[],
-        metavar="PATH",
-        help="a node's control socket (repeatable; default: this node's)",
+        metavar="ADDRESS",
+        help="a node's Hubble Observer: socket path, unix:PATH or host:port (repeatable; default: this node)",
     )
     observe.set_defaults(command=_observe)
 
@@ -180,7 +181,6 @@ def _add_observe(
 def _observe(args: argparse.Namespace) -> int:
     import datetime as dt  # noqa: PLC0415 - keep the CLI's import light
 
-    from authd.control import socket_path  # noqa: PLC0415
     from authd.hubble import printer  # noqa: PLC0415
     from authd.hubble.query import Query, flows  # noqa: PLC0415
 
@@ -205,9 +205,13 @@ def _observe(args: argparse.Namespace) -> int:
         node_names=args.node_names,
     )
     request = query.to_request(dt.datetime.now(dt.UTC))
-    sockets = args.node_socket or [socket_path(_config_or_defaults(args.config).node.runtime_dir)]
+    if args.servers:
+        servers = args.servers
+    else:
+        config = _config_or_defaults(args.config)
+        servers = [str(config.node.runtime_dir / config.hubble.socket_name)]
     first = True
-    for response in flows(sockets, request):
+    for response in flows(servers, request):
         if response.HasField("lost_events"):
             lost = response.lost_events.num_events_lost
             print(

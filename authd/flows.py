@@ -5,7 +5,7 @@ to names now; a handle may be reused later), keeps the last few thousand, and fa
 followers through bounded queues: a slow follower loses flows, counted and reported to it as a
 ``lost_events`` response, and never slows the ring-buffer consumer. :func:`get_flows` answers one
 ``observer.GetFlowsRequest`` (``number``/``first``, ``since``/``until``, ``follow``, white- and
-blacklists) for whichever transport serves it.
+blacklists); :mod:`authd.hubble.server` serves it over gRPC.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authd.datapath.events import FlowEvent
@@ -193,16 +191,3 @@ def server_status(flow_log: FlowLog, version: str) -> observer_pb2.ServerStatusR
         uptime_ns=int(flow_log.uptime() * 1e9),
         version=f"authd {version}",
     )
-
-
-async def serve_observe(flow_log: FlowLog, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-    """The ``observe`` control op: ``{"request": <GetFlowsRequest JSON>}``, answered as GetFlows does.
-
-    Each response line is a ``GetFlowsResponse`` in Hubble's JSON (``{"flow": {...}, ...}``).
-    """
-    try:
-        parsed = json_format.ParseDict(request.get("request", {}), observer_pb2.GetFlowsRequest())
-    except json_format.ParseError as err:
-        raise ControlError(f"control: bad GetFlowsRequest: {err}") from err
-    async for response in get_flows(flow_log, parsed):
-        yield json_format.MessageToDict(response, preserving_proto_field_name=True)

@@ -2,8 +2,9 @@
 
 :class:`Query` turns ``hubble observe``-style flags into one ``observer.GetFlowsRequest``. A criterion
 that may hold on either side (``--ip``, ``--port``, ``--identity``) doubles the whitelist, one filter for
-each side, as Hubble's CLI does. :func:`flows` asks each node's control socket and yields the answers:
-oldest first across nodes for a snapshot, as they come while following.
+each side, as Hubble's CLI does. :func:`flows` asks each node's Observer (a Unix socket or
+``host:port``) and yields the answers: oldest first across nodes for a snapshot, as they come while
+following.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from google.protobuf import json_format
+import grpc
 
-from authd.control import ControlClient
 from authd.errors import AuthdError, ControlError
 from authd.hubble._proto import flow_pb2, observer_pb2
 from authd.hubble.convert import SPIFFE_LABEL
 
 DEFAULT_LAST = 20
+GET_FLOWS = "/observer.Observer/GetFlows"
+SNAPSHOT_TIMEOUT = 30.0
 VERDICTS = {
     "FORWARDED": flow_pb2.FORWARDED,
     "DROPPED": flow_pb2.DROPPED,
@@ -145,20 +146,32 @@ def _with_side(flt: flow_pb2.FlowFilter, side: str, values: Sequence[str], fill:
     return copy
 
 
-def _ask(socket: Path, request: observer_pb2.GetFlowsRequest) -> Iterator[observer_pb2.GetFlowsResponse]:
-    client = ControlClient(socket, timeout=None if request.follow else 10.0)
-    body = json_format.MessageToDict(request, preserving_proto_field_name=True)
-    for line in client.request("observe", request=body):
+def target(address: str) -> str:
+    """A gRPC target: a path is a Unix socket; ``unix:...`` and ``host:port`` are used as given."""
+    return f"unix:{address}" if address.startswith("/") or ":" not in address else address
+
+
+def _ask(address: str, request: observer_pb2.GetFlowsRequest) -> Iterator[observer_pb2.GetFlowsResponse]:
+    with grpc.insecure_channel(target(address)) as channel:
+        get_flows = channel.unary_stream(
+            GET_FLOWS,
+            request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
+            response_deserializer=observer_pb2.GetFlowsResponse.FromString,
+        )
         try:
-            yield json_format.ParseDict(line, observer_pb2.GetFlowsResponse())
-        except json_format.ParseError as err:
-            raise ControlError(
-                f"observe: {socket} sent a response that is not a GetFlowsResponse: {err}"
-            ) from err
+            yield from get_flows(request, timeout=None if request.follow else SNAPSHOT_TIMEOUT)
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details()
+            if code is grpc.StatusCode.UNAVAILABLE:
+                raise ControlError(
+                    f"observe: no Hubble observer at {address}: is authd running? ({details})",
+                    not_running=True,
+                ) from err
+            raise ControlError(f"observe: {address}: {code.name}: {details}") from err
 
 
 def flows(
-    sockets: Sequence[Path], request: observer_pb2.GetFlowsRequest
+    sockets: Sequence[str], request: observer_pb2.GetFlowsRequest
 ) -> Iterator[observer_pb2.GetFlowsResponse]:
     """The answers of every node's socket: one node as it streams; several merged by time."""
     if len(sockets) == 1:
@@ -166,7 +179,7 @@ def flows(
         return
     answers: queue.Queue[observer_pb2.GetFlowsResponse | AuthdError | None] = queue.Queue(maxsize=4096)
 
-    def pump(socket: Path) -> None:
+    def pump(socket: str) -> None:
         try:
             for response in _ask(socket, request):
                 answers.put(response)
