@@ -449,6 +449,10 @@ class DevCluster:
         """How many attestations the node's authd made that brought a new result ("peer attested")."""
         return readings.count_events(self.log_path(node), "peer attested")
 
+    def hubble_socket(self, node: str) -> Path:
+        """The node's Hubble Observer socket (``[hubble]``, in its runtime directory)."""
+        return self.workdir / node / "run" / "hubble.sock"
+
     def log_path(self, node: str) -> Path:
         """Where the node's authd logs go."""
         return self.workdir / "logs" / f"authd-{node}.log"
