@@ -164,7 +164,8 @@ def _ask(address: str, request: observer_pb2.GetFlowsRequest) -> Iterator[observ
             code, details = err.code(), err.details()
             if code is grpc.StatusCode.UNAVAILABLE:
                 raise ControlError(
-                    f"observe: no Hubble observer at {address}: is authd running? ({details})",
+                    f"observe: no Hubble observer at {address}: is authd running, with [hubble] "
+                    f"enabled? ({details})",
                     not_running=True,
                 ) from err
             raise ControlError(f"observe: {address}: {code.name}: {details}") from err

@@ -59,4 +59,4 @@ def test_observe_without_a_daemon_says_so(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert "is authd running?" in result.stderr
+    assert "is authd running" in result.stderr
