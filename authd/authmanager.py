@@ -240,6 +240,15 @@ class AuthManager:
         self._full = True
         self._dirty.set()
 
+    def fail_closed_at(self) -> datetime | None:
+        """When the first entry in the auth map expires unless renewed; None while the map holds none.
+
+        That is the moment traffic starts failing closed if no SVID is renewed from now on (SPIRE down).
+
+        Read from the mirror of the map, at the time of asking (a scrape), not on every pass.
+        """
+        return min(self._mirror.values(), default=None)
+
     # ----------------------------------------------------------------------------------------- loop
 
     async def run(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from authd import __version__
-from authd.errors import AuthdError, ConfigError
+from authd.errors import AuthdError, ConfigError, DaemonError
 
 if TYPE_CHECKING:
     from authd.config import Config
@@ -61,14 +61,24 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="authd",
         description="Mutual authentication between workloads, attested by SPIRE, enforced by BPF.",
     )
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"authd {__version__}")
+    # Every subcommand's parser is a _Parser too (argparse makes nested ones of the parent's class).
+    commands: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(  # type: ignore[assignment]  # a _Parser is an ArgumentParser
+        title="commands", metavar="COMMAND", required=True
+    )
 
     run = commands.add_parser("run", parents=[common, with_config], help="run the node daemon")
     run.set_defaults(command=_run)
+    reload = commands.add_parser(
+        "reload",
+        parents=[with_config],
+        help="make the running daemon re-read its config; fails, with the reason, if it rejects it",
+    )
+    reload.set_defaults(command=_reload)
 
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(title="config commands", metavar="COMMAND", required=True)
@@ -82,15 +92,36 @@ def _parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="inspect cluster state")
     cluster_commands = cluster.add_subparsers(title="cluster commands", metavar="COMMAND", required=True)
     cluster_check = cluster_commands.add_parser(
-        "check", parents=[with_config], help="validate the cluster state file and summarise it for a node"
+        "check",
+        parents=[with_config],
+        help="validate cluster state (file or etcd) and summarise it for a node",
     )
     cluster_check.add_argument(
-        "--file", type=Path, help="cluster state file (default: cluster.file of the config)"
+        "--file", type=Path, help="cluster state file (default: the configured source, file or etcd)"
     )
     cluster_check.add_argument(
         "--node", help="node to summarise (default: node.name of the config, or the host name)"
     )
     cluster_check.set_defaults(command=_cluster_check)
+    cluster_accept = cluster_commands.add_parser(
+        "accept",
+        parents=[with_config],
+        help="apply the cluster state the running daemon holds back as a likely bad deploy",
+    )
+    cluster_accept.add_argument(
+        "--version", help="accept only if the held version starts with this (as `authd status` shows it)"
+    )
+    cluster_accept.set_defaults(command=_cluster_accept)
+    cluster_push = cluster_commands.add_parser(
+        "push", parents=[with_config], help="load a cluster file into etcd as one transaction"
+    )
+    cluster_push.add_argument("file", type=Path, help="the cluster file (refused unless valid)")
+    cluster_push.add_argument("--dry-run", action="store_true", help="print the keys that would change")
+    cluster_push.set_defaults(command=_cluster_push)
+    cluster_export = cluster_commands.add_parser(
+        "export", parents=[with_config], help="print the cluster state in etcd as a cluster file"
+    )
+    cluster_export.set_defaults(command=_cluster_export)
 
     _add_observe(commands, with_config)
     _add_status(commands, with_config)
@@ -115,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(command=_version)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports an unknown argument with the usage of the (sub)command it was given to, not the top level's."""
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads; same arguments and result
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _add_observe(
@@ -227,6 +270,9 @@ def _observe(args: argparse.Namespace) -> int:
         else:
             print(printer.compact(response.flow, node_name=args.print_node_name), flush=args.follow)
         first = False
+    if args.follow:  # a followed stream ends only when the daemon goes away
+        print("authd: the daemon closed the flow stream (stopped or restarting)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -420,13 +466,34 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     logbook = Logbook()
     log.configure(args.log_level or config.log.level, config.log.format, logbook=logbook)
-    status = asyncio.run(Daemon(config, args.config, logbook=logbook).run())
+    try:
+        status = asyncio.run(Daemon(config, args.config, logbook=logbook).run())
+    except PermissionError as err:  # not root: the first directory or socket of root's refuses
+        raise DaemonError(
+            f"run: {err.filename or 'an operation'}: permission denied; authd runs as root "
+            "(it loads BPF programs and owns /var/lib/authd and /run/authd): `systemctl start authd`"
+        ) from err
     if status != 0:
         # A job that ignored cancellation would make interpreter shutdown wait for it forever.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    # Reloading may reattach the datapath: give it longer than a status request.
+    for response in ControlClient(socket_path(config.node.runtime_dir), timeout=60.0).request("reload"):
+        restart_needed = response.get("restart_needed") or []
+        if restart_needed:
+            print(f"config reloaded; changes in {', '.join(restart_needed)} apply after a restart")
+        else:
+            print("config reloaded")
+        return 0
+    raise DaemonError("reload: the daemon closed the connection without a verdict")
 
 
 def _add_dev_spire(
@@ -494,13 +561,13 @@ def _dev_spire(args: argparse.Namespace) -> int:
 
 
 def _spire_sync(args: argparse.Namespace) -> int:
-    from authd.cluster.file import load_cluster  # noqa: PLC0415 - keep the CLI's import light
+    from authd.cluster.tools import load_configured  # noqa: PLC0415 - keep the CLI's import light
     from authd.spire.entries import EntryClient  # noqa: PLC0415
     from authd.spire.sync import sync  # noqa: PLC0415
 
     _quiet_logs()
     config = _config_or_defaults(args.config)
-    state = load_cluster(config.cluster.file)
+    state = asyncio.run(load_configured(config.cluster))
 
     async def run() -> SyncPlan:
         async with EntryClient(config.spire.server_socket) as client:
@@ -533,28 +600,84 @@ def _config_example(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_accept(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    client = ControlClient(socket_path(config.node.runtime_dir))
+    for answer in client.request("cluster-accept", version=args.version or ""):
+        print(
+            f"accepted version {answer['accepted']}: {answer['nodes']} nodes, {answer['endpoints']} endpoints"
+        )
+    return 0
+
+
+def _cluster_push(args: argparse.Namespace) -> int:
+    from authd.cluster.tools import push  # noqa: PLC0415
+    from authd.errors import ClusterStateError  # noqa: PLC0415
+
+    _quiet_logs()
+    config = _config_or_defaults(args.config)
+    try:
+        plan = asyncio.run(push(config.cluster, args.file, dry_run=args.dry_run))
+    except ClusterStateError as err:
+        print(f"authd: invalid cluster state {args.file}, nothing pushed:", file=sys.stderr)
+        for problem in err.problems or [str(err)]:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    verb = "would " if args.dry_run else ""
+    for word, keys in (("add", plan.added), ("change", plan.changed), ("remove", plan.removed)):
+        for key in keys:
+            print(f"{verb}{word} {config.cluster.etcd.prefix}{key}")
+    done = "at revision" if not args.dry_run else "against revision"
+    print(
+        f"{len(plan.added)} to add, {len(plan.changed)} to change, {len(plan.removed)} to remove "
+        f"({done} {plan.revision})"
+    )
+    return 0
+
+
+def _cluster_export(args: argparse.Namespace) -> int:
+    from authd.cluster.etcdcodec import render_toml  # noqa: PLC0415
+    from authd.cluster.tools import read_etcd  # noqa: PLC0415
+
+    _quiet_logs()
+    config = _config_or_defaults(args.config)
+    revision, state = asyncio.run(read_etcd(config.cluster.etcd))
+    print(f"# exported from etcd {config.cluster.etcd.prefix} at revision {revision}")
+    print(render_toml(state), end="")
+    return 0
+
+
 def _cluster_check(args: argparse.Namespace) -> int:
     from authd.cluster.desired import attestations, desired_state  # noqa: PLC0415
     from authd.cluster.file import load_cluster  # noqa: PLC0415
     from authd.cluster.handles import HandleRegistry  # noqa: PLC0415
     from authd.cluster.source import local_node_name  # noqa: PLC0415
+    from authd.cluster.tools import describe, load_configured  # noqa: PLC0415
     from authd.config import load_config  # noqa: PLC0415
     from authd.errors import ClusterStateError  # noqa: PLC0415
 
     path, node = args.file, args.node
+    cluster = None
     if path is None or node is None:
         config = load_config(args.config)
-        path = path or config.cluster.file
+        cluster = config.cluster
         node = node or local_node_name(config.node.name)
+    where = str(path) if path is not None or cluster is None else describe(cluster)
     try:
-        state = load_cluster(path)
+        state = (
+            load_cluster(path)
+            if path is not None or cluster is None
+            else asyncio.run(load_configured(cluster))
+        )
     except ClusterStateError as err:
-        print(f"authd: invalid cluster state {path}:", file=sys.stderr)
+        print(f"authd: invalid cluster state {where}:", file=sys.stderr)
         for problem in err.problems or [str(err)]:
             print(f"  {problem}", file=sys.stderr)
         return 1
     identities = state.identities
-    print(f"# {path}: valid, version {state.version[:12]}")
+    print(f"# {where}: valid, version {state.version[:12]}")
     print(
         f"nodes: {len(state.nodes)}, endpoints: {len(state.endpoints)} ({len(identities)} identities), "
         f"policy rules: {len(state.rules)}"

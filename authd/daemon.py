@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,15 +25,16 @@ from authd.attest.listener import bind as bind_listener
 from authd.attest.schedule import Attestations, Peer
 from authd.authmanager import AuthManager
 from authd.backoff import BackoffPolicy
-from authd.cluster.file import FileClusterSource
+from authd.cluster.guard import serve_accept
 from authd.cluster.handles import STATE_FILE, HandleRegistry
 from authd.cluster.source import LiveDirectory, local_node_name
+from authd.cluster.sources import open_source
 from authd.config import Config, load_config
 from authd.control import ControlServer, socket_path
 from authd.daemonview import DaemonView
 from authd.datapath.events import AuthRequiredEvent
 from authd.datapath.tables import PinnedAuthTable, PinnedTables
-from authd.errors import ConfigError, DaemonError, SpireError
+from authd.errors import ConfigError, ControlError, DaemonError, SpireError
 from authd.flows import FlowLog
 from authd.health import Health
 from authd.httpapi import HttpServer
@@ -44,6 +45,8 @@ from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
 from authd.spire.entries import EntryClient
 from authd.spire.sync import sync as sync_entries
+from authd.spire.workload import NodeIdentity
+from authd.statelock import StateLock
 from authd.status import StatusOp
 from authd.svids import EventKind, SvidStore
 
@@ -73,6 +76,8 @@ class Daemon:
 
         ``logbook``: the one installed in logging (by the CLI), whose recent warnings ``authd status`` shows.
         """
+        # First, before anything of another daemon on this state directory could be touched.
+        self._state_lock = StateLock(config.node.state_dir)
         self.config = config
         self.logbook = logbook or Logbook()
         self._config_path = config_path
@@ -94,13 +99,17 @@ class Daemon:
         )
         self._jobs.append(Job("control", self.control.run, critical=False))
         self.node_name = local_node_name(config.node.name)
-        self.handles = HandleRegistry.open(_state_dir(config.node.state_dir) / STATE_FILE, self.node_name)
+        self.handles = HandleRegistry.open(config.node.state_dir / STATE_FILE, self.node_name)
         self.manager: AuthManager | None = None
         self.enforcement: Enforcement | None = None
         self.flow_log: FlowLog | None = None
         self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
-        self.identity_plane = IdentityPlane.from_config(config.spire, lambda: self.health.register("svids"))
+        self.identity_plane = IdentityPlane.from_config(
+            config.spire,
+            lambda: self.health.register("svids"),
+            node=NodeIdentity(self.node_name, config.node.spiffe_id),
+        )
         if self.identity_plane is not None:
             self._jobs.extend(self.identity_plane.jobs())
             self._build_attestation(self.identity_plane.store)
@@ -121,6 +130,7 @@ class Daemon:
             listener=self.listener if attestation else None,
             cluster=self.cluster if attestation else None,
             auth=lambda: self.manager.stats if self.manager is not None else None,
+            fail_closed_at=lambda: self.manager.fail_closed_at() if self.manager is not None else None,
             datapath=enforcement.snapshot if enforcement is not None else lambda: None,
             datapath_enabled=enforcement is not None,
             restarts=self._supervisor.restarts,
@@ -147,6 +157,7 @@ class Daemon:
             self._jobs.append(Job("hubble", self.observer.run, critical=False))
             runtime["hubble_socket"] = str(self.observer.path)
         self.control.register("status", StatusOp(self.view, runtime=runtime))
+        self.control.register("reload", self._serve_reload)
         if http.enabled:
             http_health = self.health.register("http", gates_ready=False)
             self.http = HttpServer(
@@ -174,13 +185,9 @@ class Daemon:
     def _build_attestation(self, store: SvidStore) -> None:
         """Cluster state, attestation (listener, client, schedule) and, with a datapath, the auth manager."""
         config = self.config
-        self.cluster = FileClusterSource(
-            config.cluster.file,
-            self.node_name,
-            self.health.register("cluster"),
-            poll_interval=config.cluster.poll_interval.total_seconds(),
-        )
-        self._jobs.append(Job("cluster-file", self.cluster.run, critical=False))
+        self.cluster = open_source(config.cluster, self.node_name, self.health.register("cluster"))
+        self._jobs.append(Job(f"cluster-{config.cluster.source}", self.cluster.run, critical=False))
+        self.control.register("cluster-accept", lambda request: serve_accept(self.cluster, request))
         self.listener = Listener(store, LiveDirectory(self.cluster), config.attest)
         self._jobs.append(Job("attest-listener", self._serve_attestations, critical=False))
         self.attestor = Attestor(store, config.attest)
@@ -286,6 +293,12 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped by a signal or a critical failure; return the process exit status."""
         log.info("authd starting", node=self.config.node.name, config=str(self._config_path))
+        try:
+            return await self._run()
+        finally:
+            self._state_lock.release()
+
+    async def _run(self) -> int:
         with self._signals():
             serve = asyncio.create_task(self._serve(), name="serve")
             stop = asyncio.create_task(self._stop.wait(), name="stop-requested")
@@ -350,22 +363,25 @@ class Daemon:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
         try:
             yield
         finally:
             for signum in handled:
                 loop.remove_signal_handler(signum)
 
-    def reload(self) -> None:
-        """Re-read the config file; keep the running config if the new one is invalid."""
+    def reload(self) -> list[str]:
+        """Re-read the config file; keep the running config if the new one is invalid (ConfigError).
+
+        Returns the sections whose changes need a restart to apply.
+        """
         self._notifier.reloading()
         try:
             new = load_config(self._config_path)
         except ConfigError as err:
             log.error("config reload rejected, keeping the running config", problems=err.problems)
             self._notifier.reloaded(self.health.summary())
-            return
+            raise
         old, self.config = self.config, new
         for hook in self._reload_hooks:
             hook(old, new)
@@ -375,16 +391,26 @@ class Daemon:
         else:
             log.info("config reloaded")
         self._notifier.reloaded(self.health.summary())
+        return sorted(restart_needed)
+
+    def _reload_signalled(self) -> None:
+        """SIGHUP: reload; a rejection is already logged, and the running config stays."""
+        with contextlib.suppress(ConfigError):
+            self.reload()
+
+    async def _serve_reload(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The ``reload`` op (``authd reload``, the unit's ExecReload=): reload, answer with the verdict."""
+        del request
+        try:
+            restart_needed = self.reload()
+        except ConfigError as err:
+            problems = "; ".join(err.problems)
+            raise ControlError(f"reload: config rejected, the running one stays: {problems}") from err
+        yield {"reloaded": True, "restart_needed": restart_needed}
 
     def _apply_logging(self, old: Config, new: Config) -> None:
         if old.log != new.log:
             logsetup.configure(new.log.level, new.log.format, logbook=self.logbook)
-
-
-def _state_dir(path: Path) -> Path:
-    """Create the state directory (owner-only) if it is missing."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
 
 
 def _live_datapath_change(old: Config, new: Config) -> set[str]:

@@ -149,6 +149,8 @@ class DaemonView:
     cluster: ClusterStatsSource | None = None
     auth: Callable[[], ManagerStats | None] = _none
     """The auth manager's stats while it runs (it runs once the datapath is loaded)."""
+    fail_closed_at: Callable[[], datetime | None] = _none
+    """When the auth map's first entry expires unless renewed (the auth manager's answer, while it runs)."""
     datapath: Callable[[], DatapathSnapshot | None] = _none
     """The datapath's counters and attachments while it is loaded."""
     datapath_enabled: bool = False

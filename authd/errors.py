@@ -10,6 +10,8 @@ one family, and the message says which subsystem failed and what it was doing::
     ├── SvidError            an X509-SVID refused; ``rule`` names the rule it broke
     ├── SpireError           a SPIRE API call failed; ``retryable`` says whether backing off can help
     ├── ClusterStateError    cluster state, or the handle state file, unreadable or invalid
+    ├── EtcdError            an etcd call failed (the store unreachable, no leader, a refused txn)
+    │   └── EtcdCompactedError a watch asked for history etcd has compacted away; read a fresh snapshot
     ├── DatapathError        BPF object, map, program or tc attachment failure
     ├── AttestError          an attestation handshake failed; ``reason`` is its low-cardinality label
     ├── ControlError         the daemon's local control socket cannot be reached or answered badly
@@ -60,6 +62,24 @@ class ClusterStateError(AuthdError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         """Say what failed; ``problems`` names each offending key path with what is expected."""
         self.problems = list(problems or [])
+        super().__init__(message)
+
+
+class EtcdError(AuthdError):
+    """An etcd call failed; ``retryable`` says whether another member or a later try can succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        """Say what failed."""
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class EtcdCompactedError(EtcdError):
+    """The revision a watch resumes from is compacted; ``compact_revision`` is the oldest one kept."""
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        """Say which revision is the oldest etcd still has."""
+        self.compact_revision = compact_revision
         super().__init__(message)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -223,15 +224,37 @@ class AuthdCollector(Collector):
             ("unchanged", stats.unchanged),
             ("rejected", stats.rejected),
             ("read-error", stats.read_errors),
+            ("held", stats.holds),
         ):
             updates.add_metric([result], count)
         yield updates
+        held = GaugeMetricFamily(
+            "authd_cluster_state_held",
+            "1 while a valid state is held back as a likely bad deploy until `authd cluster accept`",
+            labels=["version", "reason"],
+        )
+        held.add_metric([stats.held_version[:12], stats.held_reason], 1 if stats.held_version else 0)
+        yield held
+        since = stats.out_of_touch_since
+        yield GaugeMetricFamily(
+            "authd_cluster_state_age_seconds",
+            "how long the source has been out of touch with its store (etcd), so the state possibly stale",
+            value=max(0.0, self._view.now().timestamp() - since) if since is not None else 0.0,
+        )
 
     def _auth(self) -> Iterator[Metric]:
         stats = self._view.auth()
         if stats is None:
             return
         yield GaugeMetricFamily("authd_auth_map_entries", "entries in the auth map", value=stats.entries)
+        fail_closed = self._view.fail_closed_at()
+        if fail_closed is not None:
+            yield GaugeMetricFamily(
+                "authd_fail_closed_in_seconds",
+                "seconds until the first auth entry expires unless SPIRE renews it: during a SPIRE outage,"
+                " when traffic starts being denied (absent while the map holds no entry)",
+                value=max(_seconds_until(fail_closed, self._view.now()), 0.0),
+            )
         yield CounterMetricFamily(
             "authd_auth_reconciles", "reconciles of the datapath maps", value=stats.reconciles
         )
@@ -303,6 +326,10 @@ class AuthdCollector(Collector):
 
 def _flag(value: bool) -> int:  # noqa: FBT001 - a value, not a mode
     return 1 if value else 0
+
+
+def _seconds_until(moment: datetime, now: datetime) -> float:
+    return (moment - now).total_seconds()
 
 
 def _labelled(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:

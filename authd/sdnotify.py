@@ -1,6 +1,11 @@
 """systemd notifications (sd_notify) over ``$NOTIFY_SOCKET``: READY, STATUS, STOPPING, WATCHDOG.
 
 Without ``NOTIFY_SOCKET`` every call is a no-op, so the daemon runs the same under systemd and elsewhere.
+
+Sends happen on the event loop, so they never block: the socket is non-blocking, and a message the
+receiver has no room for (nobody reads the socket, or systemd is slow) is dropped and counted. Every
+message carries the whole current state (READY and STATUS), so the next one that gets through corrects
+what systemd missed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+_LOG_EVERY = 100
+
 
 class Notifier:
     """Sends state lines to systemd's notification socket, if one is set."""
@@ -24,6 +31,8 @@ class Notifier:
         # An address starting with "@" names a socket in the abstract namespace.
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self.watchdog_interval = _watchdog_interval(env)
+        self.dropped = 0
+        """Messages not delivered because the receiver's queue was full or the socket unreachable."""
 
     @property
     def enabled(self) -> bool:
@@ -57,12 +66,16 @@ class Notifier:
     def _send(self, message: str) -> None:
         if not self._address:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        flags = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        with socket.socket(socket.AF_UNIX, flags) as sock:
             try:
                 sock.sendto(message.encode(), self._address)
             except OSError as err:
-                # systemd gone or socket full: the service keeps running; systemd acts on what it missed.
-                log.warning("sd_notify failed", error=str(err))
+                # Full (nobody reads), or systemd gone: the service keeps running, and the next message
+                # that gets through carries the current state. Logged on the first drop, then every 100th.
+                self.dropped += 1
+                if self.dropped % _LOG_EVERY == 1:
+                    log.warning("sd_notify message dropped", error=str(err), dropped=self.dropped)
 
 
 def _watchdog_interval(env: Mapping[str, str]) -> float | None:

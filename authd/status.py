@@ -123,10 +123,14 @@ def _auth_map(view: DaemonView) -> dict[str, Any] | None:
     snapshot = view.datapath()
     if stats is None and snapshot is None:
         return None
+    fail_closed = view.fail_closed_at()
     return {
         "entries": stats.entries if stats is not None else None,
         "capacity": snapshot.auth_capacity if snapshot is not None else None,
         "reconciles": stats.reconciles if stats is not None else None,
+        "fail_closed_in_s": (
+            max(round((fail_closed - view.now()).total_seconds()), 0) if fail_closed is not None else None
+        ),
     }
 
 
@@ -156,6 +160,9 @@ def _cluster(view: DaemonView) -> dict[str, Any] | None:
         "applied": stats.applied,
         "rejected": stats.rejected,
         "problems": list(stats.problems)[:5],
+        "held": {"version": stats.held_version[:12], "reason": stats.held_reason}
+        if stats.held_version
+        else None,
     }
 
 
@@ -195,6 +202,11 @@ def render(status: Report) -> str:
     auth = status.get("auth_map")
     if auth is not None:
         lines.append(f"auth map:  {auth.get('entries', '-')} entries of {auth.get('capacity', '-')}")
+        if auth.get("fail_closed_in_s") is not None:
+            lines.append(
+                f"           first entry expires in {_duration(auth['fail_closed_in_s'])} unless renewed"
+                " (fail-closed then, if SPIRE stays down)"
+            )
     lines += _render_datapath(status)
     cluster = status.get("cluster")
     if cluster is not None:
@@ -203,6 +215,16 @@ def render(status: Report) -> str:
             f"cluster:   version {cluster['version'] or '(none yet)'}, {cluster['applied']} applied, "
             f"{cluster['rejected']} rejected{problems}"
         )
+        if cluster.get("out_of_touch_s") is not None:
+            lines.append(
+                f"           OUT OF TOUCH with its store for {cluster['out_of_touch_s']}s, state kept"
+            )
+        held = cluster.get("held")
+        if held:
+            lines.append(
+                f"           HELD BACK version {held['version']}: {held['reason']} "
+                f"(`authd cluster accept --version {held['version']}` applies it)"
+            )
     lines.append("health:")
     for component in status["health"]:
         reason = f": {component['reason']}" if component["reason"] else ""

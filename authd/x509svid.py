@@ -4,7 +4,8 @@ Verification of a peer's chain (:func:`verify_chain`) follows X509-SVID section 
 
 1. the leaf has exactly one URI SAN, a valid SPIFFE ID with a non-root path;
 2. the leaf is not a CA, has the digitalSignature key usage and neither keyCertSign nor cRLSign, and an
-   extended key usage, when present, allows both TLS server and client use;
+   extended key usage, when present, allows both TLS server and client use, and its key is one
+   :mod:`authd.keypolicy` accepts;
 3. every other presented certificate is a CA with keyCertSign;
 4. every presented certificate is valid at the given time;
 5. the bundle is chosen by the *leaf's* trust domain, never from a merged store: a peer claiming
@@ -37,6 +38,7 @@ from cryptography.x509.verification import (
 
 from authd.errors import SpiffeIdError, SvidError
 from authd.identity import SpiffeId, TrustDomain
+from authd.keypolicy import check_leaf_key
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -227,6 +229,7 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
         raise SvidError(
             "extended-key-usage", "leaf extended key usage must include serverAuth and clientAuth"
         )
+    check_leaf_key(leaf)
     return spiffe_id
 
 

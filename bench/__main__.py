@@ -7,17 +7,19 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import attest, cluster, datapath, e2e, identity, lifecycle, operations
+from bench import attest, cluster, datapath, e2e, etcd, identity, lifecycle, operations, soak
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
     "lifecycle": lifecycle.run,
     "identity": identity.run,
     "cluster": cluster.run,
+    "etcd": etcd.run,
     "datapath": datapath.run,
     "attest": attest.run,
     "operations": operations.run,
     "e2e": e2e.run,
+    "soak": soak.run,
 }
 
 

@@ -44,8 +44,26 @@ from authd.x509svid import BundleSet, authorize_id, verify_chain
 
 log = structlog.get_logger(__name__)
 
-TRANSIENT = frozenset({"unreachable", "timeout", "connection-error", "not-ready", "no-bundles", "local-tls"})
-"""Reasons that say nothing about whether the node hosts the identity."""
+TRANSIENT = frozenset(
+    {
+        "unreachable",
+        "timeout",
+        "connection-error",
+        "not-ready",
+        "no-bundles",
+        "local-tls",
+        "node-expired",
+        "own-certificate-expired",
+    }
+)
+"""Reasons that say nothing about whether the node hosts the identity.
+
+An expired *node* SVID, the peer's (``node-expired``) or this node's (the listener's alert,
+``own-certificate-expired``), is what a SPIRE outage looks like: the node cannot renew it. It says
+nothing about R, so the last result stays until R's own expiry. Taken as an answer, it revoked the
+result, and the auth entry with it, up to a second before the expiry the map showed (node SVIDs are
+issued moments before the workloads' ones, so they expire first).
+"""
 
 _TLS_ANSWERS = {
     "TLSV1_UNRECOGNIZED_NAME": "not-hosted",
@@ -55,6 +73,7 @@ _TLS_ANSWERS = {
     "TLSV1_ALERT_CERTIFICATE_REQUIRED": "refused-by-peer",
     "TLSV1_ALERT_INTERNAL_ERROR": "refused-by-peer",
     "TLSV1_ALERT_PROTOCOL_VERSION": "tls-version",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "own-certificate-expired",
 }
 
 
@@ -242,8 +261,12 @@ class Attestor:
                 raise AttestError("bad-node-proof", f"{address}: node proof of {size} bytes")
             body = await reader.readexactly(size)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as err:
-            # No proof: the listener refused this node's identity (or is not an authd listener).
-            raise AttestError("refused-by-peer", f"{address}: closed without a node proof: {err}") from err
+            # No proof: the listener refused this node's identity (or is not an authd listener). In TLS
+            # 1.3 its verdict on the client certificate arrives here, after the client's handshake.
+            reason = "refused-by-peer"
+            if isinstance(err, ssl.SSLError):
+                reason = _TLS_ANSWERS.get(err.reason or "", reason)
+            raise AttestError(reason, f"{address}: closed without a node proof: {err}") from err
         node_chain, signature = parse_node_proof(body)
         try:
             verify_chain(node_chain, bundles, at=self._now(), authorize=authorize_id(target.node_id))

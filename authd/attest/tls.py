@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from authd.errors import AttestError
+from authd.identity import SpiffeId
 from authd.x509svid import BundleSet, X509Svid
 
 _DER = 2  # _ssl.ENCODING_DER: the encoding constant of ssl's certificate objects
@@ -103,30 +104,36 @@ class ContextCache:
     """Reuses a context while the SVID and the bundles it was built from are unchanged.
 
     Building a context parses keys and certificates (about a millisecond); a handshake should not pay
-    that. Rotations change the leaf and bundle updates change the authorities, so both are in the key.
-    The least recently used context goes first when the cache is full: rotated SVIDs' contexts age out,
-    and a node with more identities than :attr:`max_entries` rebuilds only those not asked for lately.
+    that. The cache holds one context per identity and side (client or server): a rotated SVID or a
+    bundle update replaces that identity's context, so the cache never grows with rotations. (It was
+    keyed by leaf and bundles, and kept every rotated SVID's context until the size limit evicted it:
+    about 130 KiB of OpenSSL memory per rotation, for over a thousand rotations.) The least recently
+    used identity goes first when the cache is full, so a node with more identities than
+    :attr:`max_entries` rebuilds only those not asked for lately.
     """
 
     def __init__(self, max_entries: int = 1024) -> None:
         """Start empty; hold at most ``max_entries`` contexts (about 33 KiB each, measured)."""
         self.max_entries = max_entries
-        self._cache: OrderedDict[tuple[bytes, bytes, bool], ssl.SSLContext] = OrderedDict()
+        # (identity, server side) -> (leaf fingerprint, bundle digest, the context built from them)
+        self._cache: OrderedDict[tuple[SpiffeId, bool], tuple[bytes, bytes, ssl.SSLContext]] = OrderedDict()
         # The SVID store hands out the same BundleSet until bundles change: digest it once, not once
         # per handshake (the listener asks twice per handshake, for its own and the served SVID).
         self._digested: tuple[BundleSet, bytes] | None = None
 
     def get(self, svid: X509Svid, bundles: BundleSet, *, server: bool) -> ssl.SSLContext:
         """Return a context for ``svid`` and ``bundles``, building it on first use."""
-        key = (svid.leaf.fingerprint(hashes.SHA256()), self._digest(bundles), server)
-        context = self._cache.get(key)
-        if context is None:
-            context = (server_context if server else client_context)(svid, bundles)
-            self._cache[key] = context
-            if len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        else:
+        key = (svid.spiffe_id, server)
+        fingerprint, digest = svid.leaf.fingerprint(hashes.SHA256()), self._digest(bundles)
+        held = self._cache.get(key)
+        if held is not None and held[0] == fingerprint and held[1] == digest:
             self._cache.move_to_end(key)
+            return held[2]
+        context = (server_context if server else client_context)(svid, bundles)
+        self._cache[key] = (fingerprint, digest, context)
+        self._cache.move_to_end(key)
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
         return context
 
     def __len__(self) -> int:

@@ -9,6 +9,8 @@ Watching: :class:`FileClusterSource` polls ``stat`` (inode, size, mtime) at a fi
 the file when any of them change, which catches both an editor's atomic rename and an in-place write; a
 file modified in the last :data:`RACY_SECONDS` is re-read even if its stat looks the same, because
 timestamps are coarse. A read during which the file changed is discarded and retried at the next poll.
+The file is opened non-blocking and anything but a regular file (a FIFO, a device, a directory) is
+refused as unreadable, so nothing put at the path can stall the watcher.
 A content digest makes a touch without a change a no-op. Reading and parsing run in a worker thread, so
 a large file never stalls the event loop (handshake deadlines, the ring buffer).
 
@@ -16,7 +18,8 @@ A bad edit is logged once with every problem, counted, and leaves the last good 
 source's health component says *degraded* with the reason until a good version arrives.
 
 Writers should replace the file atomically (write a temporary file, then rename): a slow in-place writer
-can be caught half-way through, and a truncated file that still parses is a valid, smaller state.
+can be caught half-way through: a file rewritten in place is read only once unmodified for the settle time,
+and a valid state that looks like a bad deploy is held back by :mod:`authd.cluster.guard`.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ import hashlib
 import os
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
+from typing import Any
 
 import structlog
 
+from authd.cluster.guard import GuardedFeed
 from authd.cluster.model import ClusterState, Endpoint, Enforce, IdentityPattern, Node, PolicyRule
-from authd.cluster.source import SourceStats, StateFeed
+from authd.cluster.source import SourceStats
 from authd.cluster.validation import build_state
 from authd.config.model import node_name
 from authd.config.schema import IpAddress, IpNetwork, decode, required, setting
@@ -126,6 +132,11 @@ def parse_cluster(text: str, *, source: str = "<cluster>") -> ClusterState:
         raise ClusterStateError(
             f"cluster: {source} is not valid TOML", [f"{source}: not valid TOML: {err}"]
         ) from err
+    return state_from_tables(data, source=source)
+
+
+def state_from_tables(data: Mapping[str, Any], *, source: str) -> ClusterState:
+    """Validate the cluster file's tables, however they were stored (TOML, or etcd's JSON values)."""
     problems: list[str] = []
     decoded = decode(ClusterFile, data, problems)
     nodes = []
@@ -176,18 +187,28 @@ def _signature(stat: os.stat_result) -> Signature:
 def _read(path: Path) -> tuple[bytes, Signature]:
     """Read the file whole, with the signature it had throughout; raise ClusterStateError if unreadable.
 
+    The file is opened non-blocking and refused unless it is a regular file: opening or reading a FIFO,
+    a character device or a socket could block for ever, and no such thing is a cluster file anyway.
     The signature is taken from the open file before and after reading: if they differ the file was
     written while being read, and the caller should try again later.
     """
     try:
-        with path.open("rb") as file:
-            before = _signature(os.fstat(file.fileno()))
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError as err:
+        raise ClusterStateError(f"cluster: {path} does not exist") from err
+    except OSError as err:
+        raise ClusterStateError(f"cluster: cannot read {path}: {err.strerror or err}") from err
+    stat = os.fstat(descriptor)
+    if not S_ISREG(stat.st_mode):
+        os.close(descriptor)
+        raise ClusterStateError(f"cluster: cannot read {path}: not a regular file ({_kind(stat)})")
+    try:
+        with os.fdopen(descriptor, "rb") as file:
+            before = _signature(stat)
             if before[2] > MAX_FILE_BYTES:
                 raise ClusterStateError(f"cluster: {path} is larger than {MAX_FILE_BYTES} bytes")
             content = file.read(MAX_FILE_BYTES + 1)
             after = _signature(os.fstat(file.fileno()))
-    except FileNotFoundError as err:
-        raise ClusterStateError(f"cluster: {path} does not exist") from err
     except OSError as err:
         raise ClusterStateError(f"cluster: cannot read {path}: {err.strerror or err}") from err
     if len(content) > MAX_FILE_BYTES:
@@ -195,6 +216,20 @@ def _read(path: Path) -> tuple[bytes, Signature]:
     if before != after or len(content) != after[2]:
         raise _InFlux
     return content, after
+
+
+def _kind(stat: os.stat_result) -> str:
+    """What a non-regular file is, for the refusal."""
+    mode = stat.st_mode
+    if S_ISDIR(mode):
+        return "a directory"
+    if S_ISFIFO(mode):
+        return "a FIFO"
+    if S_ISSOCK(mode):
+        return "a socket"
+    if S_ISCHR(mode) or S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
 
 
 class _InFlux(Exception):  # noqa: N818 - internal signal
@@ -237,18 +272,26 @@ class FileClusterSource:
         health: Component,
         *,
         poll_interval: float = 1.0,
+        settle: float = 2.0,
+        max_endpoint_removal: float = 1.0,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Watch ``path``; ``local_node`` is this node's name, looked for in every version."""
+        """Watch ``path``; ``local_node`` is this node's name, looked for in every version.
+
+        ``settle``: an in-place write is read only once the file has not been modified for this many
+        seconds (a new inode, an atomic rename, is read at once); ``max_endpoint_removal``: see
+        :mod:`authd.cluster.guard`.
+        """
         self.path = path
         self.local_node = local_node
         self.stats = SourceStats()
         self._health = health
         self._interval = poll_interval
+        self._settle_time = settle
         self._sleep = sleep
         self._clock = clock
-        self._feed = StateFeed()
+        self._feed = GuardedFeed(local_node, max_endpoint_removal=max_endpoint_removal, origin=str(path))
         self._seen: Signature | None = None  # the signature trusted to mean "nothing changed since"
         self._last_read: Signature | None = None  # the signature of the last version read, good or bad
         self._digest = b""  # the content digest of that version
@@ -260,7 +303,13 @@ class FileClusterSource:
 
     def snapshots(self) -> AsyncIterator[ClusterState]:
         """The state in force, then each newer one (see :class:`~authd.cluster.source.StateFeed`)."""
-        return self._feed.snapshots()
+        return self._feed.feed.snapshots()
+
+    def accept(self) -> ClusterState:
+        """Apply the state the deploy guard holds back; raise LookupError if none is."""
+        state = self._feed.accept()
+        self._published(state)
+        return state
 
     async def run(self) -> None:
         """Poll the file until cancelled; reading and parsing run in a thread, off the event loop."""
@@ -278,7 +327,7 @@ class FileClusterSource:
             signature = _signature(self.path.stat())
         except OSError as err:
             return _Unreadable(f"cluster: cannot stat {self.path}: {err.strerror or err}")
-        if signature == self._seen:
+        if signature == self._seen or self._unsettled(signature):
             return _Unchanged()
         try:
             content, signature = _read(self.path)
@@ -297,6 +346,17 @@ class FileClusterSource:
         except ClusterStateError as err:
             version.problems = err.problems or [str(err)]
         return version
+
+    def _unsettled(self, signature: Signature) -> bool:
+        """Whether the file was rewritten in place (same inode) too recently to be sure the writer is done.
+
+        A new inode is an atomic rename (or a new file) and is read at once.
+        """
+        return (
+            self._last_read is not None
+            and signature[:2] == self._last_read[:2]
+            and self._clock() - signature[3] / 1e9 < self._settle_time
+        )
 
     def _settle(self, outcome: _Unchanged | _Unreadable | _Version) -> bool:
         """Apply what :meth:`_examine` found: publish, log, count, report health."""
@@ -322,14 +382,26 @@ class FileClusterSource:
 
     def _apply(self, state: ClusterState) -> bool:
         self.stats.problems = []
-        previous = self._feed.current()
-        if previous is not None and previous.version == state.version:
-            self.stats.unchanged += 1
+        outcome = self._feed.offer(state)
+        self._note_held()
+        if outcome != "applied":
+            if outcome == "unchanged":
+                self.stats.unchanged += 1
             self._report_health()
             return False
+        self._published(state)
+        return True
+
+    def _note_held(self) -> None:
+        held = self._feed.held
+        self.stats.holds = self._feed.holds
+        self.stats.held_reason = held.reason if held else ""
+        self.stats.held_version = held.state.version if held else ""
+
+    def _published(self, state: ClusterState) -> None:
+        self._note_held()
         self.stats.applied += 1
         self.stats.version = state.version
-        self._feed.publish(state)
         log.info(
             "cluster state applied",
             path=str(self.path),
@@ -341,7 +413,6 @@ class FileClusterSource:
         if state.node(self.local_node) is None:
             log.warning("this node is not in cluster state", node=self.local_node, path=str(self.path))
         self._report_health()
-        return True
 
     def _reject(self, problems: list[str]) -> None:
         self.stats.rejected += 1
@@ -373,8 +444,14 @@ class FileClusterSource:
     def _report_health(self) -> None:
         current = self._feed.current()
         kept = f"; keeping version {current.version[:12]}" if current else ""
+        held = self._feed.held
         if self._unreadable:
             self._health.degraded(f"{self._unreadable}{kept}")
+        elif held is not None:
+            self._health.degraded(
+                f"{self.path} version {held.state.version[:12]} held back: {held.reason}; "
+                f"`authd cluster accept` applies it{kept}"
+            )
         elif self.stats.problems:
             count = len(self.stats.problems)
             self._health.degraded(

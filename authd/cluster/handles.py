@@ -12,10 +12,12 @@ Identity handles: 0 is the unknown identity (the world), 1-255 are reserved, wor
 remote nodes get 1 and up. Allocation takes the lowest free handle, so handles stay dense.
 
 Recovery: a state file that cannot be parsed, or that breaks the rules above, is moved aside to
-``<name>.corrupt`` and the registry starts empty with :attr:`HandleRegistry.fresh` set. A fresh registry
-means every handle-keyed entry already in the pinned maps (ipcache, policy, auth) is meaningless and must
-be flushed before new entries are written. A state file that exists but cannot be read (permissions, I/O
-error) is not guessed around: loading raises ClusterStateError and the daemon does not start.
+``<name>.corrupt`` and the registry starts empty with :attr:`HandleRegistry.fresh` set: garbage bytes,
+text that is not UTF-8 or not JSON, a truncated or empty file, the wrong types, handles out of range or
+assigned twice. A fresh registry means every handle-keyed entry already in the pinned maps (ipcache,
+policy, auth) is meaningless and must be flushed before new entries are written. A state file that exists
+but cannot be read (permissions, a directory in its place, I/O error) is not guessed around: loading
+raises ClusterStateError, whose message says what to fix or remove, and the daemon does not start.
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ class HandleRegistry:
     def open(cls, path: Path, local_node: str) -> HandleRegistry:
         """Load the registry from ``path``; a missing or corrupt file gives a fresh, empty registry."""
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             log.info("no identity handle state yet, starting fresh", path=str(path))
             return cls(path, local_node)
-        except (OSError, UnicodeDecodeError) as err:
-            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise ClusterStateError(f"handles: cannot read state file {path}: {detail}") from err
+        except OSError as err:
+            raise ClusterStateError(
+                f"handles: cannot read state file {path}: {err.strerror or err}; fix its permissions, or"
+                " remove it (authd then starts with fresh handles and rewrites the pinned maps)"
+            ) from err
         try:
-            identities, nodes = _parse(text)
+            identities, nodes = _parse(data)
         except ClusterStateError as err:
             aside = path.with_name(path.name + ".corrupt")
             try:
@@ -109,11 +113,10 @@ class HandleRegistry:
         Raises ClusterStateError when the file is missing, unreadable or invalid.
         """
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise ClusterStateError(f"handles: cannot read state file {path}: {detail}") from err
-        identities, nodes = _parse(text)
+            data = path.read_bytes()
+        except OSError as err:
+            raise ClusterStateError(f"handles: cannot read state file {path}: {err.strerror or err}") from err
+        identities, nodes = _parse(data)
         return cls(None, local_node, identities, nodes, fresh=False)
 
     # ---------------------------------------------------------------------------------------- lookups
@@ -219,12 +222,20 @@ def _render(identities: Mapping[SpiffeId, int], nodes: Mapping[str, int]) -> byt
     return (json.dumps(document, indent=1) + "\n").encode()
 
 
-def _parse(text: str) -> tuple[dict[SpiffeId, int], dict[str, int]]:
-    """Parse and check a state file; raise ClusterStateError naming the first thing wrong."""
+def _parse(data: bytes) -> tuple[dict[SpiffeId, int], dict[str, int]]:
+    """Parse and check a state file; raise ClusterStateError naming the first thing wrong.
+
+    Whatever the bytes are (not UTF-8, not JSON, nested too deep to parse, the wrong shape), the
+    answer is this one error, which :meth:`HandleRegistry.open` treats as corruption.
+    """
     try:
-        document = json.loads(text)
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ClusterStateError(f"handles: not UTF-8: {err}") from err
     except json.JSONDecodeError as err:
         raise ClusterStateError(f"handles: not JSON: {err}") from err
+    except RecursionError as err:
+        raise ClusterStateError("handles: JSON nested too deep") from err
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ClusterStateError(f"handles: not a format {FORMAT} handle state file")
     raw_identities, raw_nodes = document.get("identities"), document.get("nodes")

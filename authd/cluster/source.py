@@ -41,14 +41,24 @@ class SourceStats:
 
     ``applied``: good versions that changed the state; ``unchanged``: changes seen that proved to be no-ops
     (a touch, an edit of comments); ``rejected``: bad versions refused; ``read_errors``: failures to read
-    the source at all (missing or unreadable file); ``version``: digest of the state in force, "" if none.
+    the source at all (missing or unreadable file); ``version``: digest of the state in force, "" if none;
+    ``holds``: valid versions the deploy guard held back (:mod:`authd.cluster.guard`); ``held_reason`` and
+    ``held_version``: the one held now, "" if none; etcd only: ``snapshots`` read, watched ``changes``
+    applied, and ``out_of_touch_since``, the time (clock seconds) since which etcd cannot be reached, None
+    while it can.
     """
 
     applied: int = 0
     unchanged: int = 0
     rejected: int = 0
     read_errors: int = 0
+    holds: int = 0
     version: str = ""
+    held_reason: str = ""
+    held_version: str = ""
+    snapshots: int = 0
+    changes: int = 0
+    out_of_touch_since: float | None = None
     problems: list[str] = field(default_factory=list)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from authd.config.schema import section, setting
+from authd.identity import SpiffeId
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -67,6 +68,14 @@ class NodeConfig:
 
     name: str | None = setting(
         None, "this node's name in cluster state (default: the host name)", check=node_name, example="node-a"
+    )
+    spiffe_id: SpiffeId | None = setting(
+        None,
+        "the node ID: authd's own SVID is the Workload API SVID with exactly this ID, and authd refuses to "
+        "start without one (default: spiffe://<the agent's trust domain>/authd/<name>); must match the "
+        "node's spiffe_id in cluster state",
+        check=lambda value: "must have a path, not be a bare trust domain" if value.is_root else None,
+        example="spiffe://example.org/authd/node-a",
     )
     state_dir: Path = setting(
         Path("/var/lib/authd"), "state that must survive restarts (identity handles)", check=absolute_path
@@ -216,10 +225,83 @@ class AttestConfig:
     )
 
 
+def removal_share(value: float) -> str | None:
+    """Require a share of endpoints above 0 and at most 1."""
+    return None if 0 < value <= 1 else "must be above 0 and at most 1"
+
+
+def etcd_endpoint(value: str) -> str | None:
+    """Require an etcd client URL: http:// or https://, a host and a port."""
+    scheme, _, rest = value.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme in ("http", "https") and host and port.isdigit() and 1 <= int(port) <= 65535:
+        return None
+    return 'must be a URL like "https://10.0.0.1:2379"'
+
+
+def _etcd_endpoints(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "must list at least one endpoint"
+    bad = [endpoint for endpoint in value if etcd_endpoint(endpoint)]
+    return f"{bad[0]!r} {etcd_endpoint(bad[0])}" if bad else None
+
+
+def _etcd_prefix(value: str) -> str | None:
+    return None if value.startswith("/") and value.endswith("/") else 'must start and end with "/"'
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdConfig:
+    """The etcd cluster holding cluster state (``cluster.source = "etcd"``; docs/architecture.md)."""
+
+    endpoints: tuple[str, ...] = setting(
+        ("https://127.0.0.1:2379",),
+        "client URLs of etcd members; authd moves to the next on failure",
+        check=_etcd_endpoints,
+    )
+    prefix: str = setting("/authd/cluster/", "the key prefix cluster state lives under", check=_etcd_prefix)
+    ca_file: Path | None = setting(
+        None,
+        "CA bundle that etcd's server certificates chain to (https endpoints)",
+        check=absolute_path,
+        example="/etc/authd/etcd-ca.pem",
+    )
+    cert_file: Path | None = setting(
+        None,
+        "client certificate (chain) for etcd's client-cert auth, e.g. the node SVID written by spiffe-helper",
+        check=absolute_path,
+        example="/run/authd/svid.pem",
+    )
+    key_file: Path | None = setting(
+        None, "private key of cert_file", check=absolute_path, example="/run/authd/svid.key"
+    )
+    dial_timeout: timedelta = setting(
+        timedelta(seconds=3), "how long connecting to one member may take", check=positive_duration
+    )
+    request_timeout: timedelta = setting(
+        timedelta(seconds=5), "how long a snapshot read or a push may take", check=positive_duration
+    )
+    retry_initial: timedelta = setting(
+        timedelta(milliseconds=200), "first delay before etcd is tried again", check=positive_duration
+    )
+    retry_max: timedelta = setting(
+        timedelta(seconds=10), "longest delay between attempts to reach etcd", check=positive_duration
+    )
+
+    def cross_check(self) -> list[str]:
+        """A client key goes with a client certificate."""
+        if (self.cert_file is None) != (self.key_file is None):
+            return ["cert_file, key_file: set both or neither"]
+        return []
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """Where cluster state (nodes, endpoints, policy) comes from."""
 
+    source: Literal["file", "etcd"] = setting(
+        "file", "file: the TOML file below, copied to every node; etcd: the [cluster.etcd] store"
+    )
     file: Path = setting(
         Path("/etc/authd/cluster.toml"),
         "the cluster state file every node reads (see config/cluster.example.toml)",
@@ -230,6 +312,18 @@ class ClusterConfig:
         "how often the cluster state file is checked for changes",
         check=positive_duration,
     )
+    settle_time: timedelta = setting(
+        timedelta(seconds=2),
+        "a file rewritten in place is read once unmodified this long (an atomic rename is read at once)",
+        check=positive_duration,
+    )
+    max_endpoint_removal: float = setting(
+        1.0,
+        "hold back a state removing more than this share of endpoints until `authd cluster accept` "
+        "(1.0: only all)",
+        check=removal_share,
+    )
+    etcd: EtcdConfig = section(EtcdConfig, "the etcd source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +360,12 @@ class SpireConfig:
     reconnect_backoff_max: timedelta = setting(
         timedelta(seconds=30),
         "longest delay between attempts to reopen a SPIRE stream",
+        check=positive_duration,
+    )
+    bundle_stream_reopen: timedelta = setting(
+        timedelta(minutes=5),
+        "reopen the bundle stream this often: SPIRE never drops a trust domain from an open stream, so a "
+        "removed federated trust domain stays trusted until the stream is reopened",
         check=positive_duration,
     )
     sync_interval: timedelta = setting(

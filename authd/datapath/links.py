@@ -2,24 +2,34 @@
 
 The patterns apply to existing links and to links that appear later (netlink RTM_NEWLINK), the way a CNI
 hooks each new pod's host-side veth.
+
+A link dump that spans several netlink messages is interrupted (``NLM_F_DUMP_INTR``, pyroute2's
+``NetlinkDumpInterrupted``) when links change while it is read, which pod churn does all the time: the
+dump is then repeated, up to :data:`DUMP_ATTEMPTS` times with a short backoff. Should churn outlast
+them, the watcher backs off and subscribes again like after any other netlink failure; it never ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
-from pyroute2 import AsyncIPRoute, IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from authd.backoff import BackoffFactory
+from authd.backoff import BackoffFactory, BackoffPolicy
 from authd.errors import DatapathError
 
 log = structlog.get_logger(__name__)
+
+DUMP_ATTEMPTS = 8
+"""How often a link dump is tried while links keep changing under it."""
+DUMP_BACKOFF = BackoffPolicy(initial=0.005, maximum=0.2)
+"""Between interrupted dumps: short, links settle within milliseconds between pod creations."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,20 +59,38 @@ def _link_of(msg: object) -> Link | None:
 
 def list_links() -> list[Link]:
     """Every link in the calling thread's network namespace (blocking; not inside an event loop)."""
-    try:
-        with IPRoute() as ipr:
-            return [link for msg in ipr.get_links() if (link := _link_of(msg)) is not None]
-    except NetlinkError as err:
-        raise DatapathError(f"datapath: cannot list links: {err}") from err
+    return asyncio.run(list_links_async())
 
 
-async def list_links_async() -> list[Link]:
-    """Every link in the network namespace, from inside the event loop."""
-    try:
-        async with AsyncIPRoute() as ipr:
-            return [link async for msg in await ipr.get_links() if (link := _link_of(msg)) is not None]
-    except NetlinkError as err:
-        raise DatapathError(f"datapath: cannot list links: {err}") from err
+async def dump_links() -> list[Link]:
+    """One dump of every link in the network namespace; raises pyroute2's NetlinkError on failure."""
+    async with AsyncIPRoute() as ipr:
+        return [link async for msg in await ipr.get_links() if (link := _link_of(msg)) is not None]
+
+
+LinkDump = Callable[[], Awaitable[list[Link]]]
+"""One attempt at listing the links (:func:`dump_links`); may raise NetlinkDumpInterrupted."""
+
+
+async def list_links_async(dump: LinkDump = dump_links, backoff: BackoffFactory = DUMP_BACKOFF) -> list[Link]:
+    """Every link in the network namespace, from inside the event loop; interrupted dumps are repeated."""
+    delays = backoff()
+    for attempt in range(1, DUMP_ATTEMPTS + 1):
+        try:
+            return await dump()
+        except NetlinkDumpInterrupted:
+            if attempt == DUMP_ATTEMPTS:
+                break
+            await asyncio.sleep(delays.next_delay())
+        except NetlinkError as err:
+            raise DatapathError(f"datapath: cannot list links: {err}") from err
+    raise _interrupted()
+
+
+def _interrupted() -> DatapathError:
+    return DatapathError(
+        f"datapath: cannot list links: dump interrupted {DUMP_ATTEMPTS} times, links keep changing"
+    )
 
 
 Attach = Callable[[Link], None]
@@ -72,11 +100,21 @@ Attach = Callable[[Link], None]
 class LinkWatcher:
     """Attaches to matching links now and whenever one appears, until cancelled."""
 
-    def __init__(self, patterns: tuple[str, ...], attach: Attach, backoff: BackoffFactory) -> None:
+    def __init__(
+        self,
+        patterns: tuple[str, ...],
+        attach: Attach,
+        backoff: BackoffFactory,
+        *,
+        dump: LinkDump = dump_links,
+        dump_backoff: BackoffFactory = DUMP_BACKOFF,
+    ) -> None:
         """``attach`` is called once per new matching link index."""
         self.patterns = patterns
         self._attach = attach
         self._backoff = backoff
+        self._dump = dump
+        self._dump_backoff = dump_backoff
         self.attached: dict[int, Link] = {}
         self.failures = 0
 
@@ -100,7 +138,7 @@ class LinkWatcher:
 
     async def attach_existing(self) -> None:
         """Attach to every matching link that exists now."""
-        for link in await list_links_async():
+        for link in await list_links_async(self._dump, self._dump_backoff):
             self.consider(link)
 
     async def run(self, on_synced: Callable[[], None] = lambda: None) -> None:
@@ -117,7 +155,7 @@ class LinkWatcher:
         while True:
             try:
                 await self._watch(synced)
-            except (NetlinkError, OSError) as err:
+            except (NetlinkError, OSError, DatapathError) as err:  # DatapathError: the dump kept failing
                 delay = backoff.next_delay()
                 log.warning("link watch failed, retrying", error=str(err), retry_in_s=round(delay, 3))
                 await asyncio.sleep(delay)

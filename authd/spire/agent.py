@@ -28,7 +28,7 @@ from authd.identity import Selector, SpiffeId
 from authd.jobs import Job
 from authd.spire.delegated import DelegatedIdentityClient
 from authd.spire.endpoint import Endpoint, check_admin_socket, workload_endpoint
-from authd.spire.workload import WorkloadApiClient
+from authd.spire.workload import NodeIdentity, WorkloadApiClient
 from authd.svids import SvidStore
 
 log = structlog.get_logger(__name__)
@@ -85,18 +85,27 @@ class IdentityPlane:
         *,
         workload: Endpoint,
         admin: Endpoint,
+        node: NodeIdentity,
         backoff: BackoffFactory,
+        bundle_reopen: float,
     ) -> None:
         """Build the clients; nothing connects until the jobs run."""
         self.store = store
         self._health = health
         self.board = StreamBoard(self._report)
-        self._workload = WorkloadApiClient(workload, store, backoff=backoff, status=self.board)
-        self._delegated = DelegatedIdentityClient(admin, store, backoff=backoff, status=self.board)
+        self._workload = WorkloadApiClient(workload, store, node=node, backoff=backoff, status=self.board)
+        self._delegated = DelegatedIdentityClient(
+            admin, store, backoff=backoff, status=self.board, bundle_reopen=bundle_reopen
+        )
 
     @classmethod
     def from_config(
-        cls, config: SpireConfig, health: Callable[[], Component], *, environ: Mapping[str, str] | None = None
+        cls,
+        config: SpireConfig,
+        health: Callable[[], Component],
+        *,
+        node: NodeIdentity,
+        environ: Mapping[str, str] | None = None,
     ) -> IdentityPlane | None:
         """Build from ``[spire]``; None when SPIRE is disabled or no Workload API socket is known.
 
@@ -116,7 +125,13 @@ class IdentityPlane:
             maximum=config.reconnect_backoff_max.total_seconds(),
         )
         return cls(
-            SvidStore(), health(), workload=workload, admin=Endpoint.unix(config.admin_socket), backoff=policy
+            SvidStore(),
+            health(),
+            workload=workload,
+            admin=Endpoint.unix(config.admin_socket),
+            node=node,
+            backoff=policy,
+            bundle_reopen=config.bundle_stream_reopen.total_seconds(),
         )
 
     def set_workloads(self, workloads: Mapping[SpiffeId, Iterable[Selector]]) -> None:

@@ -4,7 +4,10 @@ Over the agent's admin socket (no security header needed; the agent attests auth
 credentials and admits it only if its SPIFFE ID is an ``authorized_delegate``):
 
 * ``SubscribeToX509Bundles``: every bundle the agent tracks (local and federated), keyed
-  ``spiffe://<td>``; applied to the store whole, or rejected whole.
+  ``spiffe://<td>``; applied to the store whole, or rejected whole. SPIRE never drops a trust domain from
+  the set it sends on an open stream, so a federation removed at the server would stay trusted for as
+  long as the stream lasts: the stream is reopened every ``spire.bundle_stream_reopen``, without a gap
+  or a backoff, and the fresh stream's first set, which is the agent's current one, replaces the old.
 * ``SubscribeToX509SVIDs``: one stream per distinct selector set among the local workloads. Each message
   lists every SVID those selectors are entitled to; authd keeps only the SVID whose SPIFFE ID is the one
   expected for that workload, so a node never holds keys it does not need. An expected ID missing from a
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import structlog
@@ -44,6 +48,8 @@ SOURCE = "delegated-identity-api"
 BUNDLES_STREAM = "delegated-bundles"
 
 SelectorSet = frozenset[Selector]
+
+DEFAULT_BUNDLE_REOPEN = 300.0
 
 
 def selectors_to_proto(selectors: Iterable[Selector]) -> list[types_pb2.Selector]:
@@ -102,12 +108,17 @@ class DelegatedIdentityClient:
         *,
         backoff: BackoffFactory,
         status: StreamStatus,
+        bundle_reopen: float = DEFAULT_BUNDLE_REOPEN,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        """Nothing connects until :meth:`run`; workloads may be set before (the store checks expiry)."""
+        """Nothing connects until :meth:`run`; workloads may be set before (the store checks expiry).
+
+        ``bundle_reopen``: seconds after which the bundle stream is replaced by a fresh one.
+        """
         self._endpoint = endpoint
         self._store = store
         self._backoff = backoff
+        self._bundle_reopen = bundle_reopen
         self._status = status
         self._sleep = sleep
         self._wanted: dict[SpiffeId, SelectorSet] = {}
@@ -197,15 +208,31 @@ class DelegatedIdentityClient:
     async def _open_bundles(
         self,
     ) -> AsyncGenerator[delegatedidentity_pb2.SubscribeToX509BundlesResponse, None]:
+        """One continuing flow of bundle messages, over a fresh stream every ``bundle_reopen`` seconds."""
         self._endpoint.check_reachable()
+        loop = asyncio.get_running_loop()
         async with self._endpoint.channel() as channel:
             method = channel.unary_stream(
                 SUBSCRIBE_X509_BUNDLES,
                 request_serializer=delegatedidentity_pb2.SubscribeToX509BundlesRequest.SerializeToString,
                 response_deserializer=delegatedidentity_pb2.SubscribeToX509BundlesResponse.FromString,
             )
-            async for message in method(delegatedidentity_pb2.SubscribeToX509BundlesRequest()):
-                yield message
+            while True:
+                call = method(delegatedidentity_pb2.SubscribeToX509BundlesRequest())
+                reopen_at = loop.time() + self._bundle_reopen
+                try:
+                    while (remaining := reopen_at - loop.time()) > 0:
+                        try:
+                            message = await asyncio.wait_for(call.read(), remaining)
+                        except TimeoutError:
+                            break
+                        if message is grpc.aio.EOF:
+                            return  # the agent ended the stream: follow() decides what that means
+                        # None when it did not deserialize, as when iterating the call (follow() counts it).
+                        yield cast("delegatedidentity_pb2.SubscribeToX509BundlesResponse", message)
+                finally:
+                    call.cancel()
+                log.debug("bundle stream reopened", after_s=self._bundle_reopen)
 
     def _apply_bundles(self, message: delegatedidentity_pb2.SubscribeToX509BundlesResponse) -> None:
         try:

@@ -90,7 +90,10 @@ class StreamHandler(Protocol[M_contra]):
     """What a follower does with messages and failures."""
 
     def on_message(self, message: M_contra) -> None:
-        """Apply one message; must not raise for bad content (reject and count it instead)."""
+        """Apply one message; bad content is rejected and counted, not raised.
+
+        Raising a non-retryable SpireError stops following (the agent will never give what is needed).
+        """
         ...
 
     def on_undecodable(self) -> None:

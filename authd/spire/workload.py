@@ -3,8 +3,14 @@
 Speaks ``/SpiffeWorkloadAPI/FetchX509SVID`` with the ``workload.spiffe.io: true`` header on every call,
 over the socket from config or ``SPIFFE_ENDPOINT_SOCKET``. Each response is the complete current state;
 it is parsed strictly (:func:`parse_x509_svid_response`) and either applied as a whole or rejected as a
-whole, keeping the last good state. The default SVID (the first, Workload API section 8) is authd's own
-and must chain to the bundle sent with it.
+whole, keeping the last good state. authd's own SVID is the one with the exact node ID
+(:class:`NodeIdentity`: ``node.spiffe_id``, else ``spiffe://<td>/authd/<node name>``), never merely the
+first or default one: an agent that also issues other SVIDs to authd's uid (several entries match it) must
+not make one of those the node identity. The node SVID must chain to its trust domain's bundle.
+
+If the agent's first response carries no SVID with the node ID, authd refuses to start (a non-retryable
+SpireError fails the critical job, with a message naming the IDs it was issued instead). Once held, a
+response without it redacts the node SVID, as a ``PERMISSION_DENIED`` does.
 
 A ``PERMISSION_DENIED`` after SVIDs were held means the agent withdrew them: they are redacted from the
 store at once (Workload API 5.2.1), and the stream is retried with backoff like any other failure.
@@ -21,8 +27,8 @@ from datetime import UTC, datetime
 import grpc
 
 from authd.backoff import BackoffFactory
-from authd.errors import SpiffeIdError, SvidError
-from authd.identity import SpiffeId, TrustDomain
+from authd.errors import SpiffeIdError, SpireError, SvidError
+from authd.identity import SpiffeId, TrustDomain, node_id
 from authd.spire._proto import workload_pb2
 from authd.spire.bundles import add_bundle, parse_bundle, parse_bundle_map
 from authd.spire.endpoint import Endpoint
@@ -39,23 +45,34 @@ SOURCE = "workload-api"
 
 
 @dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """Which SPIFFE ID is authd's own: the configured one, else ``spiffe://<td>/authd/<node name>``."""
+
+    node_name: str
+    configured: SpiffeId | None = None
+
+    def expected(self, trust_domain: TrustDomain) -> SpiffeId:
+        """The node ID, in the agent's ``trust_domain`` unless configured outright."""
+        return self.configured or node_id(trust_domain, self.node_name)
+
+
+@dataclass(frozen=True, slots=True)
 class X509Context:
-    """One Workload API response: the SVIDs (default first) and every bundle it carried."""
+    """One Workload API response: every SVID (default first), authd's node SVID, and every bundle."""
 
     svids: tuple[X509Svid, ...]
+    node_svid: X509Svid
     bundles: Mapping[TrustDomain, X509Bundle]
 
-    @property
-    def default_svid(self) -> X509Svid:
-        """The SVID a workload uses unless told otherwise: the first one."""
-        return self.svids[0]
 
-
-def parse_x509_svid_response(message: workload_pb2.X509SVIDResponse, *, at: datetime) -> X509Context:
+def parse_x509_svid_response(
+    message: workload_pb2.X509SVIDResponse, *, at: datetime, node: NodeIdentity
+) -> X509Context:
     """Parse and check a FetchX509SVID response; raise SvidError naming the first problem found.
 
     Every SVID must parse and match its key and its ``spiffe_id`` field; every bundle must parse and be
-    non-empty; the default SVID must verify against its own trust domain's bundle at ``at``.
+    non-empty; one SVID must have the exact node ID (rule ``node-id-missing`` otherwise), and it must
+    verify against its own trust domain's bundle at ``at``.
     """
     if not message.svids:
         raise SvidError("empty-svids", "response carries no SVIDs")
@@ -75,9 +92,13 @@ def parse_x509_svid_response(message: workload_pb2.X509SVIDResponse, *, at: date
         add_bundle(bundles, parse_bundle(claimed.trust_domain, item.bundle))
         svids.append(svid)
     parse_bundle_map(message.federated_bundles, into=bundles)
-    default = svids[0]
-    verify_chain(default.chain, BundleSet(bundles), at=at, authorize=authorize_id(default.spiffe_id))
-    return X509Context(tuple(svids), bundles)
+    expected = node.expected(svids[0].spiffe_id.trust_domain)
+    own = next((svid for svid in svids if svid.spiffe_id == expected), None)
+    if own is None:
+        issued = ", ".join(str(svid.spiffe_id) for svid in svids)
+        raise SvidError("node-id-missing", f"no SVID for the node ID {expected} (issued: {issued})")
+    verify_chain(own.chain, BundleSet(bundles), at=at, authorize=authorize_id(expected))
+    return X509Context(tuple(svids), own, bundles)
 
 
 class WorkloadApiClient:
@@ -88,6 +109,7 @@ class WorkloadApiClient:
         endpoint: Endpoint,
         store: SvidStore,
         *,
+        node: NodeIdentity,
         backoff: BackoffFactory,
         status: StreamStatus,
         clock: Clock | None = None,
@@ -96,6 +118,8 @@ class WorkloadApiClient:
         """Nothing connects until :meth:`run`."""
         self._endpoint = endpoint
         self._store = store
+        self._node = node
+        self._held = False  # whether a node SVID was ever held: before that, a missing one is fatal
         self._backoff = backoff
         self._status = status
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -110,13 +134,22 @@ class WorkloadApiClient:
             yield message
 
     def on_message(self, message: workload_pb2.X509SVIDResponse) -> None:
-        """Apply a response whole, or reject it whole."""
+        """Apply a response whole, or reject it whole; raise SpireError if the node ID never came."""
         try:
-            context = parse_x509_svid_response(message, at=self._clock())
+            context = parse_x509_svid_response(message, at=self._clock(), node=self._node)
         except SvidError as err:
             self._store.reject(SOURCE, err)
+            if err.rule == "node-id-missing":
+                if not self._held:
+                    raise SpireError(
+                        f"spire: {SOURCE}: the agent issues authd no SVID with its node ID: {err}; register "
+                        "an entry for that ID, or set node.spiffe_id to the one it should use",
+                        retryable=False,
+                    ) from err
+                self._store.redact_own(str(err))
             return
-        if self._store.set_own(context.default_svid, source=SOURCE):
+        if self._store.set_own(context.node_svid, source=SOURCE):
+            self._held = True
             self._store.set_bundles(BundleOrigin.WORKLOAD_API, context.bundles)
 
     def on_undecodable(self) -> None:
@@ -142,12 +175,14 @@ async def fetch_x509_svid_stream(endpoint: Endpoint) -> AsyncGenerator[workload_
             yield message
 
 
-async def fetch_x509_context(endpoint: Endpoint, *, at: datetime | None = None) -> X509Context:
+async def fetch_x509_context(
+    endpoint: Endpoint, node: NodeIdentity, *, at: datetime | None = None
+) -> X509Context:
     """One-shot: the first FetchX509SVID response, parsed (CLI checks, tests); bound it with a timeout."""
     try:
         async with contextlib.aclosing(fetch_x509_svid_stream(endpoint)) as messages:
             async for message in messages:
-                return parse_x509_svid_response(message, at=at or datetime.now(UTC))
+                return parse_x509_svid_response(message, at=at or datetime.now(UTC), node=node)
     except (grpc.aio.AioRpcError, OSError) as err:
         raise classify(err, SOURCE).error from err
     raise stream_ended(SOURCE).error

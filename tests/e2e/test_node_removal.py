@@ -53,4 +53,4 @@ def test_removed_node_entries_disappear_on_the_other_node(cluster: DevCluster) -
     flows = connection_flows(cluster, "node-a", "backend", report)
     assert {f["verdict"] for f in flows} == {"DROPPED"}, flows
     assert {f["drop_reason_desc"] for f in flows} == {"AUTH_REQUIRED"}, flows
-    assert flows[0]["source"]["identity"] == 0
+    assert flows[0]["source"]["identity"] == 2  # the world, as Cilium numbers it

@@ -9,6 +9,7 @@ from typing import ClassVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authd.identity import SpiffeId, TrustDomain
@@ -36,6 +37,8 @@ class LeafOptions:
     empty_subject: bool = False  # then the SAN extension is critical, as RFC 5280 requires
     extensions: tuple[tuple[x509.ExtensionType, bool], ...] = ()  # more (extension, critical) pairs
     key: PrivateKey | None = None  # None: a fresh P-256 key
+    # The leaf certifies this key instead of ``key``'s (for key types an SVID cannot hold).
+    certified_key: CertificatePublicKeyTypes | None = None
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,15 @@ class TestCA:
                 )
             )
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(opts.certified_key or key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(opts.not_before or NOW - dt.timedelta(minutes=5))
             .not_valid_after(opts.not_after or NOW + dt.timedelta(hours=1))
             .add_extension(x509.BasicConstraints(ca=opts.ca, path_length=None), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(opts.certified_key or key.public_key()),
+                critical=False,
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from authd.attest.client import Attestation, ClientStats
 from authd.attest.listener import ListenerStats
@@ -147,6 +148,7 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         listener=FakeListener(listener),
         cluster=FakeClusterSource(cluster),
         auth=lambda: parts.manager,
+        fail_closed_at=lambda: NOW + timedelta(seconds=90),
         datapath=lambda: parts.snapshot,
         datapath_enabled=True,
         restarts=parts.restarts,

@@ -19,12 +19,14 @@ from typing import Any
 from authd.identity import Selector, SpiffeId, TrustDomain
 from authd.spire.dev.service import DevSpire, DevSpireOptions, admin_socket, server_socket, workload_socket
 from authd.spire.endpoint import Endpoint
+from authd.spire.workload import NodeIdentity
 from authd.svids import EventKind, Subscription, SvidEvent
 
 TD = TrustDomain("example.org")
 UID = os.getuid()
 ME = Selector("unix", f"uid:{UID}")
 AUTHD_ID = SpiffeId.parse("spiffe://example.org/authd/node-a")
+NODE = NodeIdentity("node-a")  # whose node SVID is AUTHD_ID
 
 
 @contextlib.contextmanager

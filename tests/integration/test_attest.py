@@ -433,6 +433,21 @@ def test_the_context_cache_drops_the_least_recently_used() -> None:
     assert cache.get(svids[1], bundles, server=True) is not second  # built again
 
 
+def test_the_context_cache_holds_one_context_per_identity_across_rotations() -> None:
+    # Keyed by leaf, it kept every rotated SVID's context (OpenSSL memory) until the size limit: the
+    # daemon grew by about 130 KiB per rotation.
+    ca = live_ca(TD)
+    bundles = BundleSet.of([ca.bundle()])
+    cache = ContextCache()
+    contexts = []
+    for _ in range(5):
+        rotated = ca.mint(f"spiffe://{TD}/w", LIVE)
+        contexts.append(cache.get(rotated, bundles, server=True))
+        cache.get(rotated, bundles, server=False)
+        assert len(cache) == 2  # the identity's server and client context, nothing of earlier leaves
+    assert len({id(c) for c in contexts}) == 5  # each rotation got a context of its own leaf
+
+
 def test_the_context_cache_follows_bundle_changes() -> None:
     ca, other = live_ca(TD), live_ca("federated.org")
     svid = ca.mint(f"spiffe://{TD}/w", LIVE)

@@ -84,3 +84,36 @@ async def test_authd_becomes_ready_once_spire_serves_its_identity() -> None:
                 await authd.wait()
             await spire.kill()
             notify.sock.close()
+
+
+async def test_authd_refuses_to_start_without_an_svid_for_its_node_id() -> None:
+    """The agent issues authd's uid an SVID, but not with the node ID: authd exits, saying which it got."""
+    with short_dir() as directory:
+        seed = write_entries(
+            directory / "entries.toml",
+            [{"spiffe_id": "spiffe://example.org/web", "node": "node-a", "selectors": [str(ME)]}],
+        )
+        config = node_a_config(directory)
+        env = {key: value for key, value in os.environ.items() if key != "SPIFFE_ENDPOINT_SOCKET"}
+        spire = DevSpireProcess(
+            ["--dir", str(directory), "--trust-domain", "example.org", "--node", "node-a",
+             "--entries", str(seed), "--authorized-delegate", str(AUTHD_ID)]
+        )  # fmt: skip
+        await spire.start()
+        authd = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "authd", "run", "--config", str(config),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(30):
+                output, _ = await authd.communicate()
+            assert authd.returncode == 1
+            text = output.decode()
+            assert "critical job 'spire-workload-api' failed" in text
+            assert "no SVID for the node ID spiffe://example.org/authd/node-a" in text
+            assert "issued: spiffe://example.org/web" in text
+        finally:
+            if authd.returncode is None:
+                authd.kill()
+                await authd.wait()
+            await spire.kill()

@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from authd.backoff import BackoffPolicy, ExponentialBackoff
+from authd.errors import SvidError
 from authd.identity import Selector, SpiffeId, TrustDomain
 from authd.spire._proto import delegatedidentity_pb2, types_pb2
 from authd.spire.agent import StreamBoard
@@ -486,3 +487,42 @@ async def test_refused_subscription_stops_alone() -> None:
                     assert store.svid_for(W1) is not None
                     assert backoff.delays == 0  # refused for good: not retried
                     await until(events, lambda: store.synced)  # a refusal is an answer too
+
+
+async def test_a_removed_federated_trust_domain_is_dropped_within_the_reopen_period() -> None:
+    """dev-spire, like SPIRE, keeps sending a trust domain on an open bundle stream after it is removed;
+    authd reopens the stream on a schedule, and the fresh set removes it, so its peers stop verifying."""
+    with short_dir() as directory:
+        async with running(options(directory, federated_trust_domain=PARTNER)) as spire:
+            await create(directory, RegistrationEntry(AUTHD_ID, PARENT, (ME,)))
+            peer = spire.authorities[PARTNER].mint(
+                SpiffeId.parse("spiffe://partner.org/web"), dt.timedelta(hours=1), now()
+            )
+            stores = {reopen: SvidStore(needs_own=False) for reopen in (1.0, 3600.0)}
+            clients = [
+                DelegatedIdentityClient(
+                    admin_endpoint(directory),
+                    store,
+                    backoff=CountingBackoff(),
+                    status=StreamBoard(lambda: None),
+                    bundle_reopen=reopen,
+                )
+                for reopen, store in stores.items()
+            ]
+            quick, slow = stores[1.0], stores[3600.0]
+            with quick.subscribe() as events, slow.subscribe() as slow_events:
+                async with background(clients[0].run()), background(clients[1].run()):
+                    await until(events, lambda: quick.bundle_for(PARTNER) is not None)
+                    await until(slow_events, lambda: slow.bundle_for(PARTNER) is not None)
+                    verify_chain(peer.chain, quick, at=now(), authorize=authorize_id(peer.spiffe_id))
+                    spire.remove_federated_trust_domain(PARTNER)
+                    assert PARTNER.id_string() not in (await first_bundles(directory)).ca_certificates
+                    removed_at = asyncio.get_running_loop().time()
+                    await until(events, lambda: quick.bundle_for(PARTNER) is None, within=5)
+                    assert asyncio.get_running_loop().time() - removed_at < 2.5  # one reopen period, and some
+                    with pytest.raises(SvidError) as caught:
+                        verify_chain(peer.chain, quick, at=now(), authorize=authorize_id(peer.spiffe_id))
+                    assert caught.value.rule == "unknown-trust-domain"
+                    # Without a reopen, the open stream goes on sending the removed trust domain.
+                    assert slow.bundle_for(PARTNER) is not None
+                    assert quick.bundle_for(TD) is not None

@@ -17,7 +17,7 @@ from authd.spire.agent import IdentityPlane
 from authd.spire.dev.registry import agent_id
 from authd.spire.dev.service import admin_socket, workload_socket
 from authd.spire.entries import EntryClient, RegistrationEntry
-from tests.integration.devspire import AUTHD_ID, ME, TD, entry_socket, options, running, short_dir
+from tests.integration.devspire import AUTHD_ID, ME, NODE, TD, entry_socket, options, running, short_dir
 
 W1 = SpiffeId.parse("spiffe://example.org/web")
 S1 = Selector("unix", "uid:1001")
@@ -43,15 +43,21 @@ class WatchedHealth(Health):
 
 def test_not_built_without_spire() -> None:
     health = Health()
-    assert IdentityPlane.from_config(SpireConfig(enabled=False), lambda: health.register("svids")) is None
-    assert IdentityPlane.from_config(SpireConfig(), lambda: health.register("svids"), environ={}) is None
+    assert (
+        IdentityPlane.from_config(SpireConfig(enabled=False), lambda: health.register("svids"), node=NODE)
+        is None
+    )
+    assert (
+        IdentityPlane.from_config(SpireConfig(), lambda: health.register("svids"), node=NODE, environ={})
+        is None
+    )
     assert health.snapshot() == []  # nothing registered: nothing keeps the daemon from READY
 
 
 def test_environment_socket_is_used_and_checked() -> None:
     health = Health()
     env = {"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/agent/public/api.sock"}
-    plane = IdentityPlane.from_config(SpireConfig(), lambda: health.register("svids"), environ=env)
+    plane = IdentityPlane.from_config(SpireConfig(), lambda: health.register("svids"), node=NODE, environ=env)
     assert plane is not None
     assert [job.name for job in plane.jobs()] == [
         "spire-workload-api",
@@ -63,6 +69,7 @@ def test_environment_socket_is_used_and_checked() -> None:
         IdentityPlane.from_config(
             SpireConfig(admin_socket=Path("/run/spire/agent/public/admin.sock")),
             lambda: Health().register("svids"),
+            node=NODE,
             environ=env,
         )
 
@@ -82,7 +89,7 @@ async def test_svids_health_is_ready_then_degraded_while_spire_is_away_then_read
             reconnect_backoff_initial=dt.timedelta(milliseconds=50),
             reconnect_backoff_max=dt.timedelta(milliseconds=300),
         )
-        plane = IdentityPlane.from_config(config, register, environ={})
+        plane = IdentityPlane.from_config(config, register, node=NODE, environ={})
         assert plane is not None
         plane.set_workloads({W1: [S1]})
         (svids,) = components

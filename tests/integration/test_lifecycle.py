@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from authd.control import ControlClient, socket_path
+from authd.errors import ControlError
 from tests.notify import NotifyReceiver
 
 
@@ -98,3 +101,74 @@ def test_watchdog_is_fed_when_armed(tmp_path: Path, notify: NotifyReceiver) -> N
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
         proc.communicate()
+
+
+def test_notify_socket_nobody_reads_never_freezes_the_daemon(tmp_path: Path) -> None:
+    # A bound datagram socket that is never read: its queue (net.unix.max_dgram_qlen, 10 by default)
+    # fills after a few SIGHUPs, and a blocking send would stall the event loop from then on.
+    unread = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    unread.bind(str(tmp_path / "notify.sock"))
+    config = write_config(tmp_path / "authd.toml")
+    control = ControlClient(socket_path(tmp_path / "run"), timeout=5)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authd", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(control):
+            assert time.monotonic() < deadline, "the control socket never answered"
+            time.sleep(0.1)
+        for _ in range(20):  # two messages each (RELOADING, READY): twice what the queue holds
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        assert _answers(control), "the control socket stopped answering"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+        unread.close()
+    dropped = [e for e in events(output) if e["event"] == "sd_notify message dropped"]
+    assert dropped, "the unread socket never filled up: the test proves nothing"
+
+
+def _answers(control: ControlClient) -> bool:
+    try:
+        return bool(list(control.request("status")))
+    except ControlError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        bytes(range(256)) * 4,  # garbage bytes: authd exited 1 on every start
+        b"",
+        b'{"format": 1, "identities": {"spiffe://example.org/a": 2',
+        b'{"format": 1, "identities": [], "nodes": {}}',
+    ],
+    ids=["garbage", "empty", "truncated", "wrong-types"],
+)
+def test_corrupt_handle_state_gives_fresh_handles_not_a_crash_loop(
+    tmp_path: Path, notify: NotifyReceiver, content: bytes
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "handles.json").write_bytes(content)
+    proc = start_authd(write_config(tmp_path / "authd.toml"), notify)
+    try:
+        notify.wait_for("READY=1", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert (state / "handles.json.corrupt").read_bytes() == content
+    (logged,) = [e for e in events(output) if "identity handle state corrupt" in str(e["event"])]
+    assert logged["level"] == "error"
+    assert logged["moved_to"] == str(state / "handles.json.corrupt")

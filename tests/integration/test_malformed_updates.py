@@ -22,7 +22,7 @@ from authd.spire._proto import delegatedidentity_pb2, types_pb2, workload_pb2
 from authd.spire.agent import StreamBoard
 from authd.spire.delegated import DelegatedIdentityClient
 from authd.spire.endpoint import Endpoint
-from authd.spire.workload import WorkloadApiClient
+from authd.spire.workload import NodeIdentity, WorkloadApiClient
 from authd.svids import EventKind, Subscription, SvidEvent, SvidStore
 from authd.x509svid import X509Svid
 from tests.fakes.backoff import CountingBackoff
@@ -154,7 +154,11 @@ async def test_workload_api_garbage_is_rejected_and_last_good_svid_kept(agent: F
     bundle = ca.bundle().der()
     store = SvidStore()
     client = WorkloadApiClient(
-        Endpoint.unix(agent.path), store, backoff=CountingBackoff(), status=StreamBoard(lambda: None)
+        Endpoint.unix(agent.path),
+        store,
+        node=NodeIdentity("node-a"),
+        backoff=CountingBackoff(),
+        status=StreamBoard(lambda: None),
     )
     stranger = real_time_leaf(ca, "spiffe://example.org/stranger")
     good = real_time_leaf(ca, OWN)
@@ -224,6 +228,33 @@ async def test_workload_api_garbage_is_rejected_and_last_good_svid_kept(agent: F
             assert agent.opened[WORKLOAD_SVIDS] == 2
             assert held is not barrier
             assert not task.done()
+
+
+async def test_a_response_without_the_node_id_redacts_the_held_node_svid(agent: FakeSpireAgent) -> None:
+    ca = FakeCA.create("example.org")
+    bundle = ca.bundle().der()
+    store = SvidStore()
+    client = WorkloadApiClient(
+        Endpoint.unix(agent.path),
+        store,
+        node=NodeIdentity("node-a"),
+        backoff=CountingBackoff(),
+        status=StreamBoard(lambda: None),
+    )
+    with store.subscribe() as events:
+        async with running(client.run) as task:
+            agent.queue(WORKLOAD_SVIDS, svid_response(real_time_leaf(ca, OWN), bundle=bundle))
+            assert (await next_change(events)).kind is EventKind.ADDED
+            assert (await next_change(events)).kind is EventKind.BUNDLE_CHANGED
+            node_b = "spiffe://example.org/authd/node-b"
+            agent.queue(
+                WORKLOAD_SVIDS, svid_response(real_time_leaf(ca, node_b), bundle=bundle, spiffe_id=node_b)
+            )
+            event = await next_change(events)
+            assert (event.kind, event.own) == (EventKind.REMOVED, True)
+            assert store.own_svid() is None
+            assert store.stats.rejected["workload-api", "node-id-missing"] == 1
+            assert not task.done()  # held once: the identity may come back, authd keeps running
 
 
 def delegated(

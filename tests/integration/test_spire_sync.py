@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from authd.cluster.model import ClusterState
 from authd.identity import Selector, SpiffeId
+from authd.spire.dev.service import workload_socket
 from authd.spire.entries import EntryClient, RegistrationEntry
-from authd.spire.sync import MANAGED_HINT, sync
+from authd.spire.sync import LEGACY_HINT, managed_hint, sync
+from authd.spire.workload import SECURITY_HEADER
 from tests.fakes.cluster import endpoint, node, state
 from tests.fakes.entries import RecordingEntryApi
-from tests.integration.devspire import entry_socket, options, running, short_dir
+from tests.integration.devspire import ME, entry_socket, options, running, short_dir
+from tests.integration.test_workload_api import raw_fetch
 
 AGENT_A = SpiffeId.parse("spiffe://example.org/spire/agent/node-a")
 AGENT_B = SpiffeId.parse("spiffe://example.org/spire/agent/node-b")
@@ -33,6 +37,12 @@ def summary(entries: list[RegistrationEntry]) -> set[tuple[str, str, tuple[str, 
     return {(str(e.spiffe_id), str(e.parent_id), tuple(map(str, e.selectors)), e.hint) for e in entries}
 
 
+def hint_of(path: str, parent: SpiffeId, uid: int) -> str:
+    return managed_hint(
+        SpiffeId.parse(f"spiffe://example.org/{path}"), parent, [Selector("unix", f"uid:{uid}")]
+    )
+
+
 async def test_sync_creates_is_idempotent_and_removes_only_its_own_entries() -> None:
     with short_dir() as directory:
         async with (
@@ -47,8 +57,8 @@ async def test_sync_creates_is_idempotent_and_removes_only_its_own_entries() -> 
             assert (len(first.create), len(first.delete)) == (2, 0)
             assert summary(await client.list_entries()) == {
                 ("spiffe://example.org/other", str(AGENT_A), ("unix:uid:42",), ""),
-                ("spiffe://example.org/web", str(AGENT_A), ("unix:uid:1000",), MANAGED_HINT),
-                ("spiffe://example.org/db", str(AGENT_B), ("unix:uid:1001",), MANAGED_HINT),
+                ("spiffe://example.org/web", str(AGENT_A), ("unix:uid:1000",), hint_of("web", AGENT_A, 1000)),
+                ("spiffe://example.org/db", str(AGENT_B), ("unix:uid:1001",), hint_of("db", AGENT_B, 1001)),
             }
             again = await sync(client, cluster("web", "db"))
             assert (again.empty, again.unchanged) == (True, 2)
@@ -124,3 +134,45 @@ async def test_a_changed_entry_is_created_before_the_old_one_is_deleted() -> Non
         ("delete", ["spiffe://example.org/web"]),
     ]
     assert [str(e.selectors[0]) for e in api.entries.values()] == ["unix:uid:2000"]
+
+
+def overlapping(*paths: str) -> ClusterState:
+    """Endpoints on node-a whose selectors all match this test process: the first by uid, the next by
+    uid and gid too (a caller matching the second always matches the first)."""
+    extra = [f"unix:gid:{os.getgid()}"]
+    endpoints = [
+        endpoint(path, "node-a", f"10.0.0.{i + 1}", selectors=[str(ME), *extra[:i]])
+        for i, path in enumerate(paths)
+    ]
+    return state([node("node-a", "192.0.2.1")], endpoints)
+
+
+async def test_every_synced_entry_is_issued_even_when_one_caller_matches_several() -> None:
+    """SPIRE's agent issues only the oldest of several matching entries with one hint (dev-spire too)."""
+    with short_dir() as directory:
+        async with running(options(directory)), EntryClient(entry_socket(directory)) as client:
+            await sync(client, overlapping("web"))
+            await asyncio.sleep(1.1)  # entries' created_at has a resolution of seconds: web is the oldest
+            await sync(client, overlapping("web", "db"))
+            issued = await raw_fetch(workload_socket(directory, "node-a"), SECURITY_HEADER)
+            assert sorted(svid.spiffe_id for svid in issued.svids) == [
+                "spiffe://example.org/db",
+                "spiffe://example.org/web",
+            ]
+            hints = [e.hint for e in await client.list_entries()]
+            assert len(set(hints)) == 2, hints
+
+
+async def test_entries_with_the_legacy_shared_hint_are_owned_and_replaced() -> None:
+    with short_dir() as directory:
+        async with running(options(directory)), EntryClient(entry_socket(directory)) as client:
+            web = SpiffeId.parse("spiffe://example.org/web")
+            legacy = RegistrationEntry(web, AGENT_A, (ME,), hint=LEGACY_HINT)
+            foreign = RegistrationEntry(web, AGENT_A, (ME, Selector("unix", "gid:1")), hint="authdx")
+            assert all(r.ok for r in await client.create_entries([legacy, foreign]))
+            result = await sync(client, overlapping("web"))
+            assert ([e.hint for e in result.delete], len(result.create)) == ([LEGACY_HINT], 1)
+            assert sorted(e.hint for e in await client.list_entries()) == sorted(
+                ["authdx", managed_hint(web, AGENT_A, [ME])]
+            )
+            assert (await sync(client, overlapping("web"))).empty

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from authd.errors import SpireError
 from authd.identity import Selector, SpiffeId
 from authd.spire._proto import workload_pb2
 from authd.spire.agent import StreamBoard
@@ -27,6 +28,7 @@ from tests.fakes.backoff import CountingBackoff
 from tests.integration.devspire import (
     AUTHD_ID,
     ME,
+    NODE,
     TD,
     entry_socket,
     next_event,
@@ -186,7 +188,7 @@ async def test_federated_bundles_follow_the_entry_federates_with() -> None:
             response = await raw_fetch(workload_socket(directory, "node-a"), SECURITY_HEADER)
             assert set(response.federated_bundles) == {"spiffe://partner.org"}
             await create(spire, RegistrationEntry(other, PARENT, (ME, Selector("unix", "gid:0"))))
-            context = await fetch_x509_context(workload_endpoint(directory))
+            context = await fetch_x509_context(workload_endpoint(directory), NODE)
             assert {str(td) for td in context.bundles} == {"example.org", "partner.org"}
 
 
@@ -196,7 +198,7 @@ async def test_authd_client_holds_own_svid_sees_rotation_and_redaction(spire: De
     board = StreamBoard(lambda: None)
     backoff = CountingBackoff()
     client = WorkloadApiClient(
-        workload_endpoint(spire.options.directory), store, backoff=backoff, status=board
+        workload_endpoint(spire.options.directory), store, node=NODE, backoff=backoff, status=board
     )
     with store.subscribe() as events:
         task = asyncio.create_task(client.run())
@@ -226,3 +228,55 @@ async def test_authd_client_holds_own_svid_sees_rotation_and_redaction(spire: De
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_second_svid_listed_first_does_not_become_the_node_identity(spire: DevSpire) -> None:
+    decoy = SpiffeId.parse("spiffe://example.org/authd/node-a/decoy")
+    await create(spire, RegistrationEntry(decoy, PARENT, (ME,)))
+    # dev-spire lists SVIDs by entry ID, as SPIRE does: register authd's entry until it sorts after the
+    # decoy's, so the decoy is the first (default) SVID the agent sends.
+    socket = workload_socket(spire.options.directory, "node-a")
+    async with EntryClient(entry_socket(spire.options.directory)) as entries:
+        for _ in range(40):
+            (authd_entry,) = await create(spire, RegistrationEntry(AUTHD_ID, PARENT, (ME,)))
+            listed = [svid.spiffe_id for svid in (await raw_fetch(socket, SECURITY_HEADER)).svids]
+            if listed == [str(decoy), str(AUTHD_ID)]:
+                break
+            assert [r.ok for r in await entries.delete_entries([authd_entry])] == [True]
+        else:
+            raise AssertionError("authd's entry never sorted after the decoy's")
+    store = SvidStore()
+    client = WorkloadApiClient(
+        workload_endpoint(spire.options.directory),
+        store,
+        node=NODE,
+        backoff=CountingBackoff(),
+        status=StreamBoard(lambda: None),
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(store.wait_ready(), 10)
+        own = store.own_svid()
+        assert own is not None
+        assert own.spiffe_id == AUTHD_ID
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_without_an_svid_for_the_node_id_the_client_refuses_for_good(spire: DevSpire) -> None:
+    await create(spire, RegistrationEntry(SpiffeId.parse("spiffe://example.org/authd/node-b"), PARENT, (ME,)))
+    store = SvidStore()
+    client = WorkloadApiClient(
+        workload_endpoint(spire.options.directory),
+        store,
+        node=NODE,
+        backoff=CountingBackoff(),
+        status=StreamBoard(lambda: None),
+    )
+    with pytest.raises(SpireError) as caught:
+        await asyncio.wait_for(client.run(), 10)
+    assert not caught.value.retryable
+    assert "no SVID for the node ID spiffe://example.org/authd/node-a" in str(caught.value)
+    assert "issued: spiffe://example.org/authd/node-b" in str(caught.value)
+    assert store.own_svid() is None

@@ -144,6 +144,22 @@ async def test_transient_failure_keeps_the_result_and_an_answer_drops_it() -> No
         await eventually(lambda: attestations.stats.attempts["unreachable"] >= 2)
 
 
+@pytest.mark.parametrize("reason", ["node-expired", "own-certificate-expired"])
+async def test_an_expired_node_svid_keeps_the_result_until_it_expires(reason: str) -> None:
+    # SPIRE down: a node SVID (the peer's or ours) expires before the workloads' SVIDs, as it was
+    # issued first. Taken as an answer, it dropped the result, and the auth entry, before its expiry.
+    authority, client = ca(), ScriptedAttestClient()
+    short = svid(authority, WEB, 10, age=7)  # due for renewal at once
+    client.script(str(WEB), "node-a", short, AttestError(reason, "node SVID expired"))
+    async with running(client) as (attestations, changes):
+        peer = Peer(WEB, "node-a")
+        attestations.want({peer: target(WEB)})
+        await eventually(lambda: attestations.stats.attempts[reason] >= 1)
+        assert attestations.result(peer) is not None
+        assert not attestations.refused(peer)
+        assert changes.count == 1  # appeared; never dropped
+
+
 async def test_not_hosted_answer_drops_a_held_result() -> None:
     authority, client = ca(), ScriptedAttestClient()
     short = svid(authority, WEB, 10, age=7)

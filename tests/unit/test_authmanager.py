@@ -132,11 +132,13 @@ async def test_local_rotation_moves_the_expiry_without_a_handshake() -> None:
         h.svids.local[sid("web")] = svid("web", hours=1)
         h.manager.cluster_changed(two_nodes(("web", "db")))
         await eventually(lambda: len(h.table.entries) == 1)
+        assert h.manager.fail_closed_at() == h.svids.local[sid("web")].not_after
         rotated = svid("web", hours=2)
         h.svids.local[sid("web")] = rotated
         h.manager.svids_changed()
         await eventually(lambda: set(h.table.entries.values()) == {rotated.not_after})
         assert h.client.calls == {(str(sid("db")), "node-b"): 1}
+        assert h.manager.fail_closed_at() == rotated.not_after  # renewed: the horizon moved with it
 
 
 async def test_removing_the_endpoint_removes_its_entries_and_its_peer() -> None:
@@ -284,7 +286,9 @@ async def test_entries_are_removed_when_they_expire() -> None:
         h.svids.local.update({sid("web"): short, sid("cache"): svid("cache")})
         h.manager.cluster_changed(two_nodes(("web", "cache")))
         await eventually(lambda: len(h.table.entries) == 2)
+        assert h.manager.fail_closed_at() == short.not_after  # the first entry to lapse
         await eventually(lambda: not h.table.entries, within=5)
+        assert h.manager.fail_closed_at() is None
 
 
 async def test_attestation_results_update_only_their_pairs_without_reading_the_whole_map() -> None:

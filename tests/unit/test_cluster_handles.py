@@ -160,9 +160,30 @@ def test_corrupt_state_is_moved_aside_and_registry_starts_fresh(path: Path, cont
     assert not HandleRegistry.open(path, "node-a").fresh
 
 
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (bytes(range(256)) * 4, "not UTF-8"),  # garbage bytes (they crash-looped the daemon once)
+        (b"", "not JSON"),
+        (b'{"format": 1, "identities": {"spiffe://example.org/a": 2', "not JSON"),  # truncated
+        (b"\x00" * 4096, "not JSON"),  # a file of zeros, as a crash on some file systems leaves
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
+    ],
+)
+def test_state_bytes_that_are_no_document_start_fresh(path: Path, content: bytes, error: str) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with capture_logs() as logs:
+        registry = HandleRegistry.open(path, "node-a")
+    assert registry.fresh
+    (entry,) = logs
+    assert error in entry["error"]
+    assert (path.parent / f"{STATE_FILE}.corrupt").read_bytes() == content
+
+
 def test_unreadable_state_file_is_an_error_not_a_fresh_start(path: Path) -> None:
     path.mkdir(parents=True)  # a directory where the file should be: unreadable even for root
-    with pytest.raises(ClusterStateError, match=f"cannot read state file {path}"):
+    with pytest.raises(ClusterStateError, match=f"cannot read state file {path}: .*remove it"):
         HandleRegistry.open(path, "node-a")
 
 

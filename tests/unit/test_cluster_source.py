@@ -19,6 +19,9 @@ from authd.health import Health, State
 from tests.fakes.cluster import FakeClusterSource, node, sid, state
 from tests.unit.test_cluster_file import DB, GOOD, NODES, RULE, WEB
 
+SETTLE = 2.0
+"""The file source's default settle time."""
+
 
 class World:
     """A cluster file in a temporary directory and a source watching it."""
@@ -186,12 +189,15 @@ def test_in_place_write_is_seen(world: World) -> None:
 
 def test_same_size_in_place_write_within_one_timestamp_tick_is_seen(tmp_path: Path) -> None:
     # The clock says the file was just modified, so its unchanged stat is not trusted.
-    world = World(tmp_path, clock_offset=0.0)
+    now = [time.time()]
+    world = World(tmp_path)
+    world.source._clock = lambda: now[0]
     world.replace(GOOD)
     assert world.source.poll()
     before = world.path.stat()
     world.write_in_place(GOOD.replace("10.1.0.1", "10.1.0.2"))
     os.utime(world.path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if in the same tick
+    now[0] += SETTLE + 1  # once the in-place write has settled
     assert world.source.poll()
     current = world.source.current()
     assert current is not None
@@ -238,7 +244,26 @@ def test_unreadable_path_is_a_read_error(world: World) -> None:
     world.source.poll()
     assert world.source.current() is None
     assert world.source.stats.read_errors == 1
-    assert "cannot read" in world.reason
+    assert world.reason == f"cluster: cannot read {world.path}: not a regular file (a directory)"
+
+
+def test_fifo_in_the_files_place_is_refused_without_blocking(world: World) -> None:
+    world.replace(GOOD)
+    world.source.poll()
+    good = world.source.current()
+    world.path.unlink()
+    os.mkfifo(world.path)
+    # With no writer, a blocking open of the FIFO would never return: poll() returning at all is the proof.
+    with capture_logs() as logs:
+        assert not world.source.poll()
+    (entry,) = logs
+    assert entry["event"] == "cluster state file unreadable, keeping the last good state"
+    assert entry["error"] == f"cluster: cannot read {world.path}: not a regular file (a FIFO)"
+    assert world.source.current() is good
+    assert world.health_state() is State.DEGRADED
+    world.path.unlink()
+    world.replace(GOOD.replace("10.1.0.1", "10.1.0.2"))
+    assert world.source.poll()  # a valid version after the FIFO is applied at once
 
 
 def test_non_utf8_is_rejected(world: World) -> None:
@@ -332,3 +357,117 @@ def test_live_directory_follows_the_state_in_force() -> None:
     assert directory.node_named_by(sid("web")) is None
     source.publish(state([node("node-b")]))
     assert directory.node_named_by(sid("authd/node-a")) is None  # removed: refused at once
+
+
+NODES_ONLY = NODES
+"""The cluster file truncated after its [[node]] tables: valid, and without a single endpoint."""
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", 'it no longer lists this node "node-a"'),
+        (NODES_ONLY, "it removes every endpoint (2)"),
+        (NODES_ONLY + RULE, "it removes every endpoint (2)"),
+    ],
+    ids=["empty", "truncated", "truncated-with-policy"],
+)
+def test_bad_deploy_is_held_back_until_accepted(world: World, text: str, reason: str) -> None:
+    world.replace(GOOD)
+    assert world.source.poll()
+    good = world.source.current()
+    with capture_logs() as logs:
+        world.replace(text)
+        assert not world.source.poll()
+        assert not world.source.poll()  # held once, logged once
+    (entry,) = logs
+    assert (
+        entry["event"] == "cluster state held back until `authd cluster accept`, keeping the last good state"
+    )
+    assert entry["reason"] == reason
+    assert world.source.current() is good
+    assert world.source.stats.holds == 1
+    assert world.source.stats.held_reason == reason
+    assert world.health_state() is State.DEGRADED
+    assert f"held back: {reason}; `authd cluster accept` applies it" in world.reason
+    accepted = world.source.accept()
+    assert world.source.current() is accepted
+    assert accepted.version == world.source.stats.version
+    assert not accepted.endpoints
+    assert world.source.stats.held_reason == ""
+    with pytest.raises(LookupError):
+        world.source.accept()
+
+
+def test_a_later_good_version_drops_the_held_one(world: World) -> None:
+    world.replace(GOOD)
+    world.source.poll()
+    world.replace("")
+    world.source.poll()
+    assert world.source.stats.held_reason
+    fixed = GOOD.replace("10.1.0.1", "10.1.0.2")
+    world.replace(fixed)
+    assert world.source.poll()
+    assert world.source.stats.held_reason == ""
+    assert world.health_state() is State.READY
+    with pytest.raises(LookupError):
+        world.source.accept()  # nothing is left to accept: the empty version is gone for good
+
+
+def test_reverting_to_the_state_in_force_drops_the_held_one(world: World) -> None:
+    world.replace(GOOD)
+    world.source.poll()
+    world.replace(NODES)
+    world.source.poll()
+    world.replace(GOOD)
+    assert not world.source.poll()
+    assert world.source.stats.held_reason == ""
+    assert world.health_state() is State.READY
+
+
+def test_removal_share_is_configurable(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.source = FileClusterSource(
+        world.path, "node-a", world.component, max_endpoint_removal=0.4, clock=lambda: time.time() + 10
+    )
+    world.replace(GOOD)
+    world.source.poll()
+    world.replace(NODES + WEB + RULE)  # one of two endpoints gone: 50% > 40%
+    assert not world.source.poll()
+    assert world.source.stats.held_reason == (
+        "it removes 1 of 2 endpoints, more than the 40% allowed at once (cluster.max_endpoint_removal)"
+    )
+
+
+def test_half_written_file_is_not_read_until_it_settles(tmp_path: Path) -> None:
+    now = [time.time() + 10]
+    world = World(tmp_path)
+    world.source._clock = lambda: now[0]
+    world.replace(GOOD)
+    assert world.source.poll()
+    good = world.source.current()
+    # A slow writer, caught after the nodes and one endpoint: valid TOML, and a smaller state.
+    with world.path.open("r+") as writer:
+        writer.truncate(0)
+        writer.write(NODES + WEB)
+        writer.flush()
+        now[0] = time.time()
+        for _ in range(3):
+            now[0] += 0.5  # one second and a half of a stalled writer, polled every half second
+            assert not world.source.poll()
+            assert world.source.current() is good
+        writer.write(DB + RULE.replace("db", "web"))
+    now[0] = time.time() + SETTLE + 1
+    assert world.source.poll()
+    current = world.source.current()
+    assert current is not None
+    assert len(current.endpoints) == 2
+    assert world.source.stats.applied == 2  # the half-written version was never applied
+
+
+def test_atomic_rename_is_applied_without_waiting(tmp_path: Path) -> None:
+    world = World(tmp_path, clock_offset=0.0)
+    world.replace(GOOD)
+    assert world.source.poll()
+    world.replace(GOOD.replace("10.1.0.1", "10.1.0.2"))  # modified just now, but a new inode
+    assert world.source.poll()

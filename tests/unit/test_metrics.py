@@ -59,6 +59,7 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_cluster_state_updates_total", result="rejected") == 1
     assert value(found, "authd_auth_map_entries") == 3
     assert value(found, "authd_auth_map_capacity") == 1024
+    assert value(found, "authd_fail_closed_in_seconds") == 90
     assert value(found, "authd_auth_required_events_total", outcome="attesting") == 2
     assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="AUTHENTICATED") == 9
     assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="NO_AUTH_REQUIRED") == 5

@@ -14,12 +14,13 @@ from authd.errors import SvidError
 from authd.spire._proto import delegatedidentity_pb2, types_pb2, workload_pb2
 from authd.spire.bundles import parse_bundle_map
 from authd.spire.delegated import parse_svid_with_key
-from authd.spire.workload import parse_x509_svid_response
+from authd.spire.workload import NodeIdentity, parse_x509_svid_response
 from authd.x509svid import X509Svid
 from tests.fakes.ca import NOW
 from tests.fakes.ca import TestCA as FakeCA
 
 ROUNDS = 400
+NODE = NodeIdentity("node-a")
 
 
 def damage(data: bytes, rng: random.Random) -> bytes:
@@ -73,7 +74,7 @@ def test_damaged_workload_api_responses_parse_or_are_refused(material: tuple[Fak
     rng = random.Random(1234)
     good = {"x509_svid": der(svid), "x509_svid_key": pkcs8(svid), "bundle": root_der}
     control = workload_pb2.X509SVIDResponse(svids=[item(str(svid.spiffe_id), good)])
-    assert parse_x509_svid_response(control, at=NOW).default_svid.spiffe_id == svid.spiffe_id
+    assert parse_x509_svid_response(control, at=NOW, node=NODE).node_svid.spiffe_id == svid.spiffe_id
     refused = 0
     for _ in range(ROUNDS):
         fields = dict(good)
@@ -84,7 +85,7 @@ def test_damaged_workload_api_responses_parse_or_are_refused(material: tuple[Fak
             federated_bundles={"spiffe://partner.org": damage(root_der, rng)} if rng.random() < 0.3 else {},
         )
         try:
-            parse_x509_svid_response(message, at=NOW)
+            parse_x509_svid_response(message, at=NOW, node=NODE)
         except SvidError:
             refused += 1
     assert refused > ROUNDS * 0.9  # nearly every damage is caught (a few land where DER ignores them)
@@ -130,7 +131,7 @@ def test_damaged_bundle_maps_parse_or_are_refused(material: tuple[FakeCA, X509Sv
             parse_bundle_map(entries)
 
 
-def test_expired_default_svid_is_refused(material: tuple[FakeCA, X509Svid]) -> None:
+def test_expired_node_svid_is_refused(material: tuple[FakeCA, X509Svid]) -> None:
     root, svid = material
     message = workload_pb2.X509SVIDResponse(
         svids=[
@@ -143,4 +144,43 @@ def test_expired_default_svid_is_refused(material: tuple[FakeCA, X509Svid]) -> N
         ]
     )
     with pytest.raises(SvidError):
-        parse_x509_svid_response(message, at=NOW + dt.timedelta(days=400))
+        parse_x509_svid_response(message, at=NOW + dt.timedelta(days=400), node=NODE)
+
+
+def _response(root: FakeCA, *svids: X509Svid) -> workload_pb2.X509SVIDResponse:
+    bundle = root.cert.public_bytes(serialization.Encoding.DER)
+    return workload_pb2.X509SVIDResponse(
+        svids=[
+            item(
+                str(svid.spiffe_id), {"x509_svid": der(svid), "x509_svid_key": pkcs8(svid), "bundle": bundle}
+            )
+            for svid in svids
+        ]
+    )
+
+
+def test_node_svid_is_chosen_by_its_exact_id_not_by_position(material: tuple[FakeCA, X509Svid]) -> None:
+    root, node_svid = material
+    other = root.mint("spiffe://example.org/authd/node-a/extra")
+    # The agent lists another SVID first (the default one): it does not become the node identity.
+    context = parse_x509_svid_response(_response(root, other, node_svid), at=NOW, node=NODE)
+    assert context.node_svid.spiffe_id == node_svid.spiffe_id
+    assert [svid.spiffe_id for svid in context.svids] == [other.spiffe_id, node_svid.spiffe_id]
+
+
+def test_a_configured_node_id_wins_over_the_derived_one(material: tuple[FakeCA, X509Svid]) -> None:
+    root, derived = material
+    configured = root.mint("spiffe://example.org/nodes/a")
+    node = NodeIdentity("node-a", configured.spiffe_id)
+    context = parse_x509_svid_response(_response(root, derived, configured), at=NOW, node=node)
+    assert context.node_svid.spiffe_id == configured.spiffe_id
+
+
+def test_a_response_without_the_node_id_is_refused(material: tuple[FakeCA, X509Svid]) -> None:
+    root, _ = material
+    others = [root.mint("spiffe://example.org/authd/node-b"), root.mint("spiffe://example.org/web")]
+    with pytest.raises(SvidError) as caught:
+        parse_x509_svid_response(_response(root, *others), at=NOW, node=NODE)
+    assert caught.value.rule == "node-id-missing"
+    assert "spiffe://example.org/authd/node-a" in str(caught.value)
+    assert "issued: spiffe://example.org/authd/node-b, spiffe://example.org/web" in str(caught.value)

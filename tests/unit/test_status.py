@@ -43,7 +43,7 @@ def test_report_names_svids_peers_and_usage(ca: FakeCA) -> None:
         "last_failure": "not-hosted",
         "in_flight": False,
     }
-    assert status["auth_map"] == {"entries": 3, "capacity": 1024, "reconciles": 4}
+    assert status["auth_map"] == {"entries": 3, "capacity": 1024, "reconciles": 4, "fail_closed_in_s": 90}
     assert status["datapath"]["interfaces"] == ["lxc0", "lxc1"]
     assert (status["datapath"]["allowed"], status["datapath"]["denied"]) == (14, 4)
     assert status["spire"]["connected"] is False  # a workload stream is down
@@ -58,6 +58,7 @@ def test_render_is_what_an_operator_reads(ca: FakeCA) -> None:
     text = render(report(view, runtime={}, uptime=3600))
     assert "authd 0.1.0 on node node-a" in text
     assert "starting, healthy" in text
+    assert "first entry expires in 90s unless renewed" in text
     assert "spire:     NOT CONNECTED (delegated-svids[unix:uid:1000]: UNAVAILABLE)" in text
     assert f"own SVID:  {OWN} expires " in text
     assert f"{DB} at node-b: attested via 10.0.0.2, expires" in text

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from authd.errors import SvidError
@@ -21,6 +22,7 @@ from authd.identity import SpiffeId, TrustDomain
 from authd.x509svid import (
     Authorizer,
     BundleSet,
+    PrivateKey,
     X509Bundle,
     X509Svid,
     authorize_id,
@@ -543,6 +545,53 @@ def test_parse_svid_refuses_bad_certificates(world: World, chain_der: list[bytes
     with pytest.raises(SvidError) as caught:
         parse_svid(chain_der, _pkcs8(world.local.mint(WORKLOAD).private_key))
     assert caught.value.rule == ("empty-chain" if not chain_der else "malformed-certificate")
+
+
+# --- the leaf key policy (authd.keypolicy) -----------------------------------------------------------
+
+# Keys an SVID can hold (cryptography signs with them): minted with the key itself, so parse_svid's
+# key-match check passes and only the policy decides.
+ACCEPTED_KEYS: dict[str, Callable[[], PrivateKey]] = {
+    "P-256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "P-384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "Ed25519": ed25519.Ed25519PrivateKey.generate,
+    "RSA-2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "RSA-3072": lambda: rsa.generate_private_key(public_exponent=65537, key_size=3072),
+}
+REFUSED_KEYS: dict[str, tuple[Callable[[], CertificatePublicKeyTypes], str]] = {
+    "RSA-1024": (
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key(),  # noqa: S505 - the key refused
+        "leaf-key-rsa-size",
+    ),
+    "RSA-2040": (
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=2040).public_key(),  # noqa: S505 - the key refused
+        "leaf-key-rsa-size",
+    ),
+    "P-521": (lambda: ec.generate_private_key(ec.SECP521R1()).public_key(), "leaf-key-curve"),
+    "P-224": (lambda: ec.generate_private_key(ec.SECP224R1()).public_key(), "leaf-key-curve"),
+    "secp256k1": (lambda: ec.generate_private_key(ec.SECP256K1()).public_key(), "leaf-key-curve"),
+    "DSA-2048": (lambda: dsa.generate_private_key(key_size=2048).public_key(), "leaf-key-algorithm"),
+    "Ed448": (lambda: ed448.Ed448PrivateKey.generate().public_key(), "leaf-key-algorithm"),
+}
+
+
+@pytest.mark.parametrize("name", ACCEPTED_KEYS)
+def test_key_policy_accepts_its_keys_on_both_sides(world: World, name: str) -> None:
+    svid = world.local.mint(WORKLOAD, LeafOptions(key=ACCEPTED_KEYS[name]()))
+    assert (
+        verify_chain(svid.chain, world.both, at=NOW, authorize=authorize_id(svid.spiffe_id)) == svid.spiffe_id
+    )
+    assert _parse(svid).spiffe_id == svid.spiffe_id
+
+
+@pytest.mark.parametrize("name", REFUSED_KEYS)
+def test_key_policy_refuses_every_other_key_on_both_sides(world: World, name: str) -> None:
+    make, rule = REFUSED_KEYS[name]
+    svid = world.local.mint(WORKLOAD, LeafOptions(certified_key=make()))
+    _refusal(rule, svid.chain, world.both)  # a peer's chain, signed by a trusted CA
+    with pytest.raises(SvidError) as caught:  # an SVID authd itself is handed
+        _parse(svid)
+    assert caught.value.rule == rule
 
 
 # --- concatenated DER and bundles ---------------------------------------------------------------------

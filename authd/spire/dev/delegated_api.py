@@ -11,6 +11,10 @@ The caller is attested by its peer credentials; its identities must include an a
 could not parse give ``INVALID_ARGUMENT "could not parse provided selectors"``. Selectors matching
 nothing give an empty list, not an error. Admin and downstream entries are left out. No security
 header is needed (SPIRE applies it to the Workload API only).
+
+``SubscribeToX509Bundles`` accumulates as SPIRE's does: a trust domain, once sent on a stream, stays in
+every later message of that stream (with its last bundle) even after the agent dropped it; only a new
+stream starts from the agent's current set. A client learns of removals only by reopening.
 """
 
 from __future__ import annotations
@@ -119,17 +123,20 @@ class DelegatedIdentityService:
             await feed.wait_beyond(version)
 
     async def subscribe_x509_bundles(self, stream: BundlesStream) -> None:
-        """Stream every bundle the agent holds, keyed ``spiffe://<td>``, to an authorized delegate."""
+        """Stream every bundle the agent holds, keyed ``spiffe://<td>``, to an authorized delegate.
+
+        Trust domains accumulate for the life of the stream, as in SPIRE: one the agent drops is still sent.
+        """
         await stream.recv_message()
         caller = attest_caller(stream)
         feed = self._agent.feed
         last: delegatedidentity_pb2.SubscribeToX509BundlesResponse | None = None
+        sent: dict[str, bytes] = {}
         while True:
             version = feed.version
             self._authorize(caller)
-            response = delegatedidentity_pb2.SubscribeToX509BundlesResponse(
-                ca_certificates={td.id_string(): b.der() for td, b in self._agent.bundles().items()}
-            )
+            sent.update({td.id_string(): b.der() for td, b in self._agent.bundles().items()})
+            response = delegatedidentity_pb2.SubscribeToX509BundlesResponse(ca_certificates=sent)
             if response != last:
                 await stream.send_message(response)
                 last = response

@@ -245,6 +245,14 @@ class DevSpire:
         deadlines += [at for agent in self.agents.values() if (at := agent.next_rotation()) is not None]
         return min(deadlines)
 
+    def remove_federated_trust_domain(self, trust_domain: TrustDomain) -> None:
+        """Stop federating with ``trust_domain`` (``spire-server bundle delete``): agents drop its bundle."""
+        if trust_domain == self.options.trust_domain or trust_domain not in self.authorities:
+            raise ValueError(f"dev-spire: {trust_domain} is not a federated trust domain")
+        del self.authorities[trust_domain]
+        self._save()
+        self._sync()
+
     def _entries_changed(self) -> None:
         if self.authorities:  # not while loading
             self._save()
