@@ -7,7 +7,7 @@ BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 \
-	systemd systemd-container debootstrap etcd-server
+	systemd systemd-container debootstrap prometheus etcd-server
 
 .PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts wheel-check
 
@@ -17,10 +17,10 @@ all: venv
 artifacts: protos
 	$(MAKE) --no-print-directory -C bpf
 
-# Protobuf modules and their type stubs for the SPIRE and etcd APIs and the node channel (*/_proto,
-# gitignored). hatch_build.py passes the build environment's Python on the command line; otherwise the
-# project venv's is used.
-PROTO_DIRS := authd/spire/_proto authd/cluster/_proto authd/attest/_proto
+# Protobuf modules and their type stubs for the SPIRE and etcd APIs, the node channel and Hubble's
+# Observer API (*/_proto, gitignored). hatch_build.py passes the build environment's Python on the command
+# line; otherwise the project venv's is used.
+PROTO_DIRS := authd/spire/_proto authd/cluster/_proto authd/attest/_proto authd/hubble/_proto
 PROTO_SRC := $(foreach dir,$(PROTO_DIRS),$(wildcard $(dir)/*.proto))
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 ifeq ($(origin PYTHON),command line)
@@ -67,6 +67,7 @@ WHEEL_DIR := $(BUILD)/wheel
 WHEEL_MUST_HOLD := authd/datapath/authd.bpf.o authd/spire/_proto/workload_pb2.py \
 	authd/spire/_proto/delegatedidentity_pb2.py authd/spire/_proto/entry_pb2.py authd/cluster/_proto/etcd_pb2.py \
 	authd/attest/_proto/channel_pb2.py \
+	authd/hubble/_proto/flow_pb2.py authd/hubble/_proto/observer_pb2.py \
 	authd-$$v.data/data/share/authd/systemd/authd.service authd-$$v.data/data/share/doc/authd/install.md
 wheel-check: venv
 	rm -rf $(WHEEL_DIR)

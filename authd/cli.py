@@ -167,40 +167,109 @@ def _add_observe(
         "observe",
         parents=[parent],
         help="show policy-verdict flows from the running daemon (like hubble observe)",
+        description="Flows as `hubble observe` prints them, read over Hubble's Observer API; filters as "
+        "Hubble's. Several --server options read several nodes and merge their flows.",
     )
-    observe.add_argument("--json", action="store_true", help="one JSON object per line")
+    observe.add_argument(
+        "-o", "--output", choices=["compact", "dict", "json", "jsonpb"], default="compact", help="output mode"
+    )
+    observe.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
+    observe.add_argument("--print-node-name", action="store_true", help="print each flow's node name")
     observe.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
+    observe.add_argument("--last", type=int, metavar="N", help="the last N flows (default 20)")
+    observe.add_argument("--first", type=int, metavar="N", help="the first N kept flows")
     observe.add_argument(
-        "--last", type=int, metavar="N", help="the last N flows (default 20; 0 with --follow)"
+        "--since", metavar="TIME", help="flows since TIME (RFC 3339) or a duration ago (10m)"
+    )
+    observe.add_argument("--until", metavar="TIME", help="flows until TIME (RFC 3339) or a duration ago")
+    observe.add_argument(
+        "--verdict",
+        action="append",
+        default=[],
+        type=str.upper,
+        choices=["FORWARDED", "DROPPED", "ALLOWED", "DENIED"],
+        help="only flows with this verdict (ALLOWED and DENIED are authd's words for the same)",
     )
     observe.add_argument(
-        "--identity", metavar="ID", help="only flows with this SPIFFE ID or handle on either side"
+        "--traffic-direction", "--direction", dest="direction", type=str.lower, choices=["ingress", "egress"]
     )
-    observe.add_argument("--verdict", choices=["allowed", "denied"], help="only flows with this verdict")
-    observe.add_argument("--direction", choices=["ingress", "egress"], help="only flows in this direction")
+    for flag, dest, what in (
+        ("--from-ip", "from_ip", "source IP or CIDR"),
+        ("--to-ip", "to_ip", "destination IP or CIDR"),
+        ("--ip", "ip", "IP or CIDR on either side"),
+        ("--from-port", "from_port", "source port"),
+        ("--to-port", "to_port", "destination port"),
+        ("--port", "port", "port on either side"),
+        ("--protocol", "protocols", "L4 protocol (tcp, udp, sctp)"),
+        ("--from-identity", "from_identity", "source SPIFFE ID pattern (* wildcards) or numeric identity"),
+        ("--to-identity", "to_identity", "destination SPIFFE ID pattern or numeric identity"),
+        ("--identity", "identity", "SPIFFE ID pattern or numeric identity on either side"),
+        ("--node-name", "node_names", "node name pattern"),
+    ):
+        observe.add_argument(
+            flag, dest=dest, action="append", default=[], help=f"only flows with this {what}"
+        )
+    observe.add_argument(
+        "--server",
+        "--node-socket",
+        dest="servers",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a node's Hubble Observer: socket path, unix:PATH or host:port (repeatable; default: this node)",
+    )
     observe.set_defaults(command=_observe)
 
 
 def _observe(args: argparse.Namespace) -> int:
-    from authd.control import ControlClient, socket_path  # noqa: PLC0415
-    from authd.flows import Flow, render  # noqa: PLC0415
+    import datetime as dt  # noqa: PLC0415 - keep the CLI's import light
 
-    config = _config_or_defaults(args.config)
-    client = ControlClient(socket_path(config.node.runtime_dir), timeout=None if args.follow else 10.0)
-    request = {
-        "follow": args.follow,
-        "last": args.last,
-        "identity": args.identity,
-        "verdict": args.verdict,
-        "direction": args.direction,
-    }
-    for response in client.request("observe", **request):
-        if "lost" in response:
-            print(f"authd: {response['lost']} flows lost (this client was too slow)", file=sys.stderr)
-        elif args.json:
-            print(json.dumps(response), flush=args.follow)
+    from authd.hubble import printer  # noqa: PLC0415
+    from authd.hubble.query import Query, flows  # noqa: PLC0415
+
+    query = Query(
+        follow=args.follow,
+        last=args.last,
+        first=args.first,
+        since=args.since,
+        until=args.until,
+        verdicts=args.verdict,
+        direction=args.direction,
+        from_ip=args.from_ip,
+        to_ip=args.to_ip,
+        ip=args.ip,
+        from_port=args.from_port,
+        to_port=args.to_port,
+        port=args.port,
+        protocols=args.protocols,
+        from_identity=args.from_identity,
+        to_identity=args.to_identity,
+        identity=args.identity,
+        node_names=args.node_names,
+    )
+    request = query.to_request(dt.datetime.now(dt.UTC))
+    if args.servers:
+        servers = args.servers
+    else:
+        config = _config_or_defaults(args.config)
+        servers = [str(config.node.runtime_dir / config.hubble.socket_name)]
+    first = True
+    for response in flows(servers, request):
+        if response.HasField("lost_events"):
+            lost = response.lost_events.num_events_lost
+            print(
+                f"authd: {lost} flows lost on {response.node_name} (this client was too slow)",
+                file=sys.stderr,
+            )
+        elif args.output in ("json", "jsonpb"):
+            print(printer.to_json(response), flush=args.follow)
+        elif args.output == "dict":
+            print(
+                printer.block(response.flow, first=first, node_name=args.print_node_name), flush=args.follow
+            )
         else:
-            print(render(Flow.from_json(response)), flush=args.follow)
+            print(printer.compact(response.flow, node_name=args.print_node_name), flush=args.follow)
+        first = False
     if args.follow:  # a followed stream ends only when the daemon goes away
         print("authd: the daemon closed the flow stream (stopped or restarting)", file=sys.stderr)
         return 1

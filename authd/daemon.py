@@ -34,9 +34,10 @@ from authd.daemonview import DaemonView
 from authd.datapath.events import AuthRequiredEvent
 from authd.datapath.tables import PinnedAuthTable, PinnedTables
 from authd.errors import ConfigError, ControlError, DaemonError, SpireError
-from authd.flows import FlowLog, serve_observe
+from authd.flows import FlowLog
 from authd.health import Health
 from authd.httpapi import HttpServer
+from authd.hubble.server import ObserverServer
 from authd.jobs import Job, Supervisor
 from authd.logbook import Logbook
 from authd.sdnotify import Notifier
@@ -101,6 +102,7 @@ class Daemon:
         self.handles = HandleRegistry.open(config.node.state_dir / STATE_FILE, self.node_name)
         self.manager: AuthManager | None = None
         self.enforcement: Enforcement | None = None
+        self.flow_log: FlowLog | None = None
         self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
         self.identity_plane = IdentityPlane.from_config(
@@ -142,6 +144,17 @@ class Daemon:
         }
         if enforcement is not None:
             runtime["pin_dir"] = str(self.config.datapath.pin_dir)
+        hubble = self.config.hubble
+        if hubble.enabled:
+            hubble_health = self.health.register("hubble", gates_ready=False)
+            self.observer = ObserverServer(
+                self.flow_log,
+                self.config.node.runtime_dir / hubble.socket_name,
+                tcp_port=hubble.tcp_port,
+                on_listening=lambda where: hubble_health.ready(f"serving on {where}"),
+            )
+            self._jobs.append(Job("hubble", self.observer.run, critical=False))
+            runtime["hubble_socket"] = str(self.observer.path)
         self.control.register("status", StatusOp(self.view, runtime=runtime))
         self.control.register("reload", self._serve_reload)
         if http.enabled:
@@ -153,12 +166,10 @@ class Daemon:
 
     def _build_datapath(self) -> None:
         if not self.config.datapath.enabled:
-            self.control.register("observe", _datapath_disabled)
             return
         from authd.datapath.enforcement import Enforcement  # noqa: PLC0415 - loads libbpf only when enabled
 
         self.flow_log = FlowLog(self.handles)
-        self.control.register("observe", lambda request: serve_observe(self.flow_log, request))
         enforcement = Enforcement(
             self.config.datapath,
             self.health.register("datapath"),
@@ -431,12 +442,6 @@ class Daemon:
     def _apply_logging(self, old: Config, new: Config) -> None:
         if old.log != new.log:
             logsetup.configure(new.log.level, new.log.format, logbook=self.logbook)
-
-
-async def _datapath_disabled(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    if request:  # always: the op exists only to say why it cannot answer
-        raise ControlError("control: the datapath is disabled ([datapath] enabled = false)")
-    yield {}
 
 
 def _live_datapath_change(old: Config, new: Config) -> set[str]:

@@ -1,6 +1,6 @@
 """The HTTP endpoints, served by aiohttp inside the daemon's own event loop.
 
-- ``GET /metrics``: Prometheus text format (:mod:`authd.metrics`).
+- ``GET /metrics``: Prometheus text format, or OpenMetrics when the Accept header asks (:mod:`authd.metrics`).
 - ``GET /healthz``: liveness, 200 while the process serves requests; says whether a component failed.
 - ``GET /readyz``: readiness, 503 until every gating component (SVIDs, datapath, cluster state) has been
   ready once and while one of them is failed, 200 otherwise; per-component JSON either way. A degraded
@@ -22,7 +22,7 @@ from aiohttp import web
 
 from authd.config.model import HttpConfig
 from authd.daemonview import DaemonView, HealthSource, ready_now
-from authd.metrics import CONTENT_TYPE, registry_for, render
+from authd.metrics import registry_for, render
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +45,9 @@ def application(view: DaemonView) -> web.Application:
     """The aiohttp application serving the three endpoints from ``view``."""
     registry = registry_for(view)
 
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE})
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = render(registry, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"alive": True, "healthy": view.health.healthy})

@@ -4,15 +4,19 @@ Nothing is counted twice: every number is read from where the component already 
 store's stats, the stream board, the attestation client, schedule and listener, the cluster source, the
 auth manager, the datapath's per-CPU counters map), so a scrape shows the live state and components stay
 free of metric code. Labels are low-cardinality only: reasons, results, stream kinds, component names;
-never SPIFFE IDs, node names or addresses (``authd status`` shows those).
+never SPIFFE IDs, node names or addresses (``authd status`` shows those). Series that alerts read exist
+from the first scrape, at 0 (``ALWAYS``); drop reasons are Hubble's names (authd.hubble.reasons), the
+standard ``process_*`` metrics come from prometheus_client, and a scraper that asks for OpenMetrics
+gets it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,22 +24,30 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from authd import __version__
 from authd.daemonview import DaemonView, ready_now
 from authd.health import State
 from authd.histogram import Histogram
+from authd.hubble.reasons import DROP_REASONS
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-# The datapath's verdict counters (enum authd_counter) as (verdict, reason) label pairs.
+# The datapath's verdict counters (enum authd_counter) as (verdict, reason) label pairs: Hubble's verdict
+# names, and for drops Hubble's drop reason (so AUTH_EXPIRED counts as AUTH_REQUIRED, as in Cilium).
 _VERDICTS = {
-    "allowed": ("allowed", "no-auth-required"),
-    "allowed_auth": ("allowed", "authenticated"),
-    "denied_auth_required": ("denied", "auth-required"),
-    "denied_auth_expired": ("denied", "auth-expired"),
-    "denied_malformed": ("denied", "malformed"),
+    "allowed": ("FORWARDED", "NO_AUTH_REQUIRED"),
+    "allowed_auth": ("FORWARDED", "AUTHENTICATED"),
+    "denied_auth_required": ("DROPPED", DROP_REASONS["AUTH_REQUIRED"].name),
+    "denied_auth_expired": ("DROPPED", DROP_REASONS["AUTH_EXPIRED"].name),
+    "denied_malformed": ("DROPPED", DROP_REASONS["MALFORMED"].name),
+}
+# Label values whose series exist from the start at 0, so that rates and alerts see them at once.
+ALWAYS: Mapping[str, tuple[str, ...]] = {
+    "authd_attestations": ("ok",),
+    "authd_auth_required_events": ("attesting", "known", "local", "unknown-identity", "waiting"),
+    "authd_spire_updates_applied": ("delegated-identity-api", "workload-api"),
+    "authd_spire_stream_failures": ("delegated-bundles", "delegated-svids", "workload-api"),
 }
 _SKIPPED = {"non_ip": "non-ip", "not_local": "not-local"}
 
@@ -81,7 +93,7 @@ class AuthdCollector(Collector):
             for state in State:
                 states.add_metric([status.name, state.value], _flag(status.state is state))
         yield states
-        restarts = CounterMetricFamily(
+        restarts = CounterMetricFamily(  # job names are known only once one restarted
             "authd_job_restarts", "non-critical jobs restarted after a failure", labels=["job"]
         )
         for job, count in sorted(view.restarts.items()):
@@ -92,7 +104,6 @@ class AuthdCollector(Collector):
         store = self._view.svids
         if store is None:
             return
-        now = self._view.now()
         own = store.own_svid()
         local = list(store.local_svids().values())
         held = GaugeMetricFamily("authd_svids", "X509-SVIDs held, by kind", labels=["kind"])
@@ -100,14 +111,14 @@ class AuthdCollector(Collector):
         held.add_metric(["workload"], len(local))
         yield held
         expiry = GaugeMetricFamily(
-            "authd_svid_expiry_seconds",
-            "seconds until the soonest-expiring SVID of each kind expires (absent when none is held)",
+            "authd_svid_expiry_timestamp_seconds",
+            "when the soonest-expiring SVID of each kind expires, as a Unix time (absent when none is held)",
             labels=["kind"],
         )
         if own is not None:
-            expiry.add_metric(["own"], _seconds_until(own.not_after, now))
+            expiry.add_metric(["own"], own.not_after.timestamp())
         if local:
-            expiry.add_metric(["workload"], min(_seconds_until(svid.not_after, now) for svid in local))
+            expiry.add_metric(["workload"], min(svid.not_after for svid in local).timestamp())
         yield expiry
         yield GaugeMetricFamily(
             "authd_trust_bundles",
@@ -115,12 +126,9 @@ class AuthdCollector(Collector):
             value=len(store.bundles().bundles),
         )
         stats = store.stats
-        applied = CounterMetricFamily(
-            "authd_spire_updates_applied", "SPIRE updates applied, by source", labels=["source"]
+        yield _labelled(
+            "authd_spire_updates_applied", "SPIRE updates applied, by source", "source", stats.applied
         )
-        for source, count in sorted(stats.applied.items()):
-            applied.add_metric([source], count)
-        yield applied
         rejected = CounterMetricFamily(
             "authd_spire_updates_rejected",
             "SPIRE updates refused (last good state kept)",
@@ -150,26 +158,22 @@ class AuthdCollector(Collector):
         for kind, count in sorted(kinds.items()):
             down.add_metric([kind], count)
         yield down
-        failures = CounterMetricFamily(
+        yield _labelled(
             "authd_spire_stream_failures",
             "SPIRE stream failures, each followed by a reconnect",
-            labels=["stream"],
+            "stream",
+            board.failures,
         )
-        for kind, count in sorted(board.failures.items()):
-            failures.add_metric([kind], count)
-        yield failures
 
     def _attestation(self) -> Iterator[Metric]:
         view = self._view
         if view.attestations is not None:
-            outcomes = CounterMetricFamily(
+            yield _labelled(
                 "authd_attestations",
                 "outcomes of identity proofs from other nodes: ok, rotated, repeated, or the failure reason",
-                labels=["result"],
+                "result",
+                view.attestations.stats.attempts,
             )
-            for result, count in sorted(view.attestations.stats.attempts.items()):
-                outcomes.add_metric([result], count)
-            yield outcomes
             peers = view.attestations.peers()
             yield GaugeMetricFamily(
                 "authd_attestation_peers", "remote (identity, node) pairs wanted", value=len(peers)
@@ -269,14 +273,12 @@ class AuthdCollector(Collector):
         writes.add_metric(["upsert"], stats.upserts)
         writes.add_metric(["delete"], stats.deletes)
         yield writes
-        required = CounterMetricFamily(
+        yield _labelled(
             "authd_auth_required_events",
             "auth-required events from the datapath, by what was done",
-            labels=["outcome"],
+            "outcome",
+            stats.auth_required,
         )
-        for outcome, count in sorted(stats.auth_required.items()):
-            required.add_metric([outcome], count)
-        yield required
 
     def _datapath(self) -> Iterator[Metric]:
         snapshot = self._view.datapath()
@@ -293,11 +295,14 @@ class AuthdCollector(Collector):
         counters = snapshot.counters
         verdicts = CounterMetricFamily(
             "authd_datapath_verdicts",
-            "policy verdicts on packets, by verdict and reason",
+            "policy verdicts on packets, by Hubble's verdict and drop reason",
             labels=["verdict", "reason"],
         )
-        for counter, (verdict, reason) in _VERDICTS.items():
-            verdicts.add_metric([verdict, reason], counters.get(counter, 0))
+        totals: Counter[tuple[str, str]] = Counter()
+        for counter, labels in _VERDICTS.items():
+            totals[labels] += counters.get(counter, 0)
+        for (verdict, reason), count in totals.items():
+            verdicts.add_metric([verdict, reason], count)
         yield verdicts
         skipped = CounterMetricFamily(
             "authd_datapath_packets_skipped", "packets not subject to policy, by reason", labels=["reason"]
@@ -336,6 +341,15 @@ def _seconds_until(moment: datetime, now: datetime) -> float:
     return (moment - now).total_seconds()
 
 
+def _labelled(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter family with one label: every counted value, and the ALWAYS values at 0 if not counted."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    values: Iterable[str] = sorted({*counts, *ALWAYS.get(name, ())})
+    for value in values:
+        family.add_metric([value], counts.get(value, 0))
+    return family
+
+
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
     buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum)
@@ -346,12 +360,14 @@ def _bound(bound: float) -> str:
 
 
 def registry_for(view: DaemonView) -> CollectorRegistry:
-    """A registry holding only authd's collector (never the process-wide default registry)."""
+    """A registry with authd's collector and the process collector (never the process-wide default)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AuthdCollector(view))
+    ProcessCollector(registry=registry)
     return registry
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    """The text exposition of every metric in ``registry``."""
-    return generate_latest(registry)
+def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """The exposition of ``registry`` and its content type: OpenMetrics if ``accept`` asks for it."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

@@ -123,8 +123,8 @@ def _first_drop(cluster: DevCluster, workload: str, port: int) -> datetime:
     address = str(cluster.workload(workload).address)
     denied = [
         flow
-        for flow in readings.from_source(cluster.flows("node-b", "--verdict", "denied"), address, port)
-        if flow["drop_reason"] == "AUTH_REQUIRED"
+        for flow in readings.from_source(cluster.flows("node-b", "--verdict", "DROPPED"), address, port)
+        if flow["drop_reason_desc"] == "AUTH_REQUIRED"
     ]
     if not denied:
         raise RuntimeError(f"bench: no denied flow from {workload}:{port} on node-b")

@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 from authd import log
-from authd.attest.schedule import Attestations
+from authd.attest.results import Attestations
 from authd.authmanager import AuthManager
-from authd.backoff import BackoffPolicy
 from authd.cluster.handles import HandleRegistry
 from authd.identity import SpiffeId
 from bench.figures import Figures, figure, median
-from tests.fakes.attest import ScriptedAttestClient
+from tests.fakes.attest import ScriptedChannels
 from tests.fakes.authtables import FakeSvids
 from tests.fakes.ca import LeafOptions, TestCA
 from tests.fakes.cluster import endpoint, node, rule, state
@@ -94,13 +93,8 @@ async def _measure(pin_dir: Path) -> Figures:
     endpoints = [endpoint(p, "node-a", f"10.{i // 250}.{i % 250}.1/32") for i, p in enumerate(paths)]
     cluster = state([node("node-a")], endpoints, [rule("spiffe://example.org/*", "spiffe://example.org/*")])
     handles = HandleRegistry(None, "node-a")
-    attestations = Attestations(
-        ScriptedAttestClient(),
-        renew_after=0.6,
-        backoff=BackoffPolicy(initial=0.5, maximum=5),
-        max_in_flight=16,
-        on_change=lambda _peers: None,
-    )
+    attestations = Attestations(on_change=lambda _peers: None)
+    ScriptedChannels(attestations)  # all identities are local: nothing is ever asked of a peer
     probe = _LagProbe()
     with PinnedMaps(pin_dir) as maps:
         manager = AuthManager(

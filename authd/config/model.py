@@ -404,6 +404,28 @@ class HttpConfig:
     port: int = setting(9464, "TCP port", check=port_number)
 
 
+def _file_name(value: str) -> str | None:
+    return None if value and "/" not in value and value not in (".", "..") else "must be a plain file name"
+
+
+def _optional_port(value: int | None) -> str | None:
+    return None if value is None else port_number(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HubbleConfig:
+    """Hubble's Observer API (gRPC): ``authd observe``, the Hubble CLI and Hubble Relay read flows here."""
+
+    enabled: bool = setting(default=True, doc="serve observer.Observer on a Unix socket in node.runtime_dir")
+    socket_name: str = setting("hubble.sock", "the socket's file name in node.runtime_dir", check=_file_name)
+    tcp_port: int | None = setting(
+        None,
+        "also serve on 127.0.0.1:<port> (Hubble's own is 4245); no authentication, so loopback only",
+        check=_optional_port,
+        example=4245,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole authd configuration."""
@@ -416,3 +438,4 @@ class Config:
     datapath: DatapathConfig = section(DatapathConfig, "the BPF datapath")
     spire: SpireConfig = section(SpireConfig, "SPIRE agent and server")
     http: HttpConfig = section(HttpConfig, "metrics and health over HTTP")
+    hubble: HubbleConfig = section(HubbleConfig, "Hubble's Observer API")

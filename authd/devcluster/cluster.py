@@ -441,8 +441,9 @@ class DevCluster:
         return self.authd(node, "observe", "--last", "4096", *extra).splitlines()
 
     def flows(self, node: str, *extra: str) -> list[dict[str, Any]]:
-        """The node's recent flows as JSON objects (``authd observe --json``), oldest first."""
-        return [json.loads(line) for line in self.observe(node, "--json", *extra) if line.startswith("{")]
+        """The recent flows in Hubble's JSON (each ``flow`` of ``authd observe -o json``), oldest first."""
+        lines = self.observe(node, "-o", "json", *extra)
+        return [json.loads(line)["flow"] for line in lines if line.startswith("{")]
 
     def channel_peers(self, node: str) -> list[str]:
         """The peer node of every channel session the node's authd established ("channel up")."""
@@ -455,6 +456,10 @@ class DevCluster:
     def attestations(self, node: str) -> int:
         """How many attestations the node's authd made that brought a new result ("peer attested")."""
         return readings.count_events(self.log_path(node), "peer attested")
+
+    def hubble_socket(self, node: str) -> Path:
+        """The node's Hubble Observer socket (``[hubble]``, in its runtime directory)."""
+        return self.workdir / node / "run" / "hubble.sock"
 
     def log_path(self, node: str) -> Path:
         """Where the node's authd logs go."""

@@ -162,12 +162,10 @@ class Demo:
             lambda: any(source in line for line in cluster.observe("node-b")), 10, "intruder's SYN flow"
         )
         lines = [line for line in cluster.observe("node-b") if source in line]
-        say.command("node-b", "authd observe --verdict denied", lines)
+        say.command("node-b", "authd observe --verdict DROPPED", lines)
         say.check(
-            any(
-                "INGRESS DENIED" in line and "Drop reason: Authentication required" in line for line in lines
-            ),
-            "intruder's SYN was DENIED, drop reason: Authentication required",
+            any("Authentication required DROPPED" in line for line in lines),
+            "intruder's SYN was DROPPED, drop reason: Authentication required",
         )
         say.check(
             report.get("connected") is False,
@@ -227,11 +225,13 @@ class Demo:
         drops = sum(readings.denied(after[n]) - readings.denied(before[n]) for n in after)
         say.check(drops == 0, f"denied counters of both nodes unchanged during the connection: {drops} drops")
         denied_flows = readings.from_source(
-            cluster.flows("node-b", "--verdict", "denied"), self.address("frontend"), report.get("local_port")
+            cluster.flows("node-b", "--verdict", "DROPPED"),
+            self.address("frontend"),
+            report.get("local_port"),
         )
         say.check(
             not denied_flows,
-            f"no DENIED flow for this connection in node-b's `authd observe` ({len(denied_flows)})",
+            f"no DROPPED flow for this connection in node-b's `authd observe` ({len(denied_flows)})",
         )
 
     def summary(self) -> None:
@@ -264,13 +264,13 @@ class Demo:
         denied_registered = [
             flow
             for node in ("node-a", "node-b")
-            for flow in cluster.flows(node, "--verdict", "denied")
-            if flow["source"]["spiffe_id"] is not None
+            for flow in cluster.flows(node, "--verdict", "DROPPED")
+            if readings.spiffe_id(flow["source"]) is not None
         ]
         retrans = sum(int(r.get("total_retrans", 0)) for r in self.registered_reports)
         say.check(
             not denied_registered and retrans == 0,
-            f"drops for pre-registered pairs: {len(denied_registered) + retrans} (no DENIED flow from a "
+            f"drops for pre-registered pairs: {len(denied_registered) + retrans} (no DROPPED flow from a "
             "registered identity, no TCP retransmission on their connections)",
         )
         denied_total = sum(readings.denied(c) for c in counters.values())

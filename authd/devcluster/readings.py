@@ -61,9 +61,29 @@ def denied(counters: dict[str, int]) -> int:
 
 
 def from_source(flows: list[dict[str, Any]], address: str, port: int | None = None) -> list[dict[str, Any]]:
-    """The flows sent from ``address`` (and ``port``, if given)."""
+    """The flows (Hubble's JSON) sent from ``address`` (and ``port``, if given)."""
     return [
         flow
         for flow in flows
-        if flow["source"]["ip"] == address and (port is None or flow["source"]["port"] == port)
+        if flow["IP"]["source"] == address and (port is None or source_port(flow) == port)
     ]
+
+
+def source_port(flow: dict[str, Any]) -> int | None:
+    """A flow's source port (TCP, UDP or SCTP), in Hubble's JSON."""
+    for l4 in flow.get("l4", {}).values():
+        return int(l4.get("source_port", 0))
+    return None
+
+
+def tcp_flags(flow: dict[str, Any]) -> set[str]:
+    """The TCP flags set on a flow's packet, in Hubble's JSON."""
+    return set(flow.get("l4", {}).get("TCP", {}).get("flags", {}))
+
+
+def spiffe_id(endpoint: dict[str, Any]) -> str | None:
+    """The SPIFFE ID among an endpoint's labels (``spiffe:id=...``), if it has one."""
+    for label in endpoint.get("labels", []):
+        if label.startswith("spiffe:id="):
+            return str(label.removeprefix("spiffe:id="))
+    return None

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import UTC, datetime
 
+import grpc
 import pytest
 
 from authd.devcluster import readings
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
+from authd.hubble._proto import flow_pb2, observer_pb2
+from authd.hubble.query import GET_FLOWS, Query, flows
 from tests.e2e.checks import assert_lossless, connection_flows, denied
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
@@ -50,14 +54,14 @@ def test_registered_pair_is_allowed_from_its_first_syn(
 
     assert_lossless(report)
     flows = connection_flows(cluster, "node-b", client, report, family=family)
-    syn = [f for f in flows if f["direction"] == "INGRESS" and f["tcp_flags"] == ["SYN"]]
+    syn = [f for f in flows if f["traffic_direction"] == "INGRESS" and readings.tcp_flags(f) == {"SYN"}]
     assert syn, flows
-    assert syn[0]["verdict"] == "ALLOWED"
+    assert syn[0]["verdict"] == "FORWARDED"
     assert syn[0]["auth_type"] == "SPIRE"
-    assert syn[0]["policy_match"] == "auth"
-    assert syn[0]["source"]["spiffe_id"] == SPEC.spiffe_id(client)
-    assert syn[0]["destination"]["spiffe_id"] == SPEC.spiffe_id(server)
-    assert not [f for f in flows if f["verdict"] == "DENIED"]
+    assert syn[0]["policy_match_type"] == 1  # L3-Only: a policy entry for the identity pair
+    assert readings.spiffe_id(syn[0]["source"]) == SPEC.spiffe_id(client)
+    assert readings.spiffe_id(syn[0]["destination"]) == SPEC.spiffe_id(server)
+    assert not [f for f in flows if f["verdict"] == "DROPPED"]
     assert denied(cluster, "node-b") == before
 
 
@@ -70,8 +74,8 @@ def test_observe_prints_the_allowed_syn_the_hubble_way(cluster: DevCluster) -> N
     lines = [line for line in cluster.observe("node-b") if source in line]
 
     assert any(
-        f"({SPEC.spiffe_id('frontend')})" in line
-        and "policy-verdict:auth INGRESS ALLOWED (TCP Flags: SYN; Auth: SPIRE)" in line
+        f"{source}(ID:{SPEC.spiffe_id('frontend')}) -> " in line
+        and "policy-verdict:L3-Only INGRESS ALLOWED (TCP Flags: SYN; Auth: SPIRE)" in line
         for line in lines
     ), lines
 
@@ -97,10 +101,11 @@ def test_unregistered_workload_is_denied_auth_required(cluster: DevCluster, fami
     assert not report["connected"], report
     flows = connection_flows(cluster, "node-b", "intruder", report, family=family)
     assert flows
-    assert all(f["verdict"] == "DENIED" for f in flows), flows
-    assert {f["drop_reason"] for f in flows} == {"AUTH_REQUIRED"}
-    assert flows[0]["source"]["identity"] == 0  # world: SPIRE and cluster state do not know it
-    assert flows[0]["tcp_flags"] == ["SYN"]
+    assert all(f["verdict"] == "DROPPED" for f in flows), flows
+    assert {f["drop_reason_desc"] for f in flows} == {"AUTH_REQUIRED"}
+    assert flows[0]["source"]["identity"] == 2  # world: SPIRE and cluster state do not know it
+    assert flows[0]["source"]["labels"] == ["reserved:world"]
+    assert readings.tcp_flags(flows[0]) == {"SYN"}
     syns = 1 + report["syn_retrans"]
     after = cluster.counters("node-b")
     assert after["denied_auth_required"] - before["denied_auth_required"] == syns
@@ -151,7 +156,38 @@ def test_workload_registered_at_run_time_connects_without_a_drop(cluster: DevClu
 
     assert_lossless(report)
     flows = connection_flows(cluster, "node-b", "late", report)
-    syn = next(f for f in flows if f["tcp_flags"] == ["SYN"])
-    assert syn["verdict"] == "ALLOWED"
-    assert syn["source"]["spiffe_id"] == SPEC.spiffe_id("late")
+    syn = next(f for f in flows if readings.tcp_flags(f) == {"SYN"})
+    assert syn["verdict"] == "FORWARDED"
+    assert readings.spiffe_id(syn["source"]) == SPEC.spiffe_id("late")
     assert denied(cluster, "node-b") == before
+
+
+def test_get_flows_follows_with_filters_and_reads_both_nodes(cluster: DevCluster) -> None:
+    """Hubble's GetFlows against the running daemons: follow with a whitelist, then both nodes merged."""
+    intruder = cluster.address("intruder")
+    request = Query(follow=True, verdicts=["DROPPED"], from_ip=[intruder]).to_request(datetime.now(UTC))
+    with grpc.insecure_channel(f"unix:{cluster.hubble_socket('node-b')}") as channel:
+        get_flows = channel.unary_stream(
+            GET_FLOWS,
+            request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
+            response_deserializer=observer_pb2.GetFlowsResponse.FromString,
+        )
+        call = get_flows(request, timeout=30)
+        try:
+            cluster.tcp("frontend", "backend", duration=0.2)  # allowed: not on the whitelist
+            report = cluster.tcp("intruder", "backend", connect_timeout=1.5)
+            first = next(call)
+        finally:
+            call.cancel()
+    assert first.node_name == "node-b"
+    assert first.flow.verdict == flow_pb2.DROPPED
+    assert first.flow.drop_reason_desc == flow_pb2.AUTH_REQUIRED
+    assert (first.flow.IP.source, first.flow.l4.TCP.source_port) == (intruder, report["local_port"])
+
+    sockets = [str(cluster.hubble_socket(node)) for node in ("node-a", "node-b")]
+    since = Query(since="5m", from_ip=[intruder], verdicts=["DROPPED"]).to_request(datetime.now(UTC))
+    merged = list(flows(sockets, since))
+    assert merged
+    assert {r.node_name for r in merged} == {"node-b"}  # node-a enforces nothing for backend
+    times = [r.time.ToNanoseconds() for r in merged]
+    assert times == sorted(times)

@@ -53,6 +53,6 @@ def test_removed_node_entries_disappear_on_the_other_node(cluster: DevCluster) -
     report = cluster.tcp("backend", "frontend", connect_timeout=1.5)
     assert not report["connected"], report
     flows = connection_flows(cluster, "node-a", "backend", report)
-    assert {f["verdict"] for f in flows} == {"DENIED"}, flows
-    assert {f["drop_reason"] for f in flows} == {"AUTH_REQUIRED"}, flows
-    assert flows[0]["source"]["identity"] == 0
+    assert {f["verdict"] for f in flows} == {"DROPPED"}, flows
+    assert {f["drop_reason_desc"] for f in flows} == {"AUTH_REQUIRED"}, flows
+    assert flows[0]["source"]["identity"] == 2  # the world, as Cilium numbers it

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.notify import NotifyReceiver
@@ -25,6 +26,11 @@ def test_observe_explains_a_disabled_datapath(tmp_path: Path) -> None:
         try:
             notify.wait_for("READY=1", timeout=30)
             assert (tmp_path / "run" / "authd.sock").stat().st_mode & 0o777 == 0o600
+            hubble = tmp_path / "run" / "hubble.sock"
+            deadline = time.monotonic() + 10
+            while not hubble.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert hubble.stat().st_mode & 0o777 == 0o600
             result = subprocess.run(
                 [sys.executable, "-m", "authd", "observe", "--config", str(config)],
                 capture_output=True,
@@ -53,4 +59,4 @@ def test_observe_without_a_daemon_says_so(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert "is authd running?" in result.stderr
+    assert "is authd running" in result.stderr

@@ -45,9 +45,9 @@ def send_udp(topo: Topology, port: int, count: int = 3) -> None:
 def wait_for_flows(authd: Authd, count: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 5
     while True:
-        result = authd_cli("observe", "--json", "--last", "100", "--config", str(authd.config))
+        result = authd_cli("observe", "-o", "json", "--last", "100", "--config", str(authd.config))
         assert result.returncode == 0, result.stderr
-        flows = [json.loads(line) for line in result.stdout.splitlines()]
+        flows = [json.loads(line)["flow"] for line in result.stdout.splitlines()]
         if len(flows) >= count or time.monotonic() > deadline:
             return flows
         time.sleep(0.05)
@@ -69,20 +69,26 @@ def running(topology: Topology, authd: Authd, pin_dir: Path) -> Authd:
 def test_observe_prints_filters_and_follows(topology: Topology, running: Authd, pin_dir: Path) -> None:
     config = str(running.config)
     flows = wait_for_flows(running, 2)
-    denied = [f for f in flows if f["verdict"] == "DENIED"]
+    denied = [f for f in flows if f["verdict"] == "DROPPED"]
     assert denied
-    assert denied[0]["drop_reason"] == "AUTH_REQUIRED"
-    source = denied[0]["source"]
-    assert (source["ip"], source["identity"], source["spiffe_id"]) == (A4, A, None)
+    assert denied[0]["drop_reason_desc"] == "AUTH_REQUIRED"
+    assert denied[0]["IP"]["source"] == A4
+    assert (denied[0]["source"]["identity"], denied[0]["source"].get("labels", [])) == (
+        A,
+        ["authd:node=node-a"],
+    )
 
-    text = authd_cli("observe", "--verdict", "denied", "--config", config)
+    text = authd_cli("observe", "--verdict", "DROPPED", "--print-node-name", "--config", config)
     assert text.returncode == 0, text.stderr
     (line,) = text.stdout.splitlines()
-    assert f"{A4}:" in line
-    assert f"-> {B4}:7000 (400) policy-verdict:auth INGRESS DENIED " in line
-    assert line.endswith("(UDP; Auth: SPIRE; Drop reason: Authentication required)")
+    assert f" [node-a]: {A4}:" in line
+    assert f"<> {B4}:7000 (ID:400) Authentication required DROPPED (UDP; Auth: SPIRE)" in line
+    assert authd_cli("observe", "--verdict", "denied", "--config", config).stdout == text.stdout.replace(
+        " [node-a]", ""
+    )
+    assert authd_cli("observe", "--to-port", "7001", "--config", config).stdout == ""
 
-    command = ["observe", "--follow", "--json", "--identity", "400", "--direction", "ingress"]
+    command = ["observe", "--follow", "-o", "jsonpb", "--identity", "400", "--traffic-direction", "ingress"]
     follow = subprocess.Popen(
         [sys.executable, "-m", "authd", *command, "--config", config], stdout=subprocess.PIPE, text=True
     )
@@ -92,8 +98,8 @@ def test_observe_prints_filters_and_follows(topology: Topology, running: Authd, 
             maps.auth.update_many({AuthKey(B, A, 0): datetime.now(UTC) + timedelta(minutes=5)})
         send_udp(topology, 7000)
         assert follow.stdout is not None
-        followed = json.loads(follow.stdout.readline())
-        assert (followed["verdict"], followed["direction"]) == ("ALLOWED", "INGRESS")
+        followed = json.loads(follow.stdout.readline())["flow"]
+        assert (followed["verdict"], followed["traffic_direction"]) == ("FORWARDED", "INGRESS")
     finally:
         follow.kill()
         follow.communicate()

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -11,11 +12,15 @@ import pytest
 from authd.datapath.events import FlowEvent
 from authd.datapath.layout import AuthType, Direction, DropReason, Hook, PolicyMatch, Verdict
 from authd.errors import ControlError
-from authd.flows import Flow, FlowFilter, FlowLog, NoNames, render, serve_observe
+from authd.flows import FlowLog, get_flows, server_status
+from authd.hubble import printer
+from authd.hubble._proto import flow_pb2, observer_pb2
+from authd.hubble.convert import flow_from_event
+from authd.hubble.filters import FilterError
 from tests.fakes.names import FakeNames
 
 WEB, DB = "spiffe://td/ns/app/sa/web", "spiffe://td/ns/app/sa/db"
-NAMES = FakeNames({256: WEB, 257: DB}, {0: "node-a", 2: "node-b"})
+NAMES = FakeNames({256: WEB, 257: DB}, {0: "node-b", 2: "node-a"})
 WHEN = datetime(2024, 11, 22, 13, 54, 13, 518123, tzinfo=UTC)
 
 
@@ -43,143 +48,137 @@ def event(**overrides: Any) -> FlowEvent:
     return replace(base, **overrides)
 
 
-def line(e: FlowEvent, names: Any = NAMES) -> str:
-    return render(Flow.from_json(Flow.from_event(e, names).to_json()), UTC)
+def test_an_allowed_flow_is_a_policy_verdict_with_spiffe_ids_in_the_labels() -> None:
+    flow = flow_from_event(event(), NAMES)
+    assert flow.verdict == flow_pb2.FORWARDED
+    assert flow.event_type.type == 5
+    assert flow.Type == flow_pb2.L3_L4
+    assert flow.node_name == "node-b"
+    assert flow.traffic_direction == flow_pb2.INGRESS
+    assert flow.auth_type == flow_pb2.SPIRE
+    assert flow.is_reply.value is False
+    assert list(flow.source.labels) == [f"spiffe:id={WEB}", "authd:node=node-a"]
+    assert list(flow.destination.labels) == [f"spiffe:id={DB}", "authd:node=node-b"]
+    assert (flow.l4.TCP.source_port, flow.l4.TCP.destination_port, flow.l4.TCP.flags.SYN) == (44494, 80, True)
+    assert flow.drop_reason_desc == flow_pb2.DROP_REASON_UNKNOWN
+    assert len(flow.uuid) == 36
+    assert flow.uuid != flow_from_event(event(), NAMES).uuid
 
 
-def test_allowed_flow_renders_like_hubble() -> None:
-    assert line(event()) == (
-        "Nov 22 13:54:13.518: 10.0.1.5:44494 (spiffe://td/ns/app/sa/web) -> 10.0.2.7:80 "
-        "(spiffe://td/ns/app/sa/db) policy-verdict:auth INGRESS ALLOWED (TCP Flags: SYN; Auth: SPIRE)"
-    )
+def test_a_denied_flow_is_a_drop_with_hubbles_reason() -> None:
+    flow = flow_from_event(event(verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_REQUIRED), NAMES)
+    assert flow.verdict == flow_pb2.DROPPED
+    assert flow.drop_reason_desc == flow_pb2.AUTH_REQUIRED == 189
+    assert flow.drop_reason == 189
+    assert (flow.event_type.type, flow.event_type.sub_type) == (1, 189)
+    expired = flow_from_event(event(verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_EXPIRED), NAMES)
+    assert expired.drop_reason_desc == flow_pb2.AUTH_REQUIRED
+    malformed = flow_from_event(event(verdict=Verdict.DENIED, drop_reason=DropReason.MALFORMED), NAMES)
+    assert malformed.drop_reason_desc == flow_pb2.INVALID_PACKET_DROPPED
 
 
-def test_denied_flow_carries_the_drop_reason() -> None:
-    denied = event(verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_REQUIRED)
-    assert line(denied).endswith(
-        "policy-verdict:auth INGRESS DENIED "
-        "(TCP Flags: SYN; Auth: SPIRE; Drop reason: Authentication required)"
-    )
-    expired = event(verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_EXPIRED, tcp_flags=0x18)
-    assert line(expired).endswith("(TCP Flags: PSH, ACK; Auth: SPIRE; Drop reason: Authentication expired)")
+def test_an_unknown_source_has_no_node_and_is_the_world() -> None:
+    # The datapath reports node handle 0 for an address not in the ipcache: that is not this node.
+    flow = flow_from_event(event(remote_identity=0, remote_node=0), NAMES)
+    assert flow.source.identity == 2
+    assert list(flow.source.labels) == ["reserved:world"]
+    egress = flow_from_event(event(direction=Direction.EGRESS, remote_identity=999, remote_node=0), NAMES)
+    assert list(egress.destination.labels) == ["authd:node=node-b"]  # a local handle without a name
 
 
-def test_egress_puts_the_local_identity_first_and_unknown_handles_show_as_numbers() -> None:
-    egress = event(
-        direction=Direction.EGRESS, local_identity=256, remote_identity=999, match=PolicyMatch.NONE
-    )
-    egress = replace(egress, auth_type=AuthType.NONE, tcp_flags=0x12)
-    assert line(egress) == (
-        "Nov 22 13:54:13.518: 10.0.1.5:44494 (spiffe://td/ns/app/sa/web) -> 10.0.2.7:80 (999) "
-        "policy-verdict:none EGRESS ALLOWED (TCP Flags: SYN, ACK)"
-    )
-    world = event(remote_identity=0, match=PolicyMatch.EXEMPT, auth_type=AuthType.NONE)
-    assert "10.0.1.5:44494 (world) -> " in line(world, NoNames())
-    assert "(257) policy-verdict:exempt" in line(world, NoNames())
+async def test_observe_json_is_one_get_flows_response_per_line() -> None:
+    log = FlowLog(NAMES)
+    log.add(event(verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_REQUIRED, tcp_flags=0x12))
+    log.add(event(src=IPv6Address("fd00::5"), dst=IPv6Address("fd00::7"), protocol=17, tcp_flags=0))
+    responses = get_flows(log, observer_pb2.GetFlowsRequest(number=10))
+    denied, udp = [json.loads(printer.to_json(r)) async for r in responses]
+    assert set(denied) == {"flow", "node_name", "time"}
+    flow = denied["flow"]
+    assert flow["verdict"] == "DROPPED"
+    assert flow["drop_reason_desc"] == "AUTH_REQUIRED"
+    assert flow["drop_reason"] == 189
+    assert flow["Type"] == "L3_L4"
+    assert flow["event_type"] == {"type": 1, "sub_type": 189}
+    assert flow["traffic_direction"] == "INGRESS"
+    assert flow["is_reply"] is True
+    assert flow["auth_type"] == "SPIRE"
+    assert flow["node_name"] == denied["node_name"] == "node-b"
+    assert flow["IP"] == {"source": "10.0.1.5", "destination": "10.0.2.7", "ipVersion": "IPv4"}
+    assert flow["l4"] == {
+        "TCP": {"source_port": 44494, "destination_port": 80, "flags": {"SYN": True, "ACK": True}}
+    }
+    assert flow["time"] == "2024-11-22T13:54:13.518123Z"
+    assert "is_reply" not in udp["flow"]
+    assert udp["flow"]["l4"] == {"UDP": {"source_port": 44494, "destination_port": 80}}
+    assert udp["flow"]["IP"]["ipVersion"] == "IPv6"
 
 
-def test_ipv6_udp_and_icmp_rendering() -> None:
-    udp = event(src=IPv6Address("fd00::5"), dst=IPv6Address("fd00::7"), protocol=17, tcp_flags=0)
-    assert "[fd00::5]:44494 (spiffe://td/ns/app/sa/web) -> [fd00::7]:80" in line(udp)
-    assert line(udp).endswith("INGRESS ALLOWED (UDP; Auth: SPIRE)")
-    icmp = event(protocol=1, src_port=None, dst_port=None, tcp_flags=0)
-    assert "10.0.1.5 (spiffe://td/ns/app/sa/web) -> 10.0.2.7 (spiffe://td/ns/app/sa/db)" in line(icmp)
-    assert line(icmp).endswith("(ICMPv4; Auth: SPIRE)")
+async def test_get_flows_number_first_since_until() -> None:
+    log = FlowLog(NAMES, capacity=4)
+    for second in range(6):
+        log.add(event(src_port=second, timestamp=WHEN.replace(second=second)))
+
+    async def ports(**fields: Any) -> list[int]:
+        request = observer_pb2.GetFlowsRequest(**fields)
+        return [r.flow.l4.TCP.source_port async for r in get_flows(log, request)]
+
+    assert await ports() == [2, 3, 4, 5]  # the ring keeps 4
+    assert await ports(number=2) == [4, 5]
+    assert await ports(number=2, first=True) == [2, 3]
+    since = observer_pb2.GetFlowsRequest().since
+    since.FromDatetime(WHEN.replace(second=3))
+    until = observer_pb2.GetFlowsRequest().until
+    until.FromDatetime(WHEN.replace(second=4))
+    assert await ports(since=since) == [3, 4, 5]
+    assert await ports(since=since, until=until) == [3, 4]
+    with pytest.raises(ControlError, match="first is incompatible"):
+        await ports(first=True, follow=True)
+    status = server_status(log, "1.0")
+    assert (status.num_flows, status.max_flows, status.seen_flows) == (4, 4, 6)
 
 
-def test_time_is_shown_in_the_given_zone_with_a_space_padded_day() -> None:
-    early = event(timestamp=datetime(2024, 11, 2, 23, 30, 0, 5000, tzinfo=UTC))
-    flow = Flow.from_event(early, NAMES)
-    assert render(flow, timezone(timedelta(hours=2))).startswith("Nov  3 01:30:00.005: ")
-
-
-def test_json_round_trip_keeps_everything() -> None:
-    flow = Flow.from_event(event(verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_REQUIRED), NAMES)
-    data = flow.to_json()
-    assert data["source"] == {"ip": "10.0.1.5", "port": 44494, "identity": 256, "spiffe_id": WEB}
-    assert data["remote_node"] == {"handle": 2, "name": "node-b"}
-    assert data["drop_reason"] == "AUTH_REQUIRED"
-    assert Flow.from_json(data) == flow
-    with pytest.raises(ControlError, match="malformed flow"):
-        Flow.from_json({"time": "yesterday"})
-
-
-@pytest.mark.parametrize(
-    ("flt", "expected"),
-    [
-        (FlowFilter(), True),
-        (FlowFilter(identity=WEB), True),
-        (FlowFilter(identity=DB), True),
-        (FlowFilter(identity="256"), True),
-        (FlowFilter(identity="spiffe://td/other"), False),
-        (FlowFilter(verdict=Verdict.ALLOWED), True),
-        (FlowFilter(verdict=Verdict.DENIED), False),
-        (FlowFilter(direction=Direction.EGRESS), False),
-        (FlowFilter(identity=WEB, direction=Direction.INGRESS), True),
-    ],
-)
-def test_filters(flt: FlowFilter, expected: bool) -> None:  # noqa: FBT001
-    assert flt(Flow.from_event(event(), NAMES)) is expected
-    assert FlowFilter.from_request(flt.to_request()) == flt
-
-
-def test_filter_requests_are_validated() -> None:
-    with pytest.raises(ControlError):
-        FlowFilter.from_request({"verdict": "maybe"})
-    with pytest.raises(ControlError):
-        FlowFilter.from_request({"identity": 7})
-
-
-def test_flow_log_keeps_the_last_n_and_filters() -> None:
-    log = FlowLog(NAMES, capacity=3)
-    for port in range(5):
-        log.add(event(src_port=port, verdict=Verdict.DENIED if port % 2 else Verdict.ALLOWED))
-    assert [f.source.port for f in log] == [2, 3, 4]
-    assert [f.source.port for f in log.last(2, FlowFilter())] == [3, 4]
-    assert [f.source.port for f in log.last(5, FlowFilter(verdict=Verdict.ALLOWED))] == [2, 4]
-    assert log.last(0, FlowFilter()) == []
-
-
-async def test_slow_followers_lose_flows_counted_and_never_block() -> None:
-    log = FlowLog(NAMES, follower_queue=2)
-    follower = log.follow(FlowFilter(verdict=Verdict.DENIED))
-    for port in range(6):
-        log.add(event(src_port=port, verdict=Verdict.DENIED))
-    log.add(event(src_port=99))  # filtered out, never queued
-    first, lost = await follower.next()
-    assert (first.source.port, lost) == (0, 4)
-    second, lost = await follower.next()
-    assert (second.source.port, lost) == (1, 0)
-    log.unfollow(follower)
-
-
-async def test_observe_replays_then_follows() -> None:
+async def test_follow_replays_then_streams_and_reports_losses() -> None:
     log = FlowLog(NAMES, follower_queue=1)
     for port in range(3):
         log.add(event(src_port=port))
-    replay = [r async for r in serve_observe(log, {"last": 2})]
-    assert [r["source"]["port"] for r in replay] == [1, 2]
-
-    stream = serve_observe(log, {"follow": True, "last": 1, "direction": "ingress"})
-    assert (await anext(stream))["source"]["port"] == 2
+    whitelist = [flow_pb2.FlowFilter(traffic_direction=[flow_pb2.INGRESS])]
+    stream = get_flows(log, observer_pb2.GetFlowsRequest(follow=True, number=1, whitelist=whitelist))
+    assert (await anext(stream)).flow.l4.TCP.source_port == 2
     pending = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)
     log.add(event(src_port=10))
-    assert (await pending)["source"]["port"] == 10
+    assert (await pending).flow.l4.TCP.source_port == 10
+    log.add(event(src_port=20, direction=Direction.EGRESS))  # filtered out, never queued
     for port in (11, 12, 13):  # the queue holds one: 12 and 13 are lost
         log.add(event(src_port=port))
-    assert await anext(stream) == {"lost": 2}
-    assert (await anext(stream))["source"]["port"] == 11
+    lost = await anext(stream)
+    assert lost.lost_events.num_events_lost == 2
+    assert lost.lost_events.source == flow_pb2.OBSERVER_EVENTS_QUEUE
+    assert (await anext(stream)).flow.l4.TCP.source_port == 11
     await stream.aclose()
     assert log._followers == set()
 
 
-async def test_observe_refuses_bad_requests_and_too_many_followers() -> None:
+async def test_follow_without_history_and_until_ends_the_stream() -> None:
+    log = FlowLog(NAMES)
+    log.add(event(src_port=1))
+    request = observer_pb2.GetFlowsRequest(follow=True)
+    request.until.FromDatetime(WHEN)
+    stream = get_flows(log, request)
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    log.add(event(src_port=2))
+    assert (await pending).flow.l4.TCP.source_port == 2  # no history: only new flows
+    log.add(event(src_port=3, timestamp=WHEN.replace(second=59)))
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
+async def test_bad_requests_and_too_many_followers_are_refused() -> None:
     log = FlowLog(NAMES, max_followers=1)
-    with pytest.raises(ControlError, match="last"):
-        await anext(serve_observe(log, {"last": -1}))
-    with pytest.raises(ControlError, match="last"):
-        await anext(serve_observe(log, {"last": True}))
-    log.follow(FlowFilter())
+    pods = observer_pb2.GetFlowsRequest(whitelist=[flow_pb2.FlowFilter(source_pod=["x"])])
+    with pytest.raises(FilterError, match="source_pod"):
+        await anext(get_flows(log, pods))
+    log.follow(lambda _flow: True)
     with pytest.raises(ControlError, match="too many followers"):
-        await anext(serve_observe(log, {"follow": True}))
+        await anext(get_flows(log, observer_pb2.GetFlowsRequest(follow=True)))

@@ -41,6 +41,9 @@ async def test_readyz_is_503_until_every_gating_component_was_ready() -> None:
         metrics = await client.get("/metrics")
         assert metrics.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert "authd_ready 0.0" in await metrics.text()  # as /readyz
+        openmetrics = await client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+        assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        assert (await openmetrics.text()).endswith("# EOF\n")
 
 
 async def test_server_binds_serves_and_reports_where() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from authd.daemonview import DaemonView
@@ -20,7 +21,9 @@ def ca() -> FakeCA:
 
 
 def samples(view: DaemonView) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = render(registry_for(view)).decode()
+    body, content_type = render(registry_for(view))
+    assert content_type.startswith("text/plain; version=0.0.4")
+    text = body.decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -39,7 +42,8 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert own is not None
     assert value(found, "authd_svids", kind="own") == 1
     assert value(found, "authd_svids", kind="workload") == 1
-    assert value(found, "authd_svid_expiry_seconds", kind="own") == (own.not_after - NOW).total_seconds()
+    assert value(found, "authd_svid_expiry_timestamp_seconds", kind="own") == own.not_after.timestamp()
+    assert own.not_after > NOW
     assert value(found, "authd_trust_bundles") == 1
     assert value(found, "authd_spire_updates_applied_total", source="workload-api") == 1
     assert value(found, "authd_spire_streams_down", stream="delegated-svids") == 1
@@ -60,10 +64,16 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_auth_map_capacity") == 1024
     assert value(found, "authd_fail_closed_in_seconds") == 90
     assert value(found, "authd_auth_required_events_total", outcome="attesting") == 2
-    assert value(found, "authd_datapath_verdicts_total", verdict="allowed", reason="authenticated") == 9
-    assert value(found, "authd_datapath_verdicts_total", verdict="allowed", reason="no-auth-required") == 5
-    assert value(found, "authd_datapath_verdicts_total", verdict="denied", reason="auth-required") == 4
-    assert value(found, "authd_datapath_verdicts_total", verdict="denied", reason="auth-expired") == 0
+    assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="AUTHENTICATED") == 9
+    assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="NO_AUTH_REQUIRED") == 5
+    assert value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="AUTH_REQUIRED") == 4
+    assert (
+        value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="INVALID_PACKET_DROPPED") == 0
+    )
+    # Series alerts read exist before their first event.
+    assert value(found, "authd_auth_required_events_total", outcome="unknown-identity") == 0
+    assert value(found, "authd_spire_stream_failures_total", stream="workload-api") == 0
+    assert value(found, "process_open_fds") > 0
     assert value(found, "authd_datapath_ringbuf_drops_total") == 1
     assert value(found, "authd_datapath_interfaces") == 2
     assert value(found, "authd_job_restarts_total", job="http") == 1
@@ -83,9 +93,10 @@ def test_values_are_read_at_scrape_time(ca: FakeCA) -> None:
         events_decoded=0,
         events_malformed=3,
     )
-    text = render(registry).decode()
+    text = render(registry)[0].decode()
     assert 'authd_attestations_total{result="ok"} 13.0' in text
-    assert 'authd_datapath_verdicts_total{reason="auth-expired",verdict="denied"} 2.0' in text
+    # An expired auth entry is Cilium's AUTH_REQUIRED too: both counters add up in one series.
+    assert 'authd_datapath_verdicts_total{reason="AUTH_REQUIRED",verdict="DROPPED"} 2.0' in text
     assert "authd_auth_map_capacity 2048.0" in text
     assert "authd_datapath_events_malformed_total 3.0" in text
 
@@ -104,7 +115,7 @@ def test_latency_histogram_is_cumulative(ca: FakeCA) -> None:
 
 def test_labels_never_carry_identities_nodes_or_addresses(ca: FakeCA) -> None:
     view, _ = build(ca)
-    text = render(registry_for(view)).decode()
+    text = render(registry_for(view))[0].decode()
     labels = set(re.findall(r'="([^"]*)"', text))
     assert not {label for label in labels if "spiffe://" in label or "node-" in label or "10.0." in label}
     assert "unix:uid" not in text  # stream selectors are cut from the stream label
@@ -120,6 +131,17 @@ def test_a_daemon_without_spire_or_datapath_exports_only_what_it_has() -> None:
     assert not {
         n for n in names if n.startswith(("authd_svid", "authd_attest", "authd_datapath", "authd_auth_"))
     }
+
+
+def test_openmetrics_when_the_scraper_asks(ca: FakeCA) -> None:
+    view, _ = build(ca)
+    body, content_type = render(registry_for(view), "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    parsed = openmetrics_families(body.decode())  # type: ignore[no-untyped-call]
+    families = {f.name: f for f in parsed}
+    assert families["authd_datapath_verdicts"].type == "counter"
+    assert families["authd_build"].type == "info"
+    assert body.decode().endswith("# EOF\n")
 
 
 def test_histogram_bounds_and_overflow() -> None:

@@ -1,0 +1,1 @@
+"""Protobuf modules for Hubble's flow and Observer APIs, generated from the ``.proto`` files here."""

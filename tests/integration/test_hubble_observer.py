@@ -1,0 +1,127 @@
+"""Hubble's Observer API over real gRPC: a client built from authd's protos against ObserverServer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authd.datapath.layout import DropReason, Verdict
+from authd.errors import ControlError
+from authd.flows import FlowLog
+from authd.hubble._proto import flow_pb2, observer_pb2
+from authd.hubble.query import Query, flows
+from authd.hubble.server import ObserverServer
+from tests.fakes.names import FakeNames
+from tests.unit.test_flows import NAMES, WHEN, event
+from tests.waiting import eventually
+
+
+@contextlib.asynccontextmanager
+async def serving(server: ObserverServer) -> AsyncIterator[ObserverServer]:
+    task = asyncio.create_task(server.run())
+    try:
+        await eventually(server.path.exists, within=5)
+        yield server
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def stubs(channel: grpc.aio.Channel) -> tuple[object, object]:
+    get_flows = channel.unary_stream(
+        "/observer.Observer/GetFlows",
+        request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
+        response_deserializer=observer_pb2.GetFlowsResponse.FromString,
+    )
+    status = channel.unary_unary(
+        "/observer.Observer/ServerStatus",
+        request_serializer=observer_pb2.ServerStatusRequest.SerializeToString,
+        response_deserializer=observer_pb2.ServerStatusResponse.FromString,
+    )
+    return get_flows, status
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_get_flows_follow_with_filters_and_server_status(tmp_path: Path) -> None:
+    log = FlowLog(NAMES)
+    log.add(event(src_port=1))
+    log.add(event(src_port=2, verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_REQUIRED))
+    server = ObserverServer(log, tmp_path / "run" / "hubble.sock", tcp_port=free_port())
+    async with serving(server):
+        assert server.path.stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
+        async with grpc.aio.insecure_channel(f"unix:{server.path}") as channel:
+            get_flows, status = stubs(channel)
+            request = observer_pb2.GetFlowsRequest(
+                number=5,
+                follow=True,
+                whitelist=[flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])],
+                blacklist=[flow_pb2.FlowFilter(source_port=["3"])],
+            )
+            call = get_flows(request)  # type: ignore[operator]
+            first = await call.read()
+            assert (first.flow.l4.TCP.source_port, first.node_name) == (2, "node-b")
+            log.add(event(src_port=3, verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_REQUIRED))
+            log.add(event(src_port=4))  # allowed: not on the whitelist
+            log.add(event(src_port=5, verdict=Verdict.DENIED, drop_reason=DropReason.AUTH_EXPIRED))
+            second = await asyncio.wait_for(call.read(), 5)
+            assert second.flow.l4.TCP.source_port == 5
+            assert second.flow.drop_reason_desc == flow_pb2.AUTH_REQUIRED
+            call.cancel()
+            answer = await status(observer_pb2.ServerStatusRequest())  # type: ignore[operator]
+            assert (answer.num_flows, answer.seen_flows, answer.max_flows) == (5, 5, 4096)
+            assert answer.version.startswith("authd ")
+            refused = get_flows(  # type: ignore[operator]
+                observer_pb2.GetFlowsRequest(whitelist=[flow_pb2.FlowFilter(source_pod=["default/"])])
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await refused.read()
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.tcp_bound}") as tcp:
+            get_flows, _ = stubs(tcp)
+            ports = [r.flow.l4.TCP.source_port async for r in get_flows(observer_pb2.GetFlowsRequest())]  # type: ignore[operator]
+            assert ports == [1, 2, 3, 4, 5]
+    assert not server.path.exists()
+
+
+async def test_observe_merges_several_nodes_by_time(tmp_path: Path) -> None:
+    logs = {}
+    for node, seconds in (("node-a", (1, 4)), ("node-b", (2, 3))):
+        logs[node] = FlowLog(FakeNames({256: "spiffe://td/web"}, {0: node}))
+        for second in seconds:
+            logs[node].add(event(src_port=second, timestamp=WHEN.replace(second=second)))
+    a = ObserverServer(logs["node-a"], tmp_path / "a.sock")
+    b = ObserverServer(logs["node-b"], tmp_path / "b.sock")
+    async with serving(a), serving(b):
+        request = Query(from_ip=["10.0.1.0/24"], direction="ingress").to_request(WHEN)
+        merged = await asyncio.to_thread(list, flows([str(a.path), f"unix:{b.path}"], request))
+        assert [(r.node_name, r.flow.l4.TCP.source_port) for r in merged] == [
+            ("node-a", 1),
+            ("node-b", 2),
+            ("node-b", 3),
+            ("node-a", 4),
+        ]
+        egress = Query(direction="egress").to_request(WHEN)
+        assert await asyncio.to_thread(list, flows([str(a.path)], egress)) == []
+    with pytest.raises(ControlError, match="is authd running"):
+        await asyncio.to_thread(list, flows([str(a.path)], request))
+
+
+async def test_a_node_without_datapath_says_so(tmp_path: Path) -> None:
+    server = ObserverServer(None, tmp_path / "hubble.sock")
+    async with serving(server):
+        request = observer_pb2.GetFlowsRequest()
+        with pytest.raises(ControlError, match="the datapath is disabled"):
+            await asyncio.to_thread(list, flows([str(server.path)], request))
