@@ -72,17 +72,28 @@ Attach = Callable[[Link], None]
 class LinkWatcher:
     """Attaches to matching links now and whenever one appears, until cancelled."""
 
-    def __init__(self, patterns: tuple[str, ...], attach: Attach, backoff: BackoffFactory) -> None:
-        """``attach`` is called once per new matching link index."""
+    def __init__(
+        self,
+        patterns: tuple[str, ...],
+        attach: Attach,
+        backoff: BackoffFactory,
+        *,
+        recheck: Callable[[Link], None] = lambda _link: None,
+    ) -> None:
+        """``attach`` is called once per new matching link index, ``recheck`` on later events for it."""
         self.patterns = patterns
         self._attach = attach
+        self._recheck = recheck
         self._backoff = backoff
         self.attached: dict[int, Link] = {}
         self.failures = 0
 
     def consider(self, link: Link) -> None:
         """Attach to ``link`` if it matches and is not attached yet; a failure is logged and counted."""
-        if link.index in self.attached or not matches(link.name, self.patterns):
+        if link.index in self.attached:
+            self._recheck(link)
+            return
+        if not matches(link.name, self.patterns):
             return
         try:
             self._attach(link)

@@ -299,7 +299,7 @@ def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1) -> TestRun:
     return TestRun(retval=retval, duration_ns=attr.duration)
 
 
-def prog_load_trivial(retval: int) -> int:
+def prog_load_trivial(retval: int, name: bytes = b"authd_empty") -> int:
     """Load a two-instruction sched_cls program returning ``retval`` (a baseline for benchmarks)."""
     mov_r0 = (0xB7).to_bytes(1, "little") + b"\x00\x00\x00" + retval.to_bytes(4, "little", signed=True)
     exit_ = b"\x95" + b"\x00" * 7
@@ -310,7 +310,7 @@ def prog_load_trivial(retval: int) -> int:
         insn_cnt=2,
         insns=ctypes.addressof(insns),
         license=ctypes.addressof(licence),
-        prog_name=b"authd_empty",
+        prog_name=name,
     )
     return bpf(BPF_PROG_LOAD, attr)
 
