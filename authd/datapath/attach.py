@@ -276,6 +276,28 @@ class Attacher:
                 return
             yield Foreign(hook, entry.prog_id, _prog_name(entry.prog_id))
 
+    def verify(self, ifindex: int, *, l3: bool) -> list[str]:
+        """What keeps ``ifindex`` from being enforced by the pinned programs (empty: nothing)."""
+        problems = []
+        for hook, name in programs_for(l3=l3).items():
+            link = _pinned_link(self.link_pin(ifindex, hook))
+            if link is not None:
+                try:
+                    info = tcx.link_info(link)
+                finally:
+                    os.close(link)
+                if info.ifindex != ifindex or info.prog_id != self._ids[name]:
+                    problems.append(f"{hook} link {info.id} does not run {name} on ifindex {ifindex}")
+                continue
+            from authd.datapath import libbpf  # noqa: PLC0415 - libbpf only for tc filters
+            from authd.datapath.layout import TC_HANDLE, TC_PRIORITY  # noqa: PLC0415
+
+            prog_id = libbpf.tc_query(ifindex, _TC_POINTS[hook], handle=TC_HANDLE, priority=TC_PRIORITY)
+            if prog_id != self._ids[name]:
+                problems.append(f"no {hook} link or tc filter runs {name} on ifindex {ifindex}")
+        problems += [f"{f.describe()} runs ahead of authd" for f in self.ahead(ifindex, l3=l3)]
+        return problems
+
     def reassert_first(self, ifindex: int, *, l3: bool, spare: Mapping[ProgramName, int]) -> None:
         """Put authd's tcx links back in front of every other program, with no moment unenforced.
 

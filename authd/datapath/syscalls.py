@@ -201,7 +201,9 @@ class TestRun:
 
 
 def _load_libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The process's own symbols include libc's; find_library would run ldconfig on every start, which
+    # the CNI plugin (one process per pod) should not pay for.
+    return ctypes.CDLL(None, use_errno=True)
 
 
 _libc = _load_libc()
