@@ -74,6 +74,7 @@ wheel-check: venv
 	$(PYTHON) -m venv $(WHEEL_DIR)/venv
 	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/authd-*.whl
 	cd $(WHEEL_DIR) && venv/bin/authd --help >/dev/null && venv/bin/authd version
+	cd $(WHEEL_DIR) && echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION venv/bin/authd-cni | grep -q supportedVersions
 	cd $(WHEEL_DIR) && venv/bin/python -c 'import authd.daemon; from authd.datapath.loader import object_path; \
 		assert object_path().is_file(), object_path()'
 	test -f $(WHEEL_DIR)/venv/share/authd/systemd/authd.service
