@@ -2,7 +2,8 @@
 an authd killed with SIGKILL and restarted loses no packet of a running flow, and a workload registered
 at run time connects without a drop.
 
-The cluster is dual stack: the same checks pass over IPv4 and IPv6. SVIDs live an hour here, so that
+The cluster is dual stack: the same checks pass over IPv4 and IPv6; then again, over IPv4, with pods
+made through CNI. SVIDs live an hour here, so that
 nothing rotates under these tests (test_svid_lifetimes covers rotation).
 """
 
@@ -31,6 +32,7 @@ SPEC = ClusterSpec(
     prefix="ae2",
     ipv6=True,
 )
+THROUGH_CNI = True  # and again with pods made by ptp, host-local and authd-cni
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 

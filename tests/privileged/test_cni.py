@@ -19,7 +19,7 @@ from authd.datapath.layout import AuthType, Direction
 from authd.datapath.loader import Datapath, attached_prog_ids
 from authd.datapath.maps import AuthKey, EndpointOwner, IpcacheEntry, PinnedMaps, PolicyKey
 from authd.datapath.netns import run_in_netns
-from tests.privileged.cni import REFERENCE_PLUGINS, PluginError, Runtime, bin_dir, conflist
+from authd.devcluster.cni import REFERENCE_PLUGINS, PluginError, Runtime, bin_dir, conflist
 from tests.privileged.daemon import Authd
 from tests.privileged.test_datapath_netns import PORT, EchoServer
 from tests.privileged.topology import B4, Topology, sh
@@ -85,7 +85,7 @@ def test_add_check_del_with_the_reference_plugins(
     cni.check("pod1", pod_netns)
 
     links = link_ids(topology, index)
-    again = cni._exec(cni.conflist["plugins"][1], "ADD", "pod1", pod_netns, result)  # a retried ADD
+    again = cni.run_plugin(cni.conflist["plugins"][1], "ADD", "pod1", pod_netns, result)  # a retried ADD
     assert again == result  # prevResult, unchanged
     assert link_ids(topology, index) == links
     assert len(links) == 2
@@ -96,7 +96,7 @@ def test_add_check_del_with_the_reference_plugins(
         cni.check("pod1", pod_netns)
     assert failed.value.plugin == "authd-cni"
     assert failed.value.error["code"] == 100
-    cni._exec(cni.conflist["plugins"][1], "ADD", "pod1", pod_netns, result)
+    cni.run_plugin(cni.conflist["plugins"][1], "ADD", "pod1", pod_netns, result)
     cni.check("pod1", pod_netns)
 
     cni.delete("pod1", pod_netns)
