@@ -9,11 +9,17 @@ nothing rotates under these tests (test_svid_lifetimes covers rotation).
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
+from authd.datapath import tcx
+from authd.datapath.loader import attached_prog_ids
+from authd.datapath.netns import run_in_netns
 from authd.devcluster import readings
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
 from tests.e2e.checks import assert_lossless, connection_flows, denied
@@ -157,3 +163,40 @@ def test_workload_registered_at_run_time_connects_without_a_drop(cluster: DevClu
     assert syn["verdict"] == "ALLOWED"
     assert syn["source"]["spiffe_id"] == SPEC.spiffe_id("late")
     assert denied(cluster, "node-b") == before
+
+
+def tcx_links(index: int) -> list[int]:
+    """The link ids on both tcx hooks of an interface (the calling thread's netns)."""
+    return [e.link_id for hook in (tcx.BPF_TCX_INGRESS, tcx.BPF_TCX_EGRESS) for e in tcx.query(index, hook)]
+
+
+def test_a_pod_made_while_authd_is_down_is_enforced_from_its_first_packet(cluster: DevCluster) -> None:
+    if not cluster.spec.cni:
+        pytest.skip("pods are made through CNI only with ClusterSpec(cni=True)")
+    workload = cluster.network.workloads["intruder"]
+    node = workload.node
+    cluster.stop_authd(node.name)
+    try:
+        cluster.pods["intruder"].delete("intruder", Path("/run/netns") / workload.netns)
+        pod = cluster.add_pod("intruder")  # a new veth, with no daemon to attach it
+        index = run_in_netns(Path("/run/netns") / node.netns, lambda: socket.if_nametoindex(pod.host_link))
+        progs = run_in_netns(Path("/run/netns") / node.netns, lambda: attached_prog_ids(index))
+        assert None not in progs
+        links = run_in_netns(Path("/run/netns") / node.netns, lambda: tcx_links(index))
+        assert len(links) == 2
+        with cluster.maps(node.name) as maps:
+            owner = maps.endpoints.get(f"{pod.address}/32")
+        assert owner is not None
+        assert owner.ifindex == index
+        before = cluster.counters("node-b")
+        report = cluster.tcp("intruder", "backend", connect_timeout=1.5)
+        assert not report["connected"], report
+        assert cluster.counters("node-b")["denied_auth_required"] > before["denied_auth_required"]
+    finally:
+        cluster.start_authd(node.name)
+    # The daemon's link watcher matches the veth too: it swaps its new programs into the same links.
+    assert run_in_netns(Path("/run/netns") / node.netns, lambda: tcx_links(index)) == links
+    assert None not in run_in_netns(Path("/run/netns") / node.netns, lambda: attached_prog_ids(index))
+    report = json.loads(cluster.authd(node.name, "status", "--json"))
+    assert pod.host_link in report["datapath"]["interfaces"]
+    assert report["datapath"]["programs_ahead"] == {}
