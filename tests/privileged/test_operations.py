@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from authd.datapath.loader import attached_prog_ids
+from authd.datapath.netns import run_in_netns
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
 from authd.devcluster.netns import in_netns
 
@@ -237,7 +239,7 @@ def test_authd_runs_in_the_units_sandbox_with_its_capabilities(cluster: DevClust
         config.write_text(original.replace('interfaces = ["lxc*"]', 'interfaces = ["aopnone*"]'))
         try:
             proc.send_signal(signal.SIGHUP)
-            cluster.wait_for(lambda: "authd" not in _tc_filters(cluster, "node-b"), 10, "detach on reload")
+            cluster.wait_for(lambda: not _attached(cluster, "node-b"), 10, "detach on reload")
         finally:
             config.write_text(original)
     finally:
@@ -249,6 +251,13 @@ def test_authd_runs_in_the_units_sandbox_with_its_capabilities(cluster: DevClust
                 proc.kill()
                 proc.wait()
     cluster.start_authd("node-b")
+
+
+def _attached(cluster: DevCluster, node: str) -> bool:
+    """Whether lxc0 runs any authd program: a tcx link, or a tc filter."""
+    netns = Path("/run/netns") / cluster.network.nodes[node].netns
+    progs = run_in_netns(netns, lambda: attached_prog_ids(socket.if_nametoindex("lxc0")))
+    return progs != (None, None) or "authd" in _tc_filters(cluster, node)
 
 
 def _tc_filters(cluster: DevCluster, node: str) -> str:
