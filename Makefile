@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
-APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 \
+APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 containernetworking-plugins \
 	systemd systemd-container debootstrap prometheus etcd-server
 
 .PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts wheel-check
@@ -77,6 +77,7 @@ wheel-check: venv
 	$(PYTHON) -m venv $(WHEEL_DIR)/venv
 	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/authd-*.whl
 	cd $(WHEEL_DIR) && venv/bin/authd --help >/dev/null && venv/bin/authd version
+	cd $(WHEEL_DIR) && echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION venv/bin/authd-cni | grep -q supportedVersions
 	cd $(WHEEL_DIR) && venv/bin/python -c 'import authd.daemon; from authd.datapath.loader import object_path; \
 		assert object_path().is_file(), object_path()'
 	test -f $(WHEEL_DIR)/venv/share/authd/systemd/authd.service

@@ -292,6 +292,24 @@ class AuthdCollector(Collector):
             "interfaces the programs are attached to",
             value=len(snapshot.interfaces),
         )
+        mode = GaugeMetricFamily(
+            "authd_datapath_attach_mode", "how programs are attached (1: the mode in use)", labels=["mode"]
+        )
+        mode.add_metric([snapshot.attach_mode], 1)
+        yield mode
+        ahead = GaugeMetricFamily(
+            "authd_datapath_programs_ahead",
+            "foreign programs that run before authd's on an attached interface (any: degraded)",
+            labels=["interface"],
+        )
+        for interface, programs in sorted(snapshot.ahead.items()):
+            ahead.add_metric([interface], len(programs))
+        yield ahead
+        yield CounterMetricFamily(
+            "authd_datapath_reassertions",
+            "times authd put its tcx links first again after another program got ahead",
+            value=snapshot.reassertions,
+        )
         counters = snapshot.counters
         verdicts = CounterMetricFamily(
             "authd_datapath_verdicts",

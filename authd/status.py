@@ -145,6 +145,9 @@ def _datapath(view: DaemonView) -> dict[str, Any]:
         "enabled": True,
         "loaded": True,
         "interfaces": list(snapshot.interfaces),
+        "attach_mode": snapshot.attach_mode,
+        "programs_ahead": {k: list(v) for k, v in sorted(snapshot.ahead.items())},
+        "reassertions": snapshot.reassertions,
         "allowed": counters.get("allowed", 0) + counters.get("allowed_auth", 0),
         "denied": sum(v for k, v in counters.items() if k.startswith("denied_")),
         "ringbuf_drops": counters.get("ringbuf_full", 0),
@@ -281,10 +284,20 @@ def _render_datapath(status: Report) -> list[str]:
     if not datapath["loaded"]:
         return ["datapath:  not loaded yet"]
     interfaces = ", ".join(datapath["interfaces"]) or "none (check datapath.interfaces)"
-    return [
-        f"datapath:  attached to {len(datapath['interfaces'])} interfaces: {interfaces}",
+    lines = [
+        (
+            f"datapath:  attached ({datapath['attach_mode']}) to {len(datapath['interfaces'])} interfaces: "
+            f"{interfaces}"
+        ),
         (
             f"verdicts:  {datapath['allowed']} allowed, {datapath['denied']} denied, "
             f"{datapath['ringbuf_drops']} events lost (ring buffer full)"
         ),
     ]
+    lines += [
+        f"DEGRADED:  ahead of authd on {where}: {', '.join(programs)}"
+        for where, programs in datapath["programs_ahead"].items()
+    ]
+    if datapath["reassertions"]:
+        lines.append(f"order:     authd placed itself first again {datapath['reassertions']} times")
+    return lines

@@ -24,7 +24,7 @@ from authd import log
 from authd.datapath import clock, syscalls
 from authd.datapath.events import decode
 from authd.datapath.layout import AuthType, Direction, FlowLevel, ProgramName
-from authd.datapath.loader import Datapath, MapSizes, detach, remove_pins
+from authd.datapath.loader import Datapath, MapSizes, remove_pins
 from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey, RuntimeConfig
 from authd.datapath.ringbuf import RingBuffer
 from bench.figures import Figures, figure, median
@@ -162,7 +162,7 @@ def _iperf(datapath: Datapath) -> Figures:
                 topo.node, lambda: [datapath.attach(socket.if_nametoindex(link), l3=False) for link in links]
             )
             with_programs.append(_iperf_once(topo))
-            topo.run(topo.node, lambda: [detach(socket.if_nametoindex(link)) for link in links])
+            topo.run(topo.node, lambda: [datapath.detach(socket.if_nametoindex(link)) for link in links])
     finally:
         server.terminate()
         server.wait()

@@ -157,6 +157,19 @@ class DatapathConfig:
         check=_interface_patterns,
         example=["lxc*", "veth*"],
     )
+    attach_mode: Literal["auto", "tcx", "tc"] = setting(
+        "auto",
+        "how programs are attached: auto (tcx links placed first where the kernel has tcx, else tc), tcx, tc",
+    )
+    reassert_first: bool = setting(
+        True,  # noqa: FBT003 - the field's default
+        "when another tcx program gets ahead of authd's, put authd's first again (false: only report it)",
+    )
+    order_check_interval: timedelta = setting(
+        timedelta(seconds=5),
+        "how often attached interfaces are checked for programs running ahead of authd's",
+        check=positive_duration,
+    )
     flow_events: Literal["none", "denied", "first", "all"] = setting(
         "first", "flow events: none, denied, first (first packet of a connection and verdict changes) or all"
     )

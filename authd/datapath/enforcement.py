@@ -9,18 +9,26 @@ Jobs:
   failure is restarted with backoff rather than taking the daemon down.
 
 Stopping detaches nothing: enforcement continues while authd restarts (``authd bpf unload`` detaches).
+
+Attach order: every ``datapath.order_check_interval``, and on every link event for an attached
+interface, the ``datapath`` job asks the kernel which programs run before authd's on each attached
+interface (:meth:`Attacher.ahead`). With tcx and ``datapath.reassert_first`` it puts authd's links first
+again (a new first link, then the old one detached: no unenforced moment) and counts it. Whatever is
+still ahead afterwards (a tcx program while authd fell back to tc, a failed re-placement, or
+``reassert_first = false``) makes the component degraded with the interface and program named.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from authd.backoff import BackoffFactory
 from authd.config.model import DatapathConfig
 from authd.datapath import links, loader
+from authd.datapath.attach import AttachMode
 from authd.datapath.consumer import EventConsumer, OnAuthRequired, OnFlow
 from authd.datapath.layout import FlowLevel
 from authd.datapath.links import Link, LinkWatcher
@@ -67,6 +75,9 @@ class DatapathSnapshot:
     interfaces: tuple[str, ...]
     events_decoded: int
     events_malformed: int
+    attach_mode: str = ""
+    ahead: dict[str, tuple[str, ...]] = field(default_factory=dict)  # interface -> foreign programs
+    reassertions: int = 0
 
 
 class Enforcement:
@@ -88,7 +99,9 @@ class Enforcement:
         self._on_flow = on_flow
         self._loaded = asyncio.Event()
         self.datapath: Datapath | None = None
-        self.watcher = LinkWatcher(config.interfaces, self._attach, backoff)
+        self.watcher = LinkWatcher(config.interfaces, self._attach, backoff, recheck=self._recheck)
+        self.ahead: dict[str, tuple[str, ...]] = {}
+        self.reassertions = 0
         self.consumer: EventConsumer | None = None
         self._rescans: set[asyncio.Task[None]] = set()
         self._stale_drained = False
@@ -117,6 +130,9 @@ class Enforcement:
             interfaces=tuple(sorted(link.name for link in self.watcher.attached.values())),
             events_decoded=consumer.decoded if consumer is not None else 0,
             events_malformed=consumer.malformed if consumer is not None else 0,
+            attach_mode=str(datapath.attacher.mode),
+            ahead=dict(self.ahead),
+            reassertions=self.reassertions,
         )
 
     def jobs(self) -> list[Job]:
@@ -131,9 +147,60 @@ class Enforcement:
             return
         self.datapath.attach(link.index, l3=loader.is_l3_link(link.link_type))
 
+    def _recheck(self, link: Link) -> None:
+        """A link event for an attached interface: check the order on it now."""
+        self._check_order([link])
+        self._report()
+
+    def _check_order(self, attached: list[Link]) -> None:
+        datapath = self.datapath
+        if datapath is None:
+            return
+        attacher = datapath.attacher
+        for link in attached:
+            l3 = loader.is_l3_link(link.link_type)
+            try:
+                foreign = attacher.ahead(link.index, l3=l3)
+                if foreign and self._config.reassert_first and attacher.mode is AttachMode.TCX:
+                    attacher.reassert_first(link.index, l3=l3, spare=datapath.spare_programs())
+                    self.reassertions += 1
+                    log.warning(
+                        "programs ran ahead of authd's; authd placed first again",
+                        interface=link.name,
+                        ifindex=link.index,
+                        programs=[f.describe() for f in foreign],
+                    )
+                    foreign = attacher.ahead(link.index, l3=l3)
+            except DatapathError as err:
+                # The link vanished meanwhile, or the kernel refused: try again at the next check.
+                log.warning("cannot check attach order", interface=link.name, error=str(err))
+                continue
+            key = f"{link.name} (ifindex {link.index})"
+            if foreign:
+                described = tuple(f.describe() for f in foreign)
+                if self.ahead.get(key) != described:
+                    log.warning("programs run ahead of authd's", interface=link.name, programs=described)
+                self.ahead[key] = described
+            else:
+                self.ahead.pop(key, None)
+
+    async def _watch_order(self) -> None:
+        interval = self._config.order_check_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            attached = list(self.watcher.attached.values())
+            self._check_order(attached)
+            known = {f"{link.name} (ifindex {link.index})" for link in attached}
+            for key in set(self.ahead) - known:  # detached or gone
+                del self.ahead[key]
+            self._report()
+
     def _report(self) -> None:
         count = len(self.watcher.attached)
-        if not self._config.interfaces:
+        if self.ahead:
+            where = "; ".join(f"{key}: {', '.join(progs)}" for key, progs in sorted(self.ahead.items()))
+            self._component.degraded(f"programs run ahead of authd's, unchecked traffic may pass: {where}")
+        elif not self._config.interfaces:
             self._component.ready("loaded; no interfaces configured (datapath.interfaces)")
         elif count == 0:
             self._component.ready("loaded; no interface matches datapath.interfaces yet")
@@ -142,17 +209,28 @@ class Enforcement:
 
     async def run(self) -> None:
         """Load, attach, then keep attaching to new matching interfaces until cancelled."""
-        datapath = await asyncio.to_thread(Datapath.load, self._config.pin_dir, map_sizes(self._config))
+        datapath = await asyncio.to_thread(
+            Datapath.load,
+            self._config.pin_dir,
+            map_sizes(self._config),
+            mode=AttachMode(self._config.attach_mode),
+        )
         try:
             datapath.configure(runtime_config(self._config))
             self.datapath = datapath
             self._loaded.set()
             # The watcher attaches to existing links right after subscribing to link events, then reports.
-            await self.watcher.run(on_synced=self._report)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.watcher.run(on_synced=self._synced), name="datapath-links")
+                group.create_task(self._watch_order(), name="datapath-order")
         finally:
             self._loaded.clear()
             self.datapath = None
             datapath.close()  # programs stay attached, maps stay pinned
+
+    def _synced(self) -> None:
+        self._check_order(list(self.watcher.attached.values()))
+        self._report()
 
     async def run_events(self) -> None:
         """Consume the ring buffer once the datapath is loaded."""
@@ -179,9 +257,7 @@ class Enforcement:
             self.watcher.patterns = new.interfaces
             for index, link in list(self.watcher.attached.items()):
                 if not links.matches(link.name, new.interfaces):
-                    attached = self.datapath.attachments.pop(index, None)
-                    ours = (attached.ingress_prog_id, attached.egress_prog_id) if attached else ()
-                    loader.detach(index, ours=ours)
+                    self.datapath.detach(index)
                     self.watcher.forget(index)
                     log.info("detached from interface", interface=link.name, ifindex=index)
             # Reload hooks run in the event loop's signal handler: attach from a task.

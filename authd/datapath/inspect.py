@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from authd.datapath import layout, links, loader
+from authd.datapath import attach, layout, links, loader
 from authd.datapath.maps import PinnedMaps
 
 Row = dict[str, Any]
@@ -122,6 +122,19 @@ class Unloaded:
 
 
 def unload(pin_dir: Path) -> Unloaded:
-    """Detach authd's programs from every interface of this network namespace and remove the pins."""
-    detached = [link.name for link in links.list_links() if loader.detach(link.index)]
+    """Detach authd's programs and remove the pins.
+
+    The pinned tcx links go wherever their interfaces are; tc filters (kernels without tcx) are removed
+    from every interface of this network namespace. ``interfaces`` names this namespace's interfaces
+    that had either.
+    """
+    netns = attach.netns_inode()
+    pinned = {
+        int(path.name.split("_")[1])
+        for path in (pin_dir / attach.LINKS_DIR).glob(f"{netns}_*")
+        if not path.name.endswith("_new")
+    }
+    detached = [
+        link.name for link in links.list_links() if loader.detach_tc(link.index) or link.index in pinned
+    ]
     return Unloaded(interfaces=detached, pins=loader.remove_pins(pin_dir))

@@ -108,10 +108,12 @@ class LinkWatcher:
         *,
         dump: LinkDump = dump_links,
         dump_backoff: BackoffFactory = DUMP_BACKOFF,
+        recheck: Callable[[Link], None] = lambda _link: None,
     ) -> None:
-        """``attach`` is called once per new matching link index."""
+        """``attach`` is called once per new matching link index, ``recheck`` on later events for it."""
         self.patterns = patterns
         self._attach = attach
+        self._recheck = recheck
         self._backoff = backoff
         self._dump = dump
         self._dump_backoff = dump_backoff
@@ -120,7 +122,10 @@ class LinkWatcher:
 
     def consider(self, link: Link) -> None:
         """Attach to ``link`` if it matches and is not attached yet; a failure is logged and counted."""
-        if link.index in self.attached or not matches(link.name, self.patterns):
+        if link.index in self.attached:
+            self._recheck(link)
+            return
+        if not matches(link.name, self.patterns):
             return
         try:
             self._attach(link)

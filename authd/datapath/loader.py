@@ -1,24 +1,26 @@
 """Loading the BPF object idempotently, attaching it to interfaces, and unloading it.
 
 A restarted authd opens the same object with the same pin root: libbpf reuses every pinned map (entries
-survive), and attaching with BPF_TC_F_REPLACE at authd's fixed tc handle and priority swaps the program in
-place, so enforcement has no gap. Stopping authd detaches nothing; only :func:`unload` (``authd bpf
-unload``) removes the programs and the pins.
+survive). The new programs replace the pinned ones (``progs/``), and attaching swaps the program of each
+pinned tcx link in place (or, on kernels without tcx, replaces the tc filter at authd's handle), so
+enforcement has no gap and no link is created twice (:mod:`.attach`). Stopping authd detaches nothing;
+only :func:`remove_pins` (``authd bpf unload``) removes the links, the programs and the pins.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
-from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import structlog
 
-from authd.datapath import libbpf, syscalls
+from authd.datapath import attach, libbpf, syscalls, tcx
+from authd.datapath.attach import Attached, Attacher, AttachMode
 from authd.datapath.layout import TC_HANDLE, TC_PRIORITY, MapName, ProgramName
 from authd.datapath.maps import ConfigMap, PinnedMaps, RuntimeConfig
 from authd.datapath.syscalls import MapHandle
@@ -97,61 +99,91 @@ def _pinned_max_entries(pin_dir: Path, name: MapName) -> int | None:
         os.close(fd)
 
 
-@dataclass(frozen=True, slots=True)
-class Attachment:
-    """authd's programs on one interface."""
-
-    ifindex: int
-    ingress_prog_id: int
-    egress_prog_id: int
+def _load_object(pin_dir: Path, sizes: MapSizes, path: Path | None) -> tuple[libbpf.BpfObject, bool]:
+    """Open and load the object, reusing the pinned maps; also return whether any pin was reused."""
+    path = path or object_path()
+    if not path.is_file():
+        raise DatapathError(f"datapath: BPF object {path} is missing: build it with `make artifacts`")
+    obj = libbpf.BpfObject(path, pin_root=pin_dir)
+    try:
+        wanted = {
+            MapName.IPCACHE: sizes.ipcache,
+            MapName.POLICY: sizes.policy,
+            MapName.AUTH: sizes.auth,
+            MapName.EVENTS: sizes.events_bytes,
+            MapName.FLOWS: sizes.flows,
+        }
+        reused = False
+        for name, size in wanted.items():
+            pinned = _pinned_max_entries(pin_dir, name)
+            reused = reused or pinned is not None
+            if pinned is not None and pinned != size:
+                # Recreating the map would drop its entries (and enforcement with them).
+                log.warning(
+                    "pinned map keeps its size until `authd bpf unload`",
+                    map=str(name),
+                    pinned=pinned,
+                    configured=size,
+                )
+                size = pinned  # noqa: PLW2901 - the size actually used
+            obj.set_max_entries(name, size)
+        obj.load()
+    except BaseException:
+        obj.close()
+        raise
+    return obj, reused
 
 
 class Datapath:
     """The loaded object: its programs' fds for attaching, and its pinned maps."""
 
-    def __init__(self, obj: libbpf.BpfObject, pin_dir: Path, *, reused: bool) -> None:
-        """Wrap a loaded object; use :meth:`load`."""
+    def __init__(
+        self, obj: libbpf.BpfObject, pin_dir: Path, *, reused: bool, mode: AttachMode, sizes: MapSizes
+    ) -> None:
+        """Wrap a loaded object whose programs are pinned; use :meth:`load`."""
         self._obj = obj
         self.pin_dir = pin_dir
         self.reused = reused
-        self.attachments: dict[int, Attachment] = {}
+        self._sizes = sizes
+        self.attacher = Attacher(pin_dir, mode=mode)
+        self._spare: libbpf.BpfObject | None = None
+        self.attachments: dict[int, Attached] = {}
 
     @classmethod
-    def load(cls, pin_dir: Path, sizes: MapSizes, *, path: Path | None = None) -> Datapath:
-        """Open the object, reuse or create the pinned maps, load the programs (nothing is attached)."""
+    def load(
+        cls, pin_dir: Path, sizes: MapSizes, *, path: Path | None = None, mode: AttachMode = AttachMode.AUTO
+    ) -> Datapath:
+        """Open the object, reuse or create the pinned maps, load and pin the programs (nothing attached)."""
         ensure_bpffs(pin_dir)
-        path = path or object_path()
-        if not path.is_file():
-            raise DatapathError(f"datapath: BPF object {path} is missing: build it with `make artifacts`")
-        obj = libbpf.BpfObject(path, pin_root=pin_dir)
+        obj, reused = _load_object(pin_dir, sizes, path)
         try:
-            wanted = {
-                MapName.IPCACHE: sizes.ipcache,
-                MapName.POLICY: sizes.policy,
-                MapName.AUTH: sizes.auth,
-                MapName.EVENTS: sizes.events_bytes,
-                MapName.FLOWS: sizes.flows,
-            }
-            reused = False
-            for name, size in wanted.items():
-                pinned = _pinned_max_entries(pin_dir, name)
-                reused = reused or pinned is not None
-                if pinned is not None and pinned != size:
-                    # Recreating the map would drop its entries (and enforcement with them).
-                    log.warning(
-                        "pinned map keeps its size until `authd bpf unload`",
-                        map=str(name),
-                        pinned=pinned,
-                        configured=size,
-                    )
-                    size = pinned  # noqa: PLW2901 - the size actually used
-                obj.set_max_entries(name, size)
-            obj.load()
+            attach.pin_programs(pin_dir, {name: obj.prog_fd(name) for name in ProgramName})
+            datapath = cls(obj, pin_dir, reused=reused, mode=mode, sizes=sizes)
         except BaseException:
             obj.close()
             raise
         log.info("datapath loaded", pin_dir=str(pin_dir), reused_pins=reused)
-        return cls(obj, pin_dir, reused=reused)
+        return datapath
+
+    def spare_programs(self) -> dict[ProgramName, int]:
+        """Second instances of the programs (same maps), loaded on first use (for reasserting first place)."""
+        if self._spare is None:
+            self._spare, _ = _load_object(self.pin_dir, self._sizes, None)
+        return {name: self._spare.prog_fd(name) for name in ProgramName}
+
+    def attach(self, ifindex: int, *, l3: bool) -> Attached:
+        """Attach (or atomically update) authd's programs on both hooks of ``ifindex``.
+
+        Acts in the calling thread's network namespace.
+        """
+        attached = self.attacher.attach(ifindex, l3=l3)
+        self.attachments[ifindex] = attached
+        return attached
+
+    def detach(self, ifindex: int) -> bool:
+        """Remove authd's programs from ``ifindex``; whether any were there."""
+        self.attachments.pop(ifindex, None)
+        return self.attacher.detach(ifindex)
 
     def configure(self, config: RuntimeConfig) -> None:
         """Write the runtime settings the programs read on every packet."""
@@ -173,44 +205,33 @@ class Datapath:
         """Open the pinned maps (the caller closes them)."""
         return PinnedMaps(self.pin_dir)
 
-    def attach(self, ifindex: int, *, l3: bool) -> Attachment:
-        """Attach (or atomically replace) authd's programs on both hooks of ``ifindex``.
-
-        Acts in the calling thread's network namespace.
-        """
-        ingress = ProgramName.INGRESS_L3 if l3 else ProgramName.INGRESS
-        egress = ProgramName.EGRESS_L3 if l3 else ProgramName.EGRESS
-        attached = Attachment(
-            ifindex,
-            libbpf.tc_attach(
-                ifindex,
-                libbpf.BPF_TC_INGRESS,
-                self._obj.prog_fd(ingress),
-                handle=TC_HANDLE,
-                priority=TC_PRIORITY,
-            ),
-            libbpf.tc_attach(
-                ifindex,
-                libbpf.BPF_TC_EGRESS,
-                self._obj.prog_fd(egress),
-                handle=TC_HANDLE,
-                priority=TC_PRIORITY,
-            ),
-        )
-        self.attachments[ifindex] = attached
-        return attached
-
     def close(self) -> None:
         """Release the object's fds. Attached programs keep running with the pinned maps."""
+        self.attacher.close()
+        if self._spare is not None:
+            self._spare.close()
         self._obj.close()
 
 
 def attached_prog_ids(ifindex: int) -> tuple[int | None, int | None]:
-    """The ids of the programs at authd's tc handle and priority on (ingress, egress) of ``ifindex``."""
-    return (
-        libbpf.tc_query(ifindex, libbpf.BPF_TC_INGRESS, handle=TC_HANDLE, priority=TC_PRIORITY),
-        libbpf.tc_query(ifindex, libbpf.BPF_TC_EGRESS, handle=TC_HANDLE, priority=TC_PRIORITY),
-    )
+    """The ids of authd's programs on (ingress, egress) of ``ifindex``: its tcx link's, else its tc filter's.
+
+    Looks programs up by id, which needs CAP_SYS_ADMIN (tests and the CLI as root).
+    """
+    found: list[int | None] = []
+    for tcx_type, point in (
+        (tcx.BPF_TCX_INGRESS, libbpf.BPF_TC_INGRESS),
+        (tcx.BPF_TCX_EGRESS, libbpf.BPF_TC_EGRESS),
+    ):
+        try:
+            entries = tcx.query(ifindex, tcx_type)
+        except OSError:
+            entries = []
+        ids = [entry.prog_id for entry in entries if _is_authd_prog(entry.prog_id)]
+        found.append(
+            ids[0] if ids else libbpf.tc_query(ifindex, point, handle=TC_HANDLE, priority=TC_PRIORITY)
+        )
+    return found[0], found[1]
 
 
 def _is_authd_prog(prog_id: int) -> bool:
@@ -224,25 +245,48 @@ def _is_authd_prog(prog_id: int) -> bool:
         os.close(fd)
 
 
-def detach(ifindex: int, *, ours: Collection[int] = ()) -> bool:
-    """Remove authd's programs from ``ifindex`` (calling thread's netns); return whether any were there.
+def detach_tc(ifindex: int) -> bool:
+    """Remove authd's tc filters from ``ifindex`` (calling thread's netns); return whether any were there.
 
     Only filters at authd's handle and priority that run an authd program are removed; the clsact qdisc
-    stays, since other filters may use it. ``ours``: ids of programs this process attached, known to be
-    authd's without asking the kernel (which needs CAP_SYS_ADMIN for a program by id; the unit lacks it).
+    stays, since other filters may use it. tcx links go with their pins (:func:`remove_pins`).
     """
     removed = False
     for point in (libbpf.BPF_TC_INGRESS, libbpf.BPF_TC_EGRESS):
         prog_id = libbpf.tc_query(ifindex, point, handle=TC_HANDLE, priority=TC_PRIORITY)
-        if prog_id is not None and (prog_id in ours or _is_authd_prog(prog_id)):
+        if prog_id is not None and _is_authd_prog(prog_id):
             removed = libbpf.tc_detach(ifindex, point, handle=TC_HANDLE, priority=TC_PRIORITY) or removed
     return removed
 
 
-def remove_pins(pin_dir: Path) -> list[str]:
-    """Unpin every authd map under ``pin_dir`` and remove the directory if empty; return what was removed."""
+def _detach_pinned_links(links: Path) -> list[str]:
+    """Detach every link pinned in ``links`` (whatever namespace its interface is in) and unpin it."""
     removed = []
-    for name in MapName:
+    for path in sorted(links.iterdir()) if links.is_dir() else ():
+        try:
+            fd = syscalls.obj_get(path)
+        except OSError as err:
+            raise DatapathError(f"datapath: cannot open {path}: {err.strerror}") from err
+        try:
+            tcx.link_detach(fd)
+        except OSError as err:
+            if err.errno != errno.ENOLINK:  # defunct: its interface is gone
+                raise DatapathError(f"datapath: cannot detach {path}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        path.unlink()
+        removed.append(f"{attach.LINKS_DIR}/{path.name}")
+    return removed
+
+
+def remove_pins(pin_dir: Path) -> list[str]:
+    """Detach and unpin authd's tcx links, unpin its programs and maps, remove the directories if empty.
+
+    Return what was removed.
+    """
+    removed = _detach_pinned_links(pin_dir / attach.LINKS_DIR)
+    pins = [Path(attach.PROGS_DIR) / name for name in ProgramName] + [Path(name) for name in MapName]
+    for name in pins:
         try:
             (pin_dir / name).unlink()
             removed.append(str(name))
@@ -250,10 +294,11 @@ def remove_pins(pin_dir: Path) -> list[str]:
             continue
         except OSError as err:
             raise DatapathError(f"datapath: cannot remove pin {pin_dir / name}: {err.strerror}") from err
-    try:
-        pin_dir.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        log.warning("pin directory not removed", pin_dir=str(pin_dir), error=err.strerror)
+    for directory in (pin_dir / attach.LINKS_DIR, pin_dir / attach.PROGS_DIR, pin_dir):
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("pin directory not removed", pin_dir=str(directory), error=err.strerror)
     return removed

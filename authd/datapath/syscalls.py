@@ -201,7 +201,9 @@ class TestRun:
 
 
 def _load_libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The process's own symbols include libc's; find_library would run ldconfig on every start, which
+    # the CNI plugin (one process per pod) should not pay for.
+    return ctypes.CDLL(None, use_errno=True)
 
 
 _libc = _load_libc()
@@ -299,7 +301,7 @@ def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1) -> TestRun:
     return TestRun(retval=retval, duration_ns=attr.duration)
 
 
-def prog_load_trivial(retval: int) -> int:
+def prog_load_trivial(retval: int, name: bytes = b"authd_empty") -> int:
     """Load a two-instruction sched_cls program returning ``retval`` (a baseline for benchmarks)."""
     mov_r0 = (0xB7).to_bytes(1, "little") + b"\x00\x00\x00" + retval.to_bytes(4, "little", signed=True)
     exit_ = b"\x95" + b"\x00" * 7
@@ -310,7 +312,7 @@ def prog_load_trivial(retval: int) -> int:
         insn_cnt=2,
         insns=ctypes.addressof(insns),
         license=ctypes.addressof(licence),
-        prog_name=b"authd_empty",
+        prog_name=name,
     )
     return bpf(BPF_PROG_LOAD, attr)
 

@@ -26,7 +26,7 @@ from typing import Any, Self
 import structlog
 
 from authd.datapath.maps import AuthKey, PinnedMaps
-from authd.devcluster import interrupts, leftovers, readings, traffic
+from authd.devcluster import cni, interrupts, leftovers, readings, traffic
 from authd.devcluster.leftovers import BPFFS
 from authd.devcluster.netns import HarnessError, Namespaces, Processes, in_netns, sh
 from authd.devcluster.network import Network, NodeNet, WorkloadNet
@@ -73,6 +73,7 @@ class ClusterSpec:
     log_level: str = "info"
     ipv6: bool = False  # dual stack: workloads get an IPv6 address too, in cluster state as well
     federated_trust_domain: str | None = None  # a second trust domain whose bundle every agent holds
+    cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs; IPv4 only
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -108,6 +109,7 @@ class DevCluster:
     _processes: Processes = field(default_factory=Processes, init=False)
     _spire: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _notify_sockets: dict[str, socket.socket] = field(default_factory=dict, init=False)
+    pods: dict[str, cni.Runtime] = field(default_factory=dict, init=False)  # with ``cni``: by workload
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -136,11 +138,13 @@ class DevCluster:
         (self.workdir / "logs").mkdir()
         shutil.copy(traffic.__file__, self.workdir / "traffic.py")
         (self.workdir / "traffic.py").chmod(0o644)
+        if spec.cni and spec.ipv6:
+            raise HarnessError("harness: ClusterSpec(cni=True) builds IPv4 pods only")
         self.network = Network(spec.prefix, self._namespaces, ipv6=spec.ipv6)
         for name in spec.nodes:
             self.network.add_node(name)
         for workload in spec.workloads:
-            self.network.add_workload(workload.node, workload.name)
+            self.network.add_workload(workload.node, workload.name, attach=not spec.cni)
         self.write_cluster_state(spec)
         self._write_spire_entries()
         for name, net in self.network.nodes.items():
@@ -151,8 +155,26 @@ class DevCluster:
             self.start_authd(name, wait=False)
         for name in self._nodes:
             self.wait_ready(name)
+        for workload in spec.workloads if spec.cni else ():
+            self.add_pod(workload.name)
         for workload in spec.workloads:
             self.start_servers(workload.name)
+
+    def add_pod(self, name: str) -> WorkloadNet:
+        """Make a workload's network through CNI, the way a container runtime makes a pod's (``cni``)."""
+        workload = self.network.workloads[name]
+        node = workload.node
+        net = cni.conflist(
+            "ptp",
+            subnet=str(node.subnet),
+            address=str(workload.address),
+            data_dir=self.workdir / "cni" / node.name,
+            pin_dir=self.pin_dir(node.name),
+        )
+        paths = [cni.bin_dir(self.workdir), cni.REFERENCE_PLUGINS]
+        runtime = cni.Runtime(Path("/run/netns") / node.netns, net, paths)
+        self.pods[name] = runtime
+        return self.network.attach_cni(name, runtime)
 
     def down(self) -> None:
         """Stop everything, unload every node's datapath, delete namespaces and files.
@@ -311,7 +333,9 @@ class DevCluster:
             f'[cluster]\nfile = "{self.cluster_file}"\npoll_interval = "200ms"\n'
             f'[attest]\nlisten_address = "{net.address}"\nport = {ATTEST_PORT}\n'
             'retry_initial = "200ms"\nretry_max = "2s"\n'
-            f'[datapath]\npin_dir = "{BPFFS}/{self.spec.prefix}-{net.name}"\ninterfaces = ["lxc*"]\n'
+            f'[datapath]\npin_dir = "{BPFFS}/{self.spec.prefix}-{net.name}"\n'
+            # With CNI, the link watcher matches the pods' veths too: both attach idempotently.
+            + ('interfaces = ["lxc*", "veth*"]\n' if self.spec.cni else 'interfaces = ["lxc*"]\n')
         )
         return config
 

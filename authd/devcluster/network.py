@@ -10,6 +10,9 @@ address and a /32 route, and a default route in the workload via 169.254.1.1, an
 holds on its loopback so it answers the workload's ARP. Nodes route each other's workload subnets over
 the wire, so traffic between workloads crosses the ``lxc`` interfaces authd attaches its programs to.
 
+With CNI (``ClusterSpec(cni=True)``, IPv4 only) ``ptp`` makes each workload's veth instead (host side
+``veth...``, the gateway the first address of the node's subnet) and ``authd-cni`` attaches authd to it.
+
 With ``ipv6``, the same again in IPv6 (dual stack): nodes ``fd00:231::<i+1>/64`` on the wire, workloads
 ``fd00:231:<i+1>::<j+10>/128``, their default route via ``fe80::1``, which the host side of every
 ``lxc`` link holds. Duplicate address detection is off, so addresses work at once.
@@ -18,8 +21,10 @@ With ``ipv6``, the same again in IPv6 (dual stack): nodes ``fd00:231::<i+1>/64``
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from authd.devcluster.cni import Runtime
 from authd.devcluster.netns import Namespaces, sh, sysctl
 
 BASE = ipaddress.IPv4Network("10.231.0.0/16")
@@ -133,8 +138,12 @@ class Network:
             sysctl(name, "net.ipv6.conf.default.accept_dad", "0")
         return name
 
-    def add_workload(self, node_name: str, name: str) -> WorkloadNet:
-        """Create a workload namespace attached to ``node_name`` by a veth pair."""
+    def add_workload(self, node_name: str, name: str, *, attach: bool = True) -> WorkloadNet:
+        """Create a workload namespace attached to ``node_name`` by a veth pair.
+
+        Without ``attach`` only the namespace and the addresses exist; :meth:`attach_cni` makes the pod's
+        network through CNI later.
+        """
         node = self.nodes[node_name]
         index = sum(1 for w in self.workloads.values() if w.node.name == node_name)
         workload = WorkloadNet(
@@ -145,6 +154,10 @@ class Network:
             host_link=f"lxc{index}",
             address6=node.subnet6.network_address + index + 10 if node.subnet6 is not None else None,
         )
+        if not attach:
+            workload = replace(workload, host_link="")
+            self.workloads[name] = workload
+            return workload
         host, pod = node.netns, workload.netns
         _veth(host, workload.host_link, pod, "eth0")
         sh("ip", "-n", host, "link", "set", workload.host_link, "up")
@@ -159,6 +172,19 @@ class Network:
             sh("ip", "-n", host, "-6", "route", "add", f"{workload.address6}/128", "dev", link)
             sh("ip", "-n", pod, "addr", "add", f"{workload.address6}/128", "dev", "eth0", "nodad")
             sh("ip", "-n", pod, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
+        self.workloads[name] = workload
+        return workload
+
+    def attach_cni(self, name: str, runtime: Runtime) -> WorkloadNet:
+        """Make a workload's network with a CNI conflist (``ptp``, ``host-local``, ``authd-cni``), as a pod.
+
+        The conflist's IPAM hands out exactly the workload's address; ``ptp`` makes the veth (host side
+        ``veth...``), the routes on both sides and the gateway, ``authd-cni`` attaches authd to it.
+        """
+        workload = self.workloads[name]
+        result = runtime.add(name, Path("/run/netns") / workload.netns)
+        (host_link,) = [i["name"] for i in result["interfaces"] if not i.get("sandbox")]
+        workload = replace(workload, host_link=str(host_link))
         self.workloads[name] = workload
         return workload
 

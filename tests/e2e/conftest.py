@@ -1,5 +1,9 @@
 """One cluster per test module, built from the module's ``SPEC``; its logs are attached to failures.
 
+A module with ``THROUGH_CNI = True`` runs twice: once with workloads attached by the harness (the
+routed-CNI layout), once with pods made through CNI (``ptp``, ``host-local``, ``authd-cni``;
+``ClusterSpec(cni=True)``, IPv4 only: its IPv6 cases are skipped).
+
 Building a cluster takes a few seconds, so each module shares one and its tests leave it as they found
 it (or run last). Every module names its cluster with the ``ae2`` prefix: the harness refuses to start
 while another live process owns a cluster of that name, and sweeps what a crashed run left.
@@ -8,6 +12,7 @@ while another live process owns a cluster of that name, and sweeps what a crashe
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -15,14 +20,30 @@ from authd.devcluster import readings
 from authd.devcluster.cluster import ClusterSpec, DevCluster
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Build the clusters of ``THROUGH_CNI`` modules both ways."""
+    if "cluster" in metafunc.fixturenames and getattr(metafunc.module, "THROUGH_CNI", False):
+        metafunc.parametrize("cluster", ["veth", "cni"], indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
     """The module's cluster: ``SPEC`` in the test module says what to build."""
     spec = request.module.SPEC
     assert isinstance(spec, ClusterSpec)
+    if getattr(request, "param", "veth") == "cni":
+        spec = replace(spec, cni=True, ipv6=False)
     logs = tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-logs")
     with DevCluster(spec, keep_logs=logs) as built:
         yield built
+
+
+@pytest.fixture(autouse=True)
+def _ipv4_only_through_cni(request: pytest.FixtureRequest) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if params.get("cluster") == "cni" and params.get("family") == 6:
+        pytest.skip("pods made through CNI are IPv4 only")
 
 
 @pytest.hookimpl(wrapper=True)

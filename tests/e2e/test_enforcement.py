@@ -2,19 +2,26 @@
 an authd killed with SIGKILL and restarted loses no packet of a running flow, and a workload registered
 at run time connects without a drop.
 
-The cluster is dual stack: the same checks pass over IPv4 and IPv6. SVIDs live an hour here, so that
+The cluster is dual stack: the same checks pass over IPv4 and IPv6; then again, over IPv4, with pods
+made through CNI. SVIDs live an hour here, so that
 nothing rotates under these tests (test_svid_lifetimes covers rotation).
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import pytest
 
+from authd.datapath import tcx
+from authd.datapath.loader import attached_prog_ids
+from authd.datapath.netns import run_in_netns
 from authd.devcluster import readings
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
 from authd.hubble._proto import flow_pb2, observer_pb2
@@ -35,6 +42,7 @@ SPEC = ClusterSpec(
     prefix="ae2",
     ipv6=True,
 )
+THROUGH_CNI = True  # and again with pods made by ptp, host-local and authd-cni
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 
@@ -191,3 +199,40 @@ def test_get_flows_follows_with_filters_and_reads_both_nodes(cluster: DevCluster
     assert {r.node_name for r in merged} == {"node-b"}  # node-a enforces nothing for backend
     times = [r.time.ToNanoseconds() for r in merged]
     assert times == sorted(times)
+
+
+def tcx_links(index: int) -> list[int]:
+    """The link ids on both tcx hooks of an interface (the calling thread's netns)."""
+    return [e.link_id for hook in (tcx.BPF_TCX_INGRESS, tcx.BPF_TCX_EGRESS) for e in tcx.query(index, hook)]
+
+
+def test_a_pod_made_while_authd_is_down_is_enforced_from_its_first_packet(cluster: DevCluster) -> None:
+    if not cluster.spec.cni:
+        pytest.skip("pods are made through CNI only with ClusterSpec(cni=True)")
+    workload = cluster.network.workloads["intruder"]
+    node = workload.node
+    cluster.stop_authd(node.name)
+    try:
+        cluster.pods["intruder"].delete("intruder", Path("/run/netns") / workload.netns)
+        pod = cluster.add_pod("intruder")  # a new veth, with no daemon to attach it
+        index = run_in_netns(Path("/run/netns") / node.netns, lambda: socket.if_nametoindex(pod.host_link))
+        progs = run_in_netns(Path("/run/netns") / node.netns, lambda: attached_prog_ids(index))
+        assert None not in progs
+        links = run_in_netns(Path("/run/netns") / node.netns, lambda: tcx_links(index))
+        assert len(links) == 2
+        with cluster.maps(node.name) as maps:
+            owner = maps.endpoints.get(f"{pod.address}/32")
+        assert owner is not None
+        assert owner.ifindex == index
+        before = cluster.counters("node-b")
+        report = cluster.tcp("intruder", "backend", connect_timeout=1.5)
+        assert not report["connected"], report
+        assert cluster.counters("node-b")["denied_auth_required"] > before["denied_auth_required"]
+    finally:
+        cluster.start_authd(node.name)
+    # The daemon's link watcher matches the veth too: it swaps its new programs into the same links.
+    assert run_in_netns(Path("/run/netns") / node.netns, lambda: tcx_links(index)) == links
+    assert None not in run_in_netns(Path("/run/netns") / node.netns, lambda: attached_prog_ids(index))
+    report = json.loads(cluster.authd(node.name, "status", "--json"))
+    assert pod.host_link in report["datapath"]["interfaces"]
+    assert report["datapath"]["programs_ahead"] == {}

@@ -118,6 +118,9 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         interfaces=("lxc0", "lxc1"),
         events_decoded=12,
         events_malformed=0,
+        attach_mode="tcx",
+        ahead={"lxc1 (ifindex 7)": ("ingress prog 42 (other_cni)",)},
+        reassertions=1,
     )
     parts = Parts(
         health=health,

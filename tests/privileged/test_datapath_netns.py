@@ -19,7 +19,7 @@ from authd.datapath import clock
 from authd.datapath.events import AuthRequiredEvent, FlowEvent, decode
 from authd.datapath.layout import AuthType, Direction, PolicyMatch, Verdict
 from authd.datapath.links import list_links
-from authd.datapath.loader import Datapath, attached_prog_ids, detach, is_l3_link
+from authd.datapath.loader import Datapath, attached_prog_ids, is_l3_link
 from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey
 from authd.datapath.ringbuf import RingBuffer
 from tests.fakes import packets as pk
@@ -197,10 +197,9 @@ def test_detach_removes_only_authd_programs(node: Topology, datapath: Datapath) 
     ingress, egress = node.run(node.node, lambda: attached_prog_ids(index))
     assert ingress is not None
     assert egress is not None
-    assert node.run(node.node, lambda: detach(index))
+    assert node.run(node.node, lambda: datapath.detach(index))
     assert node.run(node.node, lambda: attached_prog_ids(index)) == (None, None)
-    assert not node.run(node.node, lambda: detach(index))
-    del datapath
+    assert not node.run(node.node, lambda: datapath.detach(index))
 
 
 def counter_reaches(maps: PinnedMaps, name: str, value: int) -> bool:

@@ -76,6 +76,9 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "process_open_fds") > 0
     assert value(found, "authd_datapath_ringbuf_drops_total") == 1
     assert value(found, "authd_datapath_interfaces") == 2
+    assert value(found, "authd_datapath_attach_mode", mode="tcx") == 1
+    assert value(found, "authd_datapath_programs_ahead", interface="lxc1 (ifindex 7)") == 1
+    assert value(found, "authd_datapath_reassertions_total") == 1
     assert value(found, "authd_job_restarts_total", job="http") == 1
     assert value(found, "authd_component_state", component="datapath", state="degraded") == 1
     assert value(found, "authd_component_state", component="datapath", state="ready") == 0

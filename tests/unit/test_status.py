@@ -64,7 +64,9 @@ def test_render_is_what_an_operator_reads(ca: FakeCA) -> None:
     assert f"{DB} at node-b: attested via 10.0.0.2, expires" in text
     assert f"{API} at node-b: NOT attested: not-hosted (refused)" in text
     assert "auth map:  3 entries of 1024" in text
-    assert "datapath:  attached to 2 interfaces: lxc0, lxc1" in text
+    assert "datapath:  attached (tcx) to 2 interfaces: lxc0, lxc1" in text
+    assert "DEGRADED:  ahead of authd on lxc1 (ifindex 7): ingress prog 42 (other_cni)" in text
+    assert "order:     authd placed itself first again 1 times" in text
     assert "cluster:   version abababababab, 2 applied, 1 rejected, last problem: node[2].name: bad" in text
     assert "warning attestation failed reason=not-hosted" in text
 
