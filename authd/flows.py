@@ -42,6 +42,10 @@ DROP_REASON_TEXT = {
     DropReason.AUTH_REQUIRED: "Authentication required",
     DropReason.AUTH_EXPIRED: "Authentication expired",
     DropReason.MALFORMED: "Malformed packet",
+    DropReason.SOURCE_NOT_OWNED: "Source address not owned by the interface",
+    DropReason.SOURCE_WRONG_INTERFACE: "Local endpoint's source address from another interface",
+    DropReason.DESTINATION_NOT_OWNED: "Destination address not owned by the interface",
+    DropReason.UNSUPPORTED: "Unsupported protocol",
 }
 MATCH_TEXT = {PolicyMatch.NONE: "none", PolicyMatch.EXEMPT: "exempt", PolicyMatch.AUTH: "auth"}
 

@@ -36,8 +36,13 @@ _VERDICTS = {
     "denied_auth_required": ("denied", "auth-required"),
     "denied_auth_expired": ("denied", "auth-expired"),
     "denied_malformed": ("denied", "malformed"),
+    "denied_unsupported": ("denied", "unsupported-protocol"),
+    "denied_source_not_owned": ("denied", "source-not-owned"),
+    "denied_source_wrong_interface": ("denied", "source-wrong-interface"),
+    "denied_destination_not_owned": ("denied", "destination-not-owned"),
+    "established": ("allowed", "established-flow"),
 }
-_SKIPPED = {"non_ip": "non-ip", "not_local": "not-local"}
+_SKIPPED = {"neighbor": "neighbor-discovery"}
 
 
 class AuthdCollector(Collector):
@@ -276,7 +281,7 @@ class AuthdCollector(Collector):
             skipped.add_metric([reason], counters.get(counter, 0))
         yield skipped
         events = CounterMetricFamily(
-            "authd_datapath_events", "events written to the ring buffer", labels=["type"]
+            "authd_datapath_events", "events written to the ring buffers", labels=["type"]
         )
         events.add_metric(["auth-required"], counters.get("auth_events", 0))
         events.add_metric(["flow"], counters.get("flow_events", 0))
@@ -286,11 +291,14 @@ class AuthdCollector(Collector):
             "auth-required events held back by the per-pair rate limit",
             value=counters.get("auth_events_suppressed", 0),
         )
-        yield CounterMetricFamily(
+        lost = CounterMetricFamily(
             "authd_datapath_ringbuf_drops",
-            "events lost because the ring buffer was full",
-            value=counters.get("ringbuf_full", 0),
+            "events lost because their ring buffer was full, by event type",
+            labels=["type"],
         )
+        lost.add_metric(["auth-required"], counters.get("auth_events_lost", 0))
+        lost.add_metric(["flow"], counters.get("flow_events_lost", 0))
+        yield lost
         yield CounterMetricFamily(
             "authd_datapath_events_malformed",
             "ring-buffer records that did not decode",

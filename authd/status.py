@@ -143,7 +143,7 @@ def _datapath(view: DaemonView) -> dict[str, Any]:
         "interfaces": list(snapshot.interfaces),
         "allowed": counters.get("allowed", 0) + counters.get("allowed_auth", 0),
         "denied": sum(v for k, v in counters.items() if k.startswith("denied_")),
-        "ringbuf_drops": counters.get("ringbuf_full", 0),
+        "ringbuf_drops": counters.get("auth_events_lost", 0) + counters.get("flow_events_lost", 0),
     }
 
 
@@ -261,6 +261,6 @@ def _render_datapath(status: Report) -> list[str]:
         f"datapath:  attached to {len(datapath['interfaces'])} interfaces: {interfaces}",
         (
             f"verdicts:  {datapath['allowed']} allowed, {datapath['denied']} denied, "
-            f"{datapath['ringbuf_drops']} events lost (ring buffer full)"
+            f"{datapath['ringbuf_drops']} events lost (ring buffers full)"
         ),
     ]

@@ -106,7 +106,13 @@ def tcp_frame(src: str, dst: str, sport: int = 40000, dport: int = 80, flags: in
     return ethernet(ipv6(src, dst, TCP, tcp(sport, dport, flags)), ETH_P_IPV6)
 
 
-def arp_frame() -> bytes:
-    """An ARP request."""
-    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + SRC_MAC + bytes(4) + bytes(6) + bytes(4)
+def arp_frame(sender: str = "0.0.0.0", target: str = "0.0.0.0", *, op: int = 1) -> bytes:  # noqa: S104
+    """An ARP request (op 1) or reply (op 2); the default sender 0.0.0.0 makes it a probe."""
+    body = (
+        struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, op)
+        + SRC_MAC
+        + IPv4Address(sender).packed
+        + bytes(6)
+        + IPv4Address(target).packed
+    )
     return ethernet(body, ETH_P_ARP)

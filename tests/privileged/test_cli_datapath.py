@@ -77,7 +77,8 @@ def test_observe_prints_filters_and_follows(topology: Topology, running: Authd, 
 
     text = authd_cli("observe", "--verdict", "denied", "--config", config)
     assert text.returncode == 0, text.stderr
-    (line,) = text.stdout.splitlines()
+    # The workloads' own link-local IPv6 chatter (MLD reports) is denied too: only B's flow is asked for.
+    (line,) = [line for line in text.stdout.splitlines() if f"-> {B4}:" in line]
     assert f"{A4}:" in line
     assert f"-> {B4}:7000 (400) policy-verdict:auth INGRESS DENIED " in line
     assert line.endswith("(UDP; Auth: SPIRE; Drop reason: Authentication required)")
@@ -111,14 +112,15 @@ def test_bpf_commands_with_the_daemon_up_and_down(topology: Topology, running: A
     counters = authd_cli("bpf", "counters", "--json", "--config", config)
     values = {row["counter"]: row["value"] for row in map(json.loads, counters.stdout.splitlines())}
     assert values["denied_auth_required"] >= 3
-    assert values["allowed_auth"] >= 3
+    assert values["allowed_auth"] >= 1  # the first datagram; the rest pass as an established flow
+    assert values["allowed_auth"] + values["established"] >= 3
 
     running.stop()  # the bpf commands work with the daemon down
     assert authd_cli("bpf", "auth", "flush", "--config", config).stdout.strip() == "deleted 1 auth entries"
     unloaded = authd_cli("bpf", "unload", "--config", config, netns=topology.path(topology.node))
     assert unloaded.returncode == 0, unloaded.stderr
     assert f"detached from 2 interfaces: adp{topology.tag}a, adp{topology.tag}b" in unloaded.stdout
-    assert "removed 8 pins" in unloaded.stdout
+    assert "removed 10 pins" in unloaded.stdout
     assert not pin_dir.exists()
     shown = sh(
         "nsenter",

@@ -4,8 +4,10 @@
                                                      netns H (the node; authd attaches here, routes)
     netns B (workload) eth0 10.201.2.2 ── adpXXXXb ┘
 
-Like a CNI, the node routes between workloads through the host-side veths, which is where authd's
-programs go. IPv6 runs alongside (fd00:201:1::2, fd00:201:2::2). Everything is deleted on close.
+Like a routed CNI, the node routes between workloads through the host-side veths, which is where authd's
+programs go, with a host route per workload address (``10.201.1.2/32 dev adpXXXXa``), from which authd
+learns which interface owns which address. IPv6 runs alongside (fd00:201:1::2, fd00:201:2::2).
+Everything is deleted on close.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from authd.datapath.netns import run_in_netns
+from authd.datapath.ownership import Endpoints, Plan, plan, read_route_table
 
 T = TypeVar("T")
 
@@ -75,6 +78,8 @@ class Topology:
             sh("ip", "-n", self.node, "addr", "add", f"10.201.{net}.1/24", "dev", link)
             sh("ip", "-n", self.node, "addr", "add", f"fd00:201:{net}::1/64", "dev", link, "nodad")
             sh("ip", "-n", self.node, "link", "set", link, "up")
+            sh("ip", "-n", self.node, "route", "add", f"10.201.{net}.2/32", "dev", link)
+            sh("ip", "-n", self.node, "-6", "route", "add", f"fd00:201:{net}::2/128", "dev", link)
             sh("ip", "-n", ns, "addr", "add", f"10.201.{net}.2/24", "dev", "eth0")
             sh("ip", "-n", ns, "addr", "add", f"fd00:201:{net}::2/64", "dev", "eth0", "nodad")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -88,6 +93,14 @@ class Topology:
 
     def ifindex(self, link: str) -> int:
         return self.run(self.node, lambda: socket.if_nametoindex(link))
+
+    def learn_ownership(self, endpoints: Endpoints) -> Plan:
+        """Write the endpoints map from the node's routes, the way authd does."""
+        table = self.run(self.node, read_route_table)
+        result = plan(table, (f"adp{self.tag}*",), endpoints.items())
+        endpoints.update_many(result.upserts)
+        endpoints.delete_many(result.deletes)
+        return result
 
     def close(self) -> None:
         for ns in reversed(self._made):

@@ -60,7 +60,8 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_datapath_verdicts_total", verdict="allowed", reason="no-auth-required") == 5
     assert value(found, "authd_datapath_verdicts_total", verdict="denied", reason="auth-required") == 4
     assert value(found, "authd_datapath_verdicts_total", verdict="denied", reason="auth-expired") == 0
-    assert value(found, "authd_datapath_ringbuf_drops_total") == 1
+    assert value(found, "authd_datapath_ringbuf_drops_total", type="auth-required") == 1
+    assert value(found, "authd_datapath_ringbuf_drops_total", type="flow") == 0
     assert value(found, "authd_datapath_interfaces") == 2
     assert value(found, "authd_job_restarts_total", job="http") == 1
     assert value(found, "authd_component_state", component="datapath", state="degraded") == 1
