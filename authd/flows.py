@@ -20,7 +20,7 @@ from ipaddress import ip_address
 from typing import Any, Protocol
 
 from authd.datapath.events import FlowEvent
-from authd.datapath.layout import AuthType, Direction, DropReason, PolicyMatch, Verdict
+from authd.datapath.layout import ARP_PROTOCOL, AuthType, Direction, DropReason, PolicyMatch, Verdict
 from authd.errors import ControlError
 
 RING_CAPACITY = 4096
@@ -37,7 +37,15 @@ TCP_FLAG_NAMES = (
     (0x40, "ECE"),
     (0x80, "CWR"),
 )
-PROTOCOL_NAMES = {1: "ICMPv4", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP", 136: "UDPLite"}
+PROTOCOL_NAMES = {
+    1: "ICMPv4",
+    6: "TCP",
+    17: "UDP",
+    58: "ICMPv6",
+    132: "SCTP",
+    136: "UDPLite",
+    ARP_PROTOCOL: "ARP",
+}
 DROP_REASON_TEXT = {
     DropReason.AUTH_REQUIRED: "Authentication required",
     DropReason.AUTH_EXPIRED: "Authentication expired",

@@ -132,6 +132,9 @@ struct {
 #define ND_NEIGHBOR_SOLICIT 135
 #define ND_NEIGHBOR_ADVERT 136
 #define ND_HOP_LIMIT 255
+#define MLD_FIRST_TYPE 130 /* query */
+#define MLD_LAST_TYPE 132  /* done */
+#define MLD2_REPORT 143
 /* ICMP errors that quote the packet they are about (linux/icmp.h pulls in libc headers). */
 #define ICMP_DEST_UNREACH 3
 #define ICMP_TIME_EXCEEDED 11
@@ -439,6 +442,17 @@ static __always_inline int is_zero4(const __u8 *addr)
 
 	__builtin_memcpy(&v, addr, 4);
 	return v == 0;
+}
+
+/* Multicast listener discovery (RFC 3810: queries 130, reports 131 and 143, done 132), which every IPv6
+ * host sends from its link-local address when an interface comes up. Like neighbour discovery it
+ * manages the link and passes; only what never leaves the link counts: unfragmented, hop limit 1, from
+ * :: or a link-local address (checked with the other link-control sources). */
+static __always_inline int is_multicast_listener_discovery(const struct packet *p)
+{
+	return p->family == AUTHD_FAMILY_IPV6 && p->protocol == IPPROTO_ICMPV6 && !p->v6_fragment &&
+	       p->hop_limit == 1 &&
+	       ((p->icmp6_type >= MLD_FIRST_TYPE && p->icmp6_type <= MLD_LAST_TYPE) || p->icmp6_type == MLD2_REPORT);
 }
 
 /* ::, or fe80::/10: the source addresses neighbour discovery may use besides the interface's own. */
@@ -786,7 +800,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	__u32 arrived = hook == AUTHD_HOOK_INGRESS ? skb->ifindex : skb->ingress_ifindex;
 	int from_workload = workload && hook == AUTHD_HOOK_INGRESS;
 	int to_workload = workload && hook == AUTHD_HOOK_EGRESS;
-	int parsed, syn, tabled, news;
+	int parsed, syn, tabled, news, link_control;
 	__u8 origin;
 
 	parsed = workload ? parse_eth(skb, &p) : parse_l3(skb, 0, (__u16)skb->protocol, &p);
@@ -804,7 +818,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	d.direction = from_workload || (!workload && hook == AUTHD_HOOK_EGRESS) ? AUTHD_DIR_EGRESS : AUTHD_DIR_INGRESS;
 	syn = p.protocol == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	/* Connections (not non-first fragments, not ICMP errors, not neighbour discovery) use the table. */
-	tabled = parsed == PARSE_IP && !(p.flags & AUTHD_FLOW_F_FRAGMENT) && !p.quoted && !is_neighbor_discovery(&p);
+	link_control = is_neighbor_discovery(&p) || is_multicast_listener_discovery(&p);
+	tabled = parsed == PARSE_IP && !(p.flags & AUTHD_FLOW_F_FRAGMENT) && !p.quoted && !link_control;
 	cfg = bpf_map_lookup_elem(&config, &zero);
 
 	/* Fast path: a packet of an allowed flow, not a new connection. */
@@ -843,7 +858,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 			deny(&d, AUTHD_DROP_SOURCE_WRONG_INTERFACE, AUTHD_CNT_DENIED_SOURCE_WRONG_INTERFACE);
 	} else if (from_workload && !src_owner &&
 		   !(parsed == PARSE_ARP && is_zero4(p.src)) &&            /* ARP probe */
-		   !(is_neighbor_discovery(&p) && is_nd_source(p.src))) { /* ND from :: or link-local */
+		   !(link_control && is_nd_source(p.src))) { /* ND, MLD from :: or link-local */
 		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
 	} else if (from_workload && is_neighbor_discovery(&p) &&
 		   (p.icmp6_type == ND_NEIGHBOR_ADVERT ||
@@ -851,14 +866,25 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		   (target_owner = owner_of(AUTHD_FAMILY_IPV6, p.nd_target)) && target_owner != skb->ifindex) {
 		/* An advertisement, or a duplicate address probe, for another endpoint's address. */
 		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
-	} else if (to_workload && parsed == PARSE_IP && !is_neighbor_discovery(&p) && dst_owner != skb->ifindex) {
+	} else if (to_workload && parsed == PARSE_IP && !link_control && dst_owner != skb->ifindex) {
 		deny(&d, AUTHD_DROP_DESTINATION_NOT_OWNED, AUTHD_CNT_DENIED_DESTINATION_NOT_OWNED);
 	}
 	if (d.verdict == AUTHD_VERDICT_DENIED) {
-		report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, 1);
+		/* Reported once per flow and reason; the entry of an allowed flow is left alone (a spoofed
+		 * packet must not change how the real one is judged). */
+		news = !(f && f->verdict == AUTHD_VERDICT_DENIED && f->drop_reason == d.drop_reason);
+		if (tabled && !f && cfg && cfg->flow_level != AUTHD_FLOWS_NONE) {
+			struct authd_flow_value value = {};
+
+			value.origin = d.direction;
+			value.verdict = d.verdict;
+			value.drop_reason = d.drop_reason;
+			bpf_map_update_elem(&flows, &key, &value, BPF_ANY);
+		}
+		report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, news);
 		return TC_ACT_SHOT;
 	}
-	if (parsed == PARSE_ARP || is_neighbor_discovery(&p)) {
+	if (parsed == PARSE_ARP || link_control) {
 		count(AUTHD_CNT_NEIGHBOR);
 		return TC_ACT_UNSPEC;
 	}
@@ -876,10 +902,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		f = 0;
 	}
 
-	/* A packet of an allowed flow that the entry could not vouch for (re-check due, or a reply seen
-	 * first on this side) is judged as the flow's origin: the direction of the packet that opened it. */
+	/* A packet of a tabled flow that the entry could not vouch for (re-check due, denied, or a reply
+	 * seen first on this side) is judged as the flow's origin: the direction of the packet that opened
+	 * it. So a reply cannot reopen a flow whose origin was denied, and an allowed flow's replies pass. */
 	origin = d.direction;
-	if (f && !syn && f->verdict == AUTHD_VERDICT_ALLOWED && f->origin != d.direction) {
+	if (f && !syn && f->origin != d.direction) {
 		d.flags = AUTHD_FLOW_F_REPLY;
 		origin = f->origin;
 	}
@@ -907,7 +934,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		value.drop_reason = d.drop_reason;
 		value.auth_type = d.auth_type;
 		value.match = d.match;
-		if (f) {
+		if (f && syn && origin != f->origin && d.verdict == AUTHD_VERDICT_DENIED &&
+		    f->verdict == AUTHD_VERDICT_ALLOWED) {
+			/* A refused SYN against an allowed flow's ports (from its other end) leaves it be. */
+		} else if (f) {
 			news = syn || f->verdict != d.verdict || f->drop_reason != d.drop_reason;
 			*f = value;
 		} else if (d.verdict == AUTHD_VERDICT_ALLOWED ||

@@ -119,6 +119,7 @@ FLOW_F_FRAGMENT = 0x2  # must match AUTHD_FLOW_F_FRAGMENT
 FLOW_F_ARP = 0x4  # must match AUTHD_FLOW_F_ARP
 FLOW_F_REPLY = 0x8  # must match AUTHD_FLOW_F_REPLY
 FLOW_RECHECK_NS = 500_000_000  # must match AUTHD_FLOW_RECHECK_NS
+ARP_PROTOCOL = 0x0806  # the protocol Python gives a flow event with FLOW_F_ARP (its ethertype)
 
 TC_HANDLE = 0xA17D  # must match AUTHD_TC_HANDLE
 TC_PRIORITY = 1  # must match AUTHD_TC_PRIORITY
