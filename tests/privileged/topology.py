@@ -33,13 +33,17 @@ def sh(*args: str) -> str:
 
 
 class Topology:
-    def __init__(self) -> None:
+    def __init__(self, *, third: bool = False) -> None:
+        """``third``: a third workload C (10.201.3.2, fd00:201:3::2 behind adpXXXXc)."""
         self.tag = secrets.token_hex(2)
         self.node = f"adp-{self.tag}-h"
         self.a = f"adp-{self.tag}-a"
         self.b = f"adp-{self.tag}-b"
+        self.c = f"adp-{self.tag}-c"
         self.link_a = f"adp{self.tag}a"
         self.link_b = f"adp{self.tag}b"
+        self.link_c = f"adp{self.tag}c"
+        self._third = third
         self._made: list[str] = []
         try:
             self._build()
@@ -51,7 +55,10 @@ class Topology:
         return Path("/run/netns") / netns
 
     def _build(self) -> None:
-        for ns in (self.node, self.a, self.b):
+        workloads = [(self.a, self.link_a, 1), (self.b, self.link_b, 2)]
+        if self._third:
+            workloads.append((self.c, self.link_c, 3))
+        for ns in (self.node, *(w[0] for w in workloads)):
             sh("ip", "netns", "add", ns)
             self._made.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -59,7 +66,7 @@ class Topology:
             # two, and neighbour discovery with them.
             for key in ("net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"):
                 sh("nsenter", f"--net={self.path(ns)}", "sysctl", "-qw", key)
-        for ns, link, net in ((self.a, self.link_a, 1), (self.b, self.link_b, 2)):
+        for ns, link, net in workloads:
             sh(
                 "ip",
                 "link",
