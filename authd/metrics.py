@@ -38,9 +38,14 @@ from authd.hubble.reasons import DROP_REASONS
 _VERDICTS = {
     "allowed": ("FORWARDED", "NO_AUTH_REQUIRED"),
     "allowed_auth": ("FORWARDED", "AUTHENTICATED"),
+    "established": ("FORWARDED", "ESTABLISHED"),
     "denied_auth_required": ("DROPPED", DROP_REASONS["AUTH_REQUIRED"].name),
     "denied_auth_expired": ("DROPPED", DROP_REASONS["AUTH_EXPIRED"].name),
     "denied_malformed": ("DROPPED", DROP_REASONS["MALFORMED"].name),
+    "denied_unsupported": ("DROPPED", DROP_REASONS["UNSUPPORTED"].name),
+    "denied_source_not_owned": ("DROPPED", DROP_REASONS["SOURCE_NOT_OWNED"].name),
+    "denied_source_wrong_interface": ("DROPPED", DROP_REASONS["SOURCE_WRONG_INTERFACE"].name),
+    "denied_destination_not_owned": ("DROPPED", DROP_REASONS["DESTINATION_NOT_OWNED"].name),
 }
 # Label values whose series exist from the start at 0, so that rates and alerts see them at once.
 ALWAYS: Mapping[str, tuple[str, ...]] = {
@@ -49,7 +54,7 @@ ALWAYS: Mapping[str, tuple[str, ...]] = {
     "authd_spire_updates_applied": ("delegated-identity-api", "workload-api"),
     "authd_spire_stream_failures": ("delegated-bundles", "delegated-svids", "workload-api"),
 }
-_SKIPPED = {"non_ip": "non-ip", "not_local": "not-local"}
+_SKIPPED = {"neighbor": "neighbor-discovery"}
 
 
 class AuthdCollector(Collector):
@@ -329,7 +334,7 @@ class AuthdCollector(Collector):
             skipped.add_metric([reason], counters.get(counter, 0))
         yield skipped
         events = CounterMetricFamily(
-            "authd_datapath_events", "events written to the ring buffer", labels=["type"]
+            "authd_datapath_events", "events written to the ring buffers", labels=["type"]
         )
         events.add_metric(["auth-required"], counters.get("auth_events", 0))
         events.add_metric(["flow"], counters.get("flow_events", 0))
@@ -339,11 +344,14 @@ class AuthdCollector(Collector):
             "auth-required events held back by the per-pair rate limit",
             value=counters.get("auth_events_suppressed", 0),
         )
-        yield CounterMetricFamily(
+        lost = CounterMetricFamily(
             "authd_datapath_ringbuf_drops",
-            "events lost because the ring buffer was full",
-            value=counters.get("ringbuf_full", 0),
+            "events lost because their ring buffer was full, by event type",
+            labels=["type"],
         )
+        lost.add_metric(["auth-required"], counters.get("auth_events_lost", 0))
+        lost.add_metric(["flow"], counters.get("flow_events_lost", 0))
+        yield lost
         yield CounterMetricFamily(
             "authd_datapath_events_malformed",
             "ring-buffer records that did not decode",

@@ -150,7 +150,7 @@ def _datapath(view: DaemonView) -> dict[str, Any]:
         "reassertions": snapshot.reassertions,
         "allowed": counters.get("allowed", 0) + counters.get("allowed_auth", 0),
         "denied": sum(v for k, v in counters.items() if k.startswith("denied_")),
-        "ringbuf_drops": counters.get("ringbuf_full", 0),
+        "ringbuf_drops": counters.get("auth_events_lost", 0) + counters.get("flow_events_lost", 0),
     }
 
 
@@ -291,7 +291,7 @@ def _render_datapath(status: Report) -> list[str]:
         ),
         (
             f"verdicts:  {datapath['allowed']} allowed, {datapath['denied']} denied, "
-            f"{datapath['ringbuf_drops']} events lost (ring buffer full)"
+            f"{datapath['ringbuf_drops']} events lost (ring buffers full)"
         ),
     ]
     lines += [

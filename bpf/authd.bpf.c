@@ -1,11 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
  * authd's tc programs: drop traffic between identities whose pair needs authentication and has no live
- * entry in the auth map, report why, and report policy verdicts as flow events.
+ * entry in the auth map, drop packets whose addresses are not where they claim to come from, report why,
+ * and report policy verdicts as flow events.
  *
- * One object, four programs: ingress and egress hooks, for Ethernet devices (veth, physical) and for L3
- * devices without a link-layer header (wireguard, tun). Policy is L3: identities come from the source and
- * destination addresses, ports never change a verdict. L4 headers are parsed only for flow events.
+ * One object, four programs: ingress and egress hooks, for workload-facing Ethernet interfaces (the host
+ * side of a pod's veth) and for node-facing L3 devices without a link-layer header (wireguard, tun).
+ *
+ * Which end of a packet is local follows from the interface, never from whether the ipcache knows an
+ * address: on a workload interface the workload behind it is local (the source at ingress, the packet
+ * coming from the workload; the destination at egress), on a node-facing interface the node's side is
+ * (the destination at ingress, the source at egress). An address the ipcache does not know is `world`.
+ *
+ * Source binding (the endpoints map says which workload interface owns each local workload address): a
+ * packet from a workload must carry a source its interface owns, a packet to a workload a destination its
+ * interface owns, and a packet whose source is a local endpoint's address must have entered the node
+ * through that endpoint's interface (skb->ingress_ifindex at egress), wherever it goes.
+ *
+ * Policy is L3: identities come from the addresses, ports never change a verdict. L4 headers key the flow
+ * table (replies of allowed flows pass) and fill flow events.
  *
  * A passed packet returns TC_ACT_UNSPEC, so filters after authd's on the same hook still run (authd only
  * ever adds drops); a dropped one returns TC_ACT_SHOT.
@@ -52,11 +65,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } auth SEC(".maps");
 
+/* Flow events. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, AUTHD_EVENTS_BYTES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
+
+/* Auth-required events, apart from flow events so that a burst of flows cannot crowd them out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, AUTHD_AUTH_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} auth_events SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -103,17 +124,30 @@ struct {
 /* ------------------------------------------------------------------------------------------ parsing */
 
 #define IPV6_MAX_EXT_HEADERS 8
-#define VLAN_MAX_TAGS 2
+#define VLAN_MAX_TAGS 2 /* QinQ; a deeper stack is malformed */
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_ACK 0x10
 #define ND_FIRST_TYPE 133 /* ICMPv6 router solicitation */
 #define ND_LAST_TYPE 137  /* ICMPv6 redirect */
+#define ND_NEIGHBOR_SOLICIT 135
+#define ND_NEIGHBOR_ADVERT 136
 #define ND_HOP_LIMIT 255
+#define MLD_FIRST_TYPE 130 /* query */
+#define MLD_LAST_TYPE 132  /* done */
+#define MLD2_REPORT 143
+/* ICMP errors that quote the packet they are about (linux/icmp.h pulls in libc headers). */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMPV6_DEST_UNREACH 1 /* 1-4: destination unreachable, packet too big, time exceeded, parameter */
+#define ICMPV6_PARAMPROB 4
+#define ARP_HRD_ETHER 1
 
 enum parse_result {
 	PARSE_IP = 0,
-	PARSE_NOT_IP = 1,
+	PARSE_ARP = 1,
 	PARSE_MALFORMED = 2,
+	PARSE_UNSUPPORTED = 3,
 };
 
 /* What the programs know about a packet after parsing. Addresses are in network order. */
@@ -121,17 +155,72 @@ struct packet {
 	__u8 family;
 	__u8 protocol;
 	__u8 tcp_flags;
-	__u8 flags; /* AUTHD_FLOW_F_* */
+	__u8 flags;        /* AUTHD_FLOW_F_* */
 	__u16 src_port;
 	__u16 dst_port;
-	__u8 src[16];
-	__u8 dst[16];
+	__u8 src[16];      /* for ARP: the sender protocol address */
+	__u8 dst[16];      /* for ARP: the target protocol address */
 	__u8 hop_limit;    /* IPv6 only */
 	__u8 v6_fragment;  /* IPv6: a fragment header was seen (a first fragment has no F_FRAGMENT) */
 	__u8 icmp6_type;   /* ICMPv6 only */
+	__u8 quoted;       /* an ICMP or ICMPv6 error: the fields below describe the packet it quotes */
+	__u16 quoted_src_port;
+	__u16 quoted_dst_port;
+	__u8 quoted_protocol;
+	__u8 pad[3];
+	__u8 quoted_src[16];
+	__u8 quoted_dst[16];
+	__u8 nd_target[16]; /* neighbour solicitation and advertisement */
 };
 
-/* Ports and TCP flags; a truncated L4 header leaves them unset, which changes no verdict. */
+static __always_inline int has_ports(__u8 protocol)
+{
+	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE ||
+	       protocol == IPPROTO_SCTP;
+}
+
+/* The packet an ICMPv4 error quotes: its IPv4 header and the first 4 bytes of its L4 header. */
+static __always_inline void parse_quoted_ipv4(struct __sk_buff *skb, __u32 off, struct packet *p)
+{
+	struct iphdr ip;
+	__u8 ports[4];
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
+		return;
+	__builtin_memcpy(p->quoted_src, &ip.saddr, 4);
+	__builtin_memcpy(p->quoted_dst, &ip.daddr, 4);
+	p->quoted_protocol = ip.protocol;
+	if (has_ports(ip.protocol) && !(bpf_ntohs(ip.frag_off) & 0x1fff)) {
+		if (bpf_skb_load_bytes(skb, off + ip.ihl * 4, ports, 4) < 0)
+			return;
+		p->quoted_src_port = ((__u16)ports[0] << 8) | ports[1];
+		p->quoted_dst_port = ((__u16)ports[2] << 8) | ports[3];
+	}
+	p->quoted = 1;
+}
+
+/* The packet an ICMPv6 error quotes; extension headers are not walked (the flow is then not found). */
+static __always_inline void parse_quoted_ipv6(struct __sk_buff *skb, __u32 off, struct packet *p)
+{
+	struct ipv6hdr ip6;
+	__u8 ports[4];
+
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+		return;
+	__builtin_memcpy(p->quoted_src, &ip6.saddr, 16);
+	__builtin_memcpy(p->quoted_dst, &ip6.daddr, 16);
+	p->quoted_protocol = ip6.nexthdr;
+	if (has_ports(ip6.nexthdr)) {
+		if (bpf_skb_load_bytes(skb, off + sizeof(ip6), ports, 4) < 0)
+			return;
+		p->quoted_src_port = ((__u16)ports[0] << 8) | ports[1];
+		p->quoted_dst_port = ((__u16)ports[2] << 8) | ports[3];
+	}
+	p->quoted = 1;
+}
+
+/* Ports and TCP flags; a truncated L4 header leaves them unset. ICMP errors: the quoted packet; neighbour
+ * solicitations and advertisements: the target address. */
 static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct packet *p)
 {
 	__u8 buf[14]; /* TCP up to its flags byte; the first 4 bytes (ports) for UDP and SCTP */
@@ -148,9 +237,20 @@ static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct pa
 		if (bpf_skb_load_bytes(skb, off, buf, 4) < 0)
 			return;
 		break;
+	case IPPROTO_ICMP:
+		if (bpf_skb_load_bytes(skb, off, buf, 1) < 0)
+			return;
+		if (buf[0] == ICMP_DEST_UNREACH || buf[0] == ICMP_TIME_EXCEEDED || buf[0] == ICMP_PARAMETERPROB)
+			parse_quoted_ipv4(skb, off + 8, p);
+		return;
 	case IPPROTO_ICMPV6:
-		if (bpf_skb_load_bytes(skb, off, buf, 1) == 0)
-			p->icmp6_type = buf[0];
+		if (bpf_skb_load_bytes(skb, off, buf, 1) < 0)
+			return;
+		p->icmp6_type = buf[0];
+		if (buf[0] >= ICMPV6_DEST_UNREACH && buf[0] <= ICMPV6_PARAMPROB)
+			parse_quoted_ipv6(skb, off + 8, p);
+		else if (buf[0] == ND_NEIGHBOR_SOLICIT || buf[0] == ND_NEIGHBOR_ADVERT)
+			bpf_skb_load_bytes(skb, off + 8, p->nd_target, 16); /* truncated: stays :: */
 		return;
 	default:
 		return;
@@ -201,7 +301,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	off += sizeof(ip6);
 
 	/* Walk a bounded number of extension headers to find L4; past the bound, or on a truncated
-	 * extension header, L4 stays unknown, which only affects flow events. */
+	 * extension header, L4 stays unknown: the flow has no ports. */
 	for (int i = 0; i < IPV6_MAX_EXT_HEADERS; i++) {
 		switch (nexthdr) {
 		case IPPROTO_HOPOPTS:
@@ -241,6 +341,33 @@ unknown:
 	return PARSE_IP;
 }
 
+/* Ethernet ARP for IPv4, the only kind a workload needs; anything else claiming to be ARP is malformed. */
+static __always_inline int parse_arp(struct __sk_buff *skb, __u32 off, struct packet *p)
+{
+	struct {
+		__be16 ar_hrd;
+		__be16 ar_pro;
+		__u8 ar_hln;
+		__u8 ar_pln;
+		__be16 ar_op;
+		__u8 sha[ETH_ALEN];
+		__u8 spa[4];
+		__u8 tha[ETH_ALEN];
+		__u8 tpa[4];
+	} __attribute__((packed)) arp;
+
+	if (bpf_skb_load_bytes(skb, off, &arp, sizeof(arp)) < 0)
+		return PARSE_MALFORMED;
+	if (arp.ar_hrd != bpf_htons(ARP_HRD_ETHER) || arp.ar_pro != bpf_htons(ETH_P_IP) ||
+	    arp.ar_hln != ETH_ALEN || arp.ar_pln != 4)
+		return PARSE_MALFORMED;
+	p->family = AUTHD_FAMILY_IPV4;
+	p->flags = AUTHD_FLOW_F_ARP;
+	__builtin_memcpy(p->src, arp.spa, 4);
+	__builtin_memcpy(p->dst, arp.tpa, 4);
+	return PARSE_ARP;
+}
+
 /* Parse from the network header at nh_off with link-layer protocol proto (network order). */
 static __always_inline int parse_l3(struct __sk_buff *skb, __u32 nh_off, __u16 proto, struct packet *p)
 {
@@ -248,33 +375,40 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u32 nh_off, __u16 p
 		return parse_ipv4(skb, nh_off, p);
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return parse_ipv6(skb, nh_off, p);
-	return PARSE_NOT_IP;
+	return PARSE_UNSUPPORTED;
 }
 
 static __always_inline int parse_eth(struct __sk_buff *skb, struct packet *p)
 {
 	__u32 off = ETH_HLEN;
+	__u32 tags = skb->vlan_present; /* the outer tag, which the kernel takes off the frame before tc */
 	__u16 proto;
 
-	/* The frame's own ethertype, not skb->protocol: in-band VLAN tags (not offloaded) are skipped so
-	 * a tagged IP packet cannot pass as "not IP". A runt frame carries no IP packet. */
+	/* The frame's own ethertype, not skb->protocol. The kernel strips stacked priority tags (VID 0)
+	 * and delivers the packet inside, so tags are followed up to VLAN_MAX_TAGS in all, counting the
+	 * one already taken off; a deeper stack is malformed, never "not IP". */
 	if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
-		return PARSE_NOT_IP;
-	for (int i = 0; i < VLAN_MAX_TAGS; i++) {
+		return PARSE_MALFORMED;
+	for (int i = 0; i <= VLAN_MAX_TAGS; i++) {
 		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
 			break;
+		if (tags >= VLAN_MAX_TAGS)
+			return PARSE_MALFORMED;
 		if (bpf_skb_load_bytes(skb, off + 2, &proto, 2) < 0)
-			return PARSE_NOT_IP;
+			return PARSE_MALFORMED;
 		off += 4;
+		tags++;
 	}
+	if (proto == bpf_htons(ETH_P_ARP))
+		return parse_arp(skb, off, p);
 	return parse_l3(skb, off, proto, p);
 }
 
-/* IPv6 neighbour discovery (RFC 4861) is how IPv6 finds link-layer addresses, as ARP does for IPv4,
- * and ARP is not IP and passes. Dropping it would cut a workload off its own link whatever the policy:
- * its node could no longer resolve its address. Only what the kernel accepts as neighbour discovery
- * passes: ICMPv6 types 133-137, unfragmented, with hop limit 255, which no router forwards, so that only
- * on-link senders (the node, the workload) can use this. */
+/* IPv6 neighbour discovery (RFC 4861) is how IPv6 finds link-layer addresses, as ARP does for IPv4.
+ * Dropping it would cut a workload off its own link whatever the policy: its node could no longer
+ * resolve its address. Only what the kernel accepts as neighbour discovery counts: ICMPv6 types 133-137,
+ * unfragmented, with hop limit 255, which no router forwards, so that only on-link senders (the node, the
+ * workload) can use this. Its addresses are still checked against the endpoints map. */
 static __always_inline int is_neighbor_discovery(const struct packet *p)
 {
 	return p->family == AUTHD_FAMILY_IPV6 && p->protocol == IPPROTO_ICMPV6 && !p->v6_fragment &&
@@ -282,21 +416,68 @@ static __always_inline int is_neighbor_discovery(const struct packet *p)
 	       p->icmp6_type >= ND_FIRST_TYPE && p->icmp6_type <= ND_LAST_TYPE;
 }
 
+static __always_inline int same_address(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+static __always_inline int is_unspecified6(const __u8 *addr)
+{
+	__u64 hi, lo;
+
+	__builtin_memcpy(&hi, addr, 8);
+	__builtin_memcpy(&lo, addr + 8, 8);
+	return hi == 0 && lo == 0;
+}
+
+static __always_inline int is_zero4(const __u8 *addr)
+{
+	__u32 v;
+
+	__builtin_memcpy(&v, addr, 4);
+	return v == 0;
+}
+
+/* Multicast listener discovery (RFC 3810: queries 130, reports 131 and 143, done 132), which every IPv6
+ * host sends from its link-local address when an interface comes up. Like neighbour discovery it
+ * manages the link and passes; only what never leaves the link counts: unfragmented, hop limit 1, from
+ * :: or a link-local address (checked with the other link-control sources). */
+static __always_inline int is_multicast_listener_discovery(const struct packet *p)
+{
+	return p->family == AUTHD_FAMILY_IPV6 && p->protocol == IPPROTO_ICMPV6 && !p->v6_fragment &&
+	       p->hop_limit == 1 &&
+	       ((p->icmp6_type >= MLD_FIRST_TYPE && p->icmp6_type <= MLD_LAST_TYPE) || p->icmp6_type == MLD2_REPORT);
+}
+
+/* ::, or fe80::/10: the source addresses neighbour discovery may use besides the interface's own. */
+static __always_inline int is_nd_source(const __u8 *addr)
+{
+	return is_unspecified6(addr) || (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80);
+}
+
 /* -------------------------------------------------------------------------------------- decisions */
 
 /* One packet's verdict, from the local endpoint's point of view. */
 struct decision {
-	__u64 now; /* CLOCK_TAI ns, 0 until needed */
+	__u64 now;          /* CLOCK_TAI ns, 0 until needed */
+	__u64 auth_expires; /* the live auth entry's expiry (CLOCK_TAI), when one decided */
 	__u32 ifindex;
 	__u32 local;
 	__u32 remote;
 	__u32 remote_node;
-	__u8 direction;
+	__u8 direction;     /* the packet's direction */
 	__u8 hook;
 	__u8 auth_type;
 	__u8 match;
 	__u8 verdict;
 	__u8 drop_reason;
+	__u8 flags;         /* AUTHD_FLOW_F_REPLY */
 };
 
 static __always_inline void count(__u32 index)
@@ -314,7 +495,8 @@ static __always_inline __u64 now_tai(struct decision *d)
 	return d->now;
 }
 
-static __always_inline struct authd_ipcache_value *ipcache_lookup(__u8 family, const __u8 *addr)
+/* A host-prefix lookup in an LPM trie keyed like the ipcache (ipcache, endpoints). */
+static __always_inline void *address_lookup(void *map, __u8 family, const __u8 *addr)
 {
 	struct authd_ipcache_key key = {};
 
@@ -326,7 +508,27 @@ static __always_inline struct authd_ipcache_value *ipcache_lookup(__u8 family, c
 		key.prefixlen = AUTHD_IPCACHE_FAMILY_BITS + 128;
 		__builtin_memcpy(key.addr, addr, 16);
 	}
-	return bpf_map_lookup_elem(&ipcache, &key);
+	return bpf_map_lookup_elem(map, &key);
+}
+
+/* The interface that owns a local workload address, or 0. */
+static __always_inline __u32 owner_of(__u8 family, const __u8 *addr)
+{
+	struct authd_endpoint_value *owner = address_lookup(&endpoints, family, addr);
+
+	return owner ? owner->ifindex : 0;
+}
+
+/* Identities from the ipcache: an address it does not know is world; the local side is world also when
+ * the ipcache places its address on another node. */
+static __always_inline void identify(struct decision *d, __u8 family, const __u8 *local, const __u8 *remote)
+{
+	struct authd_ipcache_value *l = address_lookup(&ipcache, family, local);
+	struct authd_ipcache_value *r = address_lookup(&ipcache, family, remote);
+
+	d->local = l && l->node == AUTHD_NODE_LOCAL ? l->identity : AUTHD_IDENTITY_WORLD;
+	d->remote = r ? r->identity : AUTHD_IDENTITY_WORLD;
+	d->remote_node = r ? r->node : AUTHD_NODE_LOCAL;
 }
 
 static __always_inline struct authd_policy_value *policy_lookup(__u32 local, __u32 remote, __u8 direction)
@@ -362,10 +564,17 @@ static __always_inline void auth_key_of(const struct decision *d, struct authd_a
 	key->auth_type = d->auth_type;
 }
 
-/* Policy and auth map: fills auth_type, match, verdict and drop_reason. */
-static __always_inline void decide(struct decision *d)
+static __always_inline void deny(struct decision *d, __u8 reason, __u32 counter)
 {
-	struct authd_policy_value *pol = policy_lookup(d->local, d->remote, d->direction);
+	d->verdict = AUTHD_VERDICT_DENIED;
+	d->drop_reason = reason;
+	count(counter);
+}
+
+/* Policy and auth map for traffic in `direction`: fills auth_type, match, verdict and drop_reason. */
+static __always_inline void decide(struct decision *d, __u8 direction)
+{
+	struct authd_policy_value *pol = policy_lookup(d->local, d->remote, direction);
 	struct authd_auth_value *entry;
 	struct authd_auth_key key;
 
@@ -386,15 +595,12 @@ static __always_inline void decide(struct decision *d)
 	auth_key_of(d, &key);
 	entry = bpf_map_lookup_elem(&auth, &key);
 	if (!entry) {
-		d->verdict = AUTHD_VERDICT_DENIED;
-		d->drop_reason = AUTHD_DROP_AUTH_REQUIRED;
-		count(AUTHD_CNT_DENIED_AUTH_REQUIRED);
+		deny(d, AUTHD_DROP_AUTH_REQUIRED, AUTHD_CNT_DENIED_AUTH_REQUIRED);
 		return;
 	}
-	if (entry->expires_tai_ns <= now_tai(d)) {
-		d->verdict = AUTHD_VERDICT_DENIED;
-		d->drop_reason = AUTHD_DROP_AUTH_EXPIRED;
-		count(AUTHD_CNT_DENIED_AUTH_EXPIRED);
+	d->auth_expires = entry->expires_tai_ns;
+	if (d->auth_expires <= now_tai(d)) {
+		deny(d, AUTHD_DROP_AUTH_EXPIRED, AUTHD_CNT_DENIED_AUTH_EXPIRED);
 		return;
 	}
 	count(AUTHD_CNT_ALLOWED_AUTH);
@@ -442,7 +648,7 @@ static __noinline void fill_flow_event(struct authd_flow_event *e, const struct 
 	e->tcp_flags = p->tcp_flags;
 	e->hook = d->hook;
 	e->match = d->match;
-	e->flags = p->flags;
+	e->flags = p->flags | d->flags;
 	e->src_port = p->src_port;
 	e->dst_port = p->dst_port;
 	__builtin_memcpy(e->src_addr, p->src, 16);
@@ -474,9 +680,9 @@ static __always_inline void report_auth_required(const struct packet *p, struct 
 		count(AUTHD_CNT_AUTH_EVENTS_SUPPRESSED); /* another CPU sent it just now */
 		return;
 	}
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	e = bpf_ringbuf_reserve(&auth_events, sizeof(*e), 0);
 	if (!e) {
-		count(AUTHD_CNT_RINGBUF_FULL);
+		count(AUTHD_CNT_AUTH_EVENTS_LOST);
 		return;
 	}
 	fill_auth_event(e, p, d);
@@ -484,13 +690,38 @@ static __always_inline void report_auth_required(const struct packet *p, struct 
 	count(AUTHD_CNT_AUTH_EVENTS);
 }
 
-static __always_inline void flow_key_of(const struct packet *p, const struct decision *d,
-					struct authd_flow_key *key)
+/* news: the connection's first packet, a TCP SYN, or a verdict that differs from the last one reported. */
+static __always_inline void report_flow(const struct packet *p, struct decision *d, __u32 level, int news)
+{
+	struct authd_flow_event *e;
+
+	if (level == AUTHD_FLOWS_NONE)
+		return;
+	if (level != AUTHD_FLOWS_ALL) {
+		if (!news)
+			return;
+		if (level == AUTHD_FLOWS_DENIED && d->verdict != AUTHD_VERDICT_DENIED)
+			return;
+	}
+	now_tai(d);
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(AUTHD_CNT_FLOW_EVENTS_LOST);
+		return;
+	}
+	fill_flow_event(e, p, d);
+	bpf_ringbuf_submit(e, 0);
+	count(AUTHD_CNT_FLOW_EVENTS);
+}
+
+/* ------------------------------------------------------------------------------------------- flows */
+
+static __always_inline void flow_key_of(const struct packet *p, __u8 direction, struct authd_flow_key *key)
 {
 	__builtin_memset(key, 0, sizeof(*key));
 	key->family = p->family;
 	key->protocol = p->protocol;
-	if (d->direction == AUTHD_DIR_EGRESS) {
+	if (direction == AUTHD_DIR_EGRESS) {
 		key->local_port = p->src_port;
 		key->remote_port = p->dst_port;
 		__builtin_memcpy(key->local_addr, p->src, 16);
@@ -503,106 +734,221 @@ static __always_inline void flow_key_of(const struct packet *p, const struct dec
 	}
 }
 
-/* Whether this packet's verdict is reported: a connection's first packet, every TCP SYN (a retried
- * connect is news), and a verdict that differs from the last one seen on the connection. */
-static __always_inline int flow_is_news(const struct packet *p, const struct decision *d)
+/* The flow an ICMP error is about, keyed from the same local endpoint as the error itself: the quoted
+ * packet went out of the local endpoint (direction INGRESS: the error comes back to it) or came into it
+ * (EGRESS: the local endpoint reports an error about it). 0 when the quoted packet is not the local
+ * endpoint's: such an error is judged by its own addresses. */
+static __always_inline int quoted_flow_key_of(const struct packet *p, __u8 direction, struct authd_flow_key *key)
 {
-	struct authd_flow_key key;
-	struct authd_flow_value *seen;
-	struct authd_flow_value value = {};
-	int syn = p->protocol == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	const __u8 *local = direction == AUTHD_DIR_EGRESS ? p->src : p->dst;
 
-	/* Non-first fragments carry no ports: their connection reported with its first fragment. */
-	if (p->flags & AUTHD_FLOW_F_FRAGMENT)
-		return 0;
-	flow_key_of(p, d, &key);
-	seen = bpf_map_lookup_elem(&flows, &key);
-	if (seen && seen->verdict == d->verdict && seen->drop_reason == d->drop_reason)
-		return syn;
-	value.verdict = d->verdict;
-	value.drop_reason = d->drop_reason;
-	bpf_map_update_elem(&flows, &key, &value, BPF_ANY);
+	__builtin_memset(key, 0, sizeof(*key));
+	key->family = p->family;
+	key->protocol = p->quoted_protocol;
+	if (direction == AUTHD_DIR_INGRESS) {
+		if (!same_address(p->quoted_src, local))
+			return 0;
+		key->local_port = p->quoted_src_port;
+		key->remote_port = p->quoted_dst_port;
+		__builtin_memcpy(key->local_addr, p->quoted_src, 16);
+		__builtin_memcpy(key->remote_addr, p->quoted_dst, 16);
+	} else {
+		if (!same_address(p->quoted_dst, local))
+			return 0;
+		key->local_port = p->quoted_dst_port;
+		key->remote_port = p->quoted_src_port;
+		__builtin_memcpy(key->local_addr, p->quoted_dst, 16);
+		__builtin_memcpy(key->remote_addr, p->quoted_src, 16);
+	}
 	return 1;
 }
 
-static __always_inline void report_flow(const struct packet *p, struct decision *d, __u32 level)
+/* Whether a flow entry is allowed and not yet due for its re-check. */
+static __always_inline int flow_live(const struct authd_flow_value *f)
 {
-	struct authd_flow_event *e;
+	return f->verdict == AUTHD_VERDICT_ALLOWED && bpf_ktime_get_coarse_ns() < f->recheck_ns;
+}
 
-	if (level == AUTHD_FLOWS_NONE)
-		return;
-	if (level != AUTHD_FLOWS_ALL) {
-		if (!flow_is_news(p, d))
-			return;
-		if (level == AUTHD_FLOWS_DENIED && d->verdict != AUTHD_VERDICT_DENIED)
-			return;
-	}
-	now_tai(d);
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count(AUTHD_CNT_RINGBUF_FULL);
-		return;
-	}
-	fill_flow_event(e, p, d);
-	bpf_ringbuf_submit(e, 0);
-	count(AUTHD_CNT_FLOW_EVENTS);
+/* Whether an allowed flow entry vouches for this packet right now: live, and the addresses still arrive
+ * where the entry saw them (the source through the interface that owns it, if a local endpoint's; from a
+ * workload, a source its interface owns; to a workload, a destination its interface owns). */
+static __always_inline int flow_vouches(const struct authd_flow_value *f, __u8 direction, __u32 arrived,
+					int from_workload, int to_workload, __u32 ifindex)
+{
+	__u32 src_owner = direction == AUTHD_DIR_EGRESS ? f->local_ifindex : f->remote_ifindex;
+
+	if (!flow_live(f))
+		return 0;
+	if (src_owner ? src_owner != arrived : from_workload)
+		return 0;
+	return !to_workload || f->local_ifindex == ifindex;
 }
 
 /* ------------------------------------------------------------------------------------------ programs */
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int has_eth)
+static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload)
 {
 	struct packet p = {};
 	struct decision d = {};
-	struct authd_ipcache_value *src, *dst;
+	struct authd_flow_key key;
+	struct authd_flow_value *f = 0;
 	const struct authd_config *cfg;
+	const __u8 *local_addr, *remote_addr;
 	__u32 zero = 0;
-	int src_local, dst_local, parsed;
+	__u32 src_owner, dst_owner, local_owner, remote_owner, target_owner;
+	/* The interface the packet entered the node through (at tc ingress: this one). */
+	__u32 arrived = hook == AUTHD_HOOK_INGRESS ? skb->ifindex : skb->ingress_ifindex;
+	int from_workload = workload && hook == AUTHD_HOOK_INGRESS;
+	int to_workload = workload && hook == AUTHD_HOOK_EGRESS;
+	int parsed, syn, tabled, news, link_control;
+	__u8 origin;
 
-	parsed = has_eth ? parse_eth(skb, &p) : parse_l3(skb, 0, (__u16)skb->protocol, &p);
-	if (parsed == PARSE_NOT_IP) {
-		count(AUTHD_CNT_NON_IP);
-		return TC_ACT_UNSPEC;
-	}
+	parsed = workload ? parse_eth(skb, &p) : parse_l3(skb, 0, (__u16)skb->protocol, &p);
 	if (parsed == PARSE_MALFORMED) {
 		count(AUTHD_CNT_DENIED_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	if (is_neighbor_discovery(&p)) {
-		count(AUTHD_CNT_NON_IP);
-		return TC_ACT_UNSPEC;
-	}
-
-	src = ipcache_lookup(p.family, p.src);
-	dst = ipcache_lookup(p.family, p.dst);
-	src_local = src && src->node == AUTHD_NODE_LOCAL;
-	dst_local = dst && dst->node == AUTHD_NODE_LOCAL;
-
-	/* The ipcache says which end is local; the hook only breaks ties (both ends local). At ingress a
-	 * local source is leaving its endpoint; at egress a local destination is being delivered to it.
-	 * On workload-facing interfaces this checks each packet once per local endpoint. */
-	if (hook == AUTHD_HOOK_INGRESS ? src_local : (src_local && !dst_local)) {
-		d.direction = AUTHD_DIR_EGRESS;
-		d.local = src->identity;
-		d.remote = dst ? dst->identity : AUTHD_IDENTITY_WORLD;
-		d.remote_node = dst ? dst->node : AUTHD_NODE_LOCAL;
-	} else if (dst_local) {
-		d.direction = AUTHD_DIR_INGRESS;
-		d.local = dst->identity;
-		d.remote = src ? src->identity : AUTHD_IDENTITY_WORLD;
-		d.remote_node = src ? src->node : AUTHD_NODE_LOCAL;
-	} else {
-		count(AUTHD_CNT_NOT_LOCAL);
-		return TC_ACT_UNSPEC;
+	if (parsed == PARSE_UNSUPPORTED) {
+		count(AUTHD_CNT_DENIED_UNSUPPORTED);
+		return TC_ACT_SHOT;
 	}
 	d.hook = hook;
 	d.ifindex = skb->ifindex;
-
-	decide(&d);
+	/* From a workload, or out of the node: the local end is the source. */
+	d.direction = from_workload || (!workload && hook == AUTHD_HOOK_EGRESS) ? AUTHD_DIR_EGRESS : AUTHD_DIR_INGRESS;
+	syn = p.protocol == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	/* Connections (not non-first fragments, not ICMP errors, not neighbour discovery) use the table. */
+	link_control = is_neighbor_discovery(&p) || is_multicast_listener_discovery(&p);
+	tabled = parsed == PARSE_IP && !(p.flags & AUTHD_FLOW_F_FRAGMENT) && !p.quoted && !link_control;
 	cfg = bpf_map_lookup_elem(&config, &zero);
+
+	/* Fast path: a packet of an allowed flow, not a new connection. */
+	if (tabled) {
+		flow_key_of(&p, d.direction, &key);
+		f = bpf_map_lookup_elem(&flows, &key);
+		if (f && !syn && flow_vouches(f, d.direction, arrived, from_workload, to_workload, skb->ifindex)) {
+			count(AUTHD_CNT_ESTABLISHED);
+			if (cfg && cfg->flow_level == AUTHD_FLOWS_ALL) {
+				d.flags = f->origin != d.direction ? AUTHD_FLOW_F_REPLY : 0;
+				d.local = f->local;
+				d.remote = f->remote;
+				d.remote_node = f->remote_node;
+				d.verdict = f->verdict;
+				d.auth_type = f->auth_type;
+				d.match = f->match;
+				report_flow(&p, &d, AUTHD_FLOWS_ALL, 0);
+			}
+			return TC_ACT_UNSPEC;
+		}
+	}
+
+	local_addr = d.direction == AUTHD_DIR_EGRESS ? p.src : p.dst;
+	remote_addr = d.direction == AUTHD_DIR_EGRESS ? p.dst : p.src;
+	src_owner = owner_of(p.family, p.src);
+	dst_owner = owner_of(p.family, p.dst);
+	local_owner = d.direction == AUTHD_DIR_EGRESS ? src_owner : dst_owner;
+	remote_owner = d.direction == AUTHD_DIR_EGRESS ? dst_owner : src_owner;
+	identify(&d, p.family, local_addr, remote_addr);
+
+	/* Source binding. */
+	if (src_owner && src_owner != arrived) {
+		if (from_workload)
+			deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
+		else
+			deny(&d, AUTHD_DROP_SOURCE_WRONG_INTERFACE, AUTHD_CNT_DENIED_SOURCE_WRONG_INTERFACE);
+	} else if (from_workload && !src_owner &&
+		   !(parsed == PARSE_ARP && is_zero4(p.src)) &&            /* ARP probe */
+		   !(link_control && is_nd_source(p.src))) { /* ND, MLD from :: or link-local */
+		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
+	} else if (from_workload && is_neighbor_discovery(&p) &&
+		   (p.icmp6_type == ND_NEIGHBOR_ADVERT ||
+		    (p.icmp6_type == ND_NEIGHBOR_SOLICIT && is_unspecified6(p.src))) &&
+		   (target_owner = owner_of(AUTHD_FAMILY_IPV6, p.nd_target)) && target_owner != skb->ifindex) {
+		/* An advertisement, or a duplicate address probe, for another endpoint's address. */
+		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
+	} else if (to_workload && parsed == PARSE_IP && !link_control && dst_owner != skb->ifindex) {
+		deny(&d, AUTHD_DROP_DESTINATION_NOT_OWNED, AUTHD_CNT_DENIED_DESTINATION_NOT_OWNED);
+	}
+	if (d.verdict == AUTHD_VERDICT_DENIED) {
+		/* Reported once per flow and reason; the entry of an allowed flow is left alone (a spoofed
+		 * packet must not change how the real one is judged). */
+		news = !(f && f->verdict == AUTHD_VERDICT_DENIED && f->drop_reason == d.drop_reason);
+		if (tabled && !f && cfg && cfg->flow_level != AUTHD_FLOWS_NONE) {
+			struct authd_flow_value value = {};
+
+			value.origin = d.direction;
+			value.verdict = d.verdict;
+			value.drop_reason = d.drop_reason;
+			bpf_map_update_elem(&flows, &key, &value, BPF_ANY);
+		}
+		report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, news);
+		return TC_ACT_SHOT;
+	}
+	if (parsed == PARSE_ARP || link_control) {
+		count(AUTHD_CNT_NEIGHBOR);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* ICMP errors: judged by the flow they quote when the table holds it as allowed. */
+	if (p.quoted && quoted_flow_key_of(&p, d.direction, &key)) {
+		f = bpf_map_lookup_elem(&flows, &key);
+		if (f && flow_live(f) && f->local_ifindex == local_owner) {
+			count(AUTHD_CNT_ESTABLISHED);
+			d.verdict = AUTHD_VERDICT_ALLOWED;
+			d.flags = AUTHD_FLOW_F_REPLY;
+			report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, 0);
+			return TC_ACT_UNSPEC;
+		}
+		f = 0;
+	}
+
+	/* A packet of a tabled flow that the entry could not vouch for (re-check due, denied, or a reply
+	 * seen first on this side) is judged as the flow's origin: the direction of the packet that opened
+	 * it. So a reply cannot reopen a flow whose origin was denied, and an allowed flow's replies pass. */
+	origin = d.direction;
+	if (f && !syn && f->origin != d.direction) {
+		d.flags = AUTHD_FLOW_F_REPLY;
+		origin = f->origin;
+	}
+	decide(&d, origin);
 	if (d.verdict == AUTHD_VERDICT_DENIED)
 		report_auth_required(&p, &d, cfg);
-	report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE);
+
+	news = 1;
+	if (tabled) {
+		struct authd_flow_value value = {};
+		__u64 now = bpf_ktime_get_coarse_ns();
+		__u64 recheck = now + AUTHD_FLOW_RECHECK_NS;
+
+		if (d.match == AUTHD_MATCH_AUTH && d.verdict == AUTHD_VERDICT_ALLOWED &&
+		    d.auth_expires - d.now < AUTHD_FLOW_RECHECK_NS)
+			recheck = now + (d.auth_expires - d.now);
+		value.recheck_ns = recheck;
+		value.local = d.local;
+		value.remote = d.remote;
+		value.remote_node = d.remote_node;
+		value.local_ifindex = local_owner;
+		value.remote_ifindex = remote_owner;
+		value.origin = origin;
+		value.verdict = d.verdict;
+		value.drop_reason = d.drop_reason;
+		value.auth_type = d.auth_type;
+		value.match = d.match;
+		if (f && syn && origin != f->origin && d.verdict == AUTHD_VERDICT_DENIED &&
+		    f->verdict == AUTHD_VERDICT_ALLOWED) {
+			/* A refused SYN against an allowed flow's ports (from its other end) leaves it be. */
+		} else if (f) {
+			news = syn || f->verdict != d.verdict || f->drop_reason != d.drop_reason;
+			*f = value;
+		} else if (d.verdict == AUTHD_VERDICT_ALLOWED ||
+			   (cfg && cfg->flow_level != AUTHD_FLOWS_NONE)) {
+			/* Denied flows are tabled only to report each once. */
+			bpf_map_update_elem(&flows, &key, &value, BPF_ANY);
+		}
+	} else if (p.flags & AUTHD_FLOW_F_FRAGMENT) {
+		news = 0; /* reported with the connection's first fragment */
+	}
+	report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, news);
 	return d.verdict == AUTHD_VERDICT_DENIED ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 

@@ -1,8 +1,10 @@
 """The ring-buffer consumer: reads records as they arrive, decodes them and hands them on.
 
-Auth-required events go to the callable the composition root passes (the auth manager, later); flow
-events to the flow log. Neither may block: the consumer is the only reader of the ring, and while it waits
-the kernel drops new events (counted as ringbuf_full).
+Two rings: auth-required events have one of their own (``auth_events``), so that a burst of flow events
+cannot cost the event on-demand attestation depends on; flow events use ``events``. Auth-required events
+go to the callable the composition root passes (the auth manager), flow events to the flow log. Neither
+may block: the consumer is the only reader of the rings, and while it waits the kernel drops new events
+(counted as auth_events_lost and flow_events_lost). The auth ring is read first on every wake-up.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class Ring(Protocol):
 class EventConsumer:
     """Drains stale records on start, then dispatches new ones until cancelled."""
 
-    def __init__(self, ring: Ring, on_auth_required: OnAuthRequired, on_flow: OnFlow) -> None:
-        """Consume ``ring`` (owned by the caller)."""
-        self._ring = ring
+    def __init__(
+        self, auth_ring: Ring, flow_ring: Ring, on_auth_required: OnAuthRequired, on_flow: OnFlow
+    ) -> None:
+        """Consume both rings (owned by the caller)."""
+        self._rings = (auth_ring, flow_ring)
         self._on_auth_required = on_auth_required
         self._on_flow = on_flow
         self.decoded = 0
@@ -54,17 +58,23 @@ class EventConsumer:
 
     def drain_stale(self) -> int:
         """Discard records left from before this start (a pinned ring keeps them across restarts)."""
-        dropped = self._ring.drain()
+        dropped = sum(ring.drain() for ring in self._rings)
         self.stale += dropped
         if dropped:
             log.info("discarded stale datapath events", count=dropped)
         return dropped
 
     def poll(self) -> int:
-        """Read and dispatch up to one batch of records; return how many were read."""
-        records = self._ring.read(BATCH)
-        if not records:
-            return 0
+        """Read and dispatch up to one batch of records from each ring; return the largest batch read."""
+        most = 0
+        for ring in self._rings:
+            records = ring.read(BATCH)
+            most = max(most, len(records))
+            if records:
+                self._dispatch(records)
+        return most
+
+    def _dispatch(self, records: list[bytes]) -> None:
         offset = clock.tai_offset_ns()
         for record in records:
             try:
@@ -79,15 +89,16 @@ class EventConsumer:
                 self._on_flow(event)
             else:
                 self._on_auth_required(event)
-        return len(records)
 
     async def run(self, *, drain_stale: bool = True) -> None:
-        """Dispatch records whenever the ring buffer's fd is readable."""
+        """Dispatch records whenever a ring buffer's fd is readable."""
         if drain_stale:
             self.drain_stale()
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
-        loop.add_reader(self._ring.fileno(), readable.set)
+        fds = [ring.fileno() for ring in self._rings]
+        for fd in fds:
+            loop.add_reader(fd, readable.set)
         try:
             while True:
                 await readable.wait()
@@ -96,4 +107,5 @@ class EventConsumer:
                 while self.poll() == BATCH:  # noqa: ASYNC110 - polling is the point, sleep(0) only yields
                     await asyncio.sleep(0)
         finally:
-            loop.remove_reader(self._ring.fileno())
+            for fd in fds:
+                loop.remove_reader(fd)

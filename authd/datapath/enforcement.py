@@ -5,8 +5,13 @@ Jobs:
   matching interfaces and keeps watching for new ones. Without a loaded datapath authd has nothing to
   enforce with, so a load failure stops the daemon (systemd restarts it); the programs attached by the
   previous run keep enforcing with the pinned maps meanwhile. Netlink trouble is retried inside the job.
-- ``datapath-events`` (not critical): the ring-buffer consumer. Enforcement does not depend on it, so a
-  failure is restarted with backoff rather than taking the daemon down.
+- ``endpoint-ownership`` (not critical): keeps the endpoints map (which workload interface owns which
+  address) in sync with the node's host routes (:mod:`authd.datapath.ownership`). The ``datapath`` job
+  runs one reconcile before it reports ready, so that no workload's own traffic is dropped as spoofed
+  once authd says it enforces; a failure later is retried with backoff, entries stay as they are.
+- ``datapath-events`` (not critical): the consumer of both ring buffers (auth-required, flows).
+  Enforcement does not depend on it, so a failure is restarted with backoff rather than taking the
+  daemon down.
 
 Stopping detaches nothing: enforcement continues while authd restarts (``authd bpf unload`` detaches).
 
@@ -33,7 +38,8 @@ from authd.datapath.consumer import EventConsumer, OnAuthRequired, OnFlow
 from authd.datapath.layout import FlowLevel
 from authd.datapath.links import Link, LinkWatcher
 from authd.datapath.loader import Datapath, MapSizes
-from authd.datapath.maps import RuntimeConfig
+from authd.datapath.maps import PinnedMaps, RuntimeConfig
+from authd.datapath.ownership import RouteOwnership
 from authd.datapath.ringbuf import RingBuffer
 from authd.errors import DatapathError
 from authd.health import Component
@@ -104,6 +110,8 @@ class Enforcement:
         self.reassertions = 0
         self.consumer: EventConsumer | None = None
         self._rescans: set[asyncio.Task[None]] = set()
+        self._backoff = backoff
+        self.ownership: RouteOwnership | None = None
         self._stale_drained = False
 
     async def wait_loaded(self) -> Datapath:
@@ -139,6 +147,7 @@ class Enforcement:
         """The daemon jobs that run the datapath."""
         return [
             Job("datapath", self.run, critical=True),
+            Job("endpoint-ownership", self.run_ownership, critical=False),
             Job("datapath-events", self.run_events, critical=False),
         ]
 
@@ -215,8 +224,12 @@ class Enforcement:
             map_sizes(self._config),
             mode=AttachMode(self._config.attach_mode),
         )
+        maps: PinnedMaps | None = None
         try:
             datapath.configure(runtime_config(self._config))
+            maps = datapath.maps()
+            self.ownership = RouteOwnership(self._config.interfaces, maps.endpoints, self._backoff)
+            await self.ownership.reconcile()
             self.datapath = datapath
             self._loaded.set()
             # The watcher attaches to existing links right after subscribing to link events, then reports.
@@ -226,24 +239,39 @@ class Enforcement:
         finally:
             self._loaded.clear()
             self.datapath = None
+            self.ownership = None
+            if maps is not None:
+                maps.close()
             datapath.close()  # programs stay attached, maps stay pinned
 
     def _synced(self) -> None:
         self._check_order(list(self.watcher.attached.values()))
         self._report()
 
+    async def run_ownership(self) -> None:
+        """Keep the endpoints map in sync with the routes once the datapath is loaded."""
+        await self._loaded.wait()
+        assert self.ownership is not None  # set before _loaded
+        await self.ownership.run()
+
     async def run_events(self) -> None:
         """Consume the ring buffer once the datapath is loaded."""
         await self._loaded.wait()
         assert self.datapath is not None  # set before _loaded
-        ring = RingBuffer(self.datapath.events_fd())
+        flow_ring = RingBuffer(self.datapath.events_fd())
         try:
-            self.consumer = EventConsumer(ring, self._on_auth_required, self._on_flow)
+            auth_ring = RingBuffer(self.datapath.auth_events_fd())
+        except BaseException:
+            flow_ring.close()
+            raise
+        try:
+            self.consumer = EventConsumer(auth_ring, flow_ring, self._on_auth_required, self._on_flow)
             # Records from before this process started are stale; after a restart of this job they are not.
             drain, self._stale_drained = not self._stale_drained, True
             await self.consumer.run(drain_stale=drain)
         finally:
-            ring.close()
+            auth_ring.close()
+            flow_ring.close()
 
     def reload(self, new: DatapathConfig) -> None:
         """Apply live-changeable settings: flow level, rate-limit interval and interface patterns."""
@@ -255,6 +283,8 @@ class Enforcement:
             log.info("datapath runtime config applied", flow_events=new.flow_events)
         if old.interfaces != new.interfaces:
             self.watcher.patterns = new.interfaces
+            if self.ownership is not None:
+                self.ownership.patterns = new.interfaces  # applied on the next route event or resync
             for index, link in list(self.watcher.attached.items()):
                 if not links.matches(link.name, new.interfaces):
                     self.datapath.detach(index)

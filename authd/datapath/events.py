@@ -82,6 +82,8 @@ class FlowEvent:
     fragment: bool
     hook: Hook
     ifindex: int
+    reply: bool = False
+    """Judged by its flow's origin: a reply, or an ICMP error about the flow."""
 
     @property
     def src_identity(self) -> int:
@@ -179,13 +181,14 @@ def _decode_flow(record: bytes, offset: int) -> FlowEvent:
             remote_node=node,
             src=_address(family, src),
             dst=_address(family, dst),
-            protocol=protocol,
+            protocol=layout.ARP_PROTOCOL if flags & layout.FLOW_F_ARP else protocol,
             src_port=sport if ports else None,
             dst_port=dport if ports else None,
             tcp_flags=tcp_flags,
             fragment=bool(flags & layout.FLOW_F_FRAGMENT),
             hook=_HOOKS[hook],
             ifindex=ifindex,
+            reply=bool(flags & layout.FLOW_F_REPLY),
         )
     except KeyError as err:
         raise DecodeError(f"flow record with an unknown value {err}") from None

@@ -63,6 +63,10 @@ class DropReason(enum.IntEnum):
     AUTH_REQUIRED = 1
     AUTH_EXPIRED = 2
     MALFORMED = 3
+    SOURCE_NOT_OWNED = 4
+    SOURCE_WRONG_INTERFACE = 5
+    DESTINATION_NOT_OWNED = 6
+    UNSUPPORTED = 7
 
 
 class PolicyMatch(enum.IntEnum):
@@ -98,15 +102,24 @@ class Counter(enum.IntEnum):
     AUTH_EVENTS = 5
     AUTH_EVENTS_SUPPRESSED = 6
     FLOW_EVENTS = 7
-    RINGBUF_FULL = 8
-    NON_IP = 9
-    NOT_LOCAL = 10
+    FLOW_EVENTS_LOST = 8
+    NEIGHBOR = 9
+    AUTH_EVENTS_LOST = 10
+    DENIED_SOURCE_NOT_OWNED = 11
+    DENIED_SOURCE_WRONG_INTERFACE = 12
+    DENIED_DESTINATION_NOT_OWNED = 13
+    DENIED_UNSUPPORTED = 14
+    ESTABLISHED = 15
 
 
 COUNTER_SLOTS = 32  # must match AUTHD_COUNTER_SLOTS
 
 FLOW_F_PORTS = 0x1  # must match AUTHD_FLOW_F_PORTS
 FLOW_F_FRAGMENT = 0x2  # must match AUTHD_FLOW_F_FRAGMENT
+FLOW_F_ARP = 0x4  # must match AUTHD_FLOW_F_ARP
+FLOW_F_REPLY = 0x8  # must match AUTHD_FLOW_F_REPLY
+FLOW_RECHECK_NS = 500_000_000  # must match AUTHD_FLOW_RECHECK_NS
+ARP_PROTOCOL = 0x0806  # the protocol Python gives a flow event with FLOW_F_ARP (its ethertype)
 
 TC_HANDLE = 0xA17D  # must match AUTHD_TC_HANDLE
 TC_PRIORITY = 1  # must match AUTHD_TC_PRIORITY
@@ -126,10 +139,11 @@ class MapName(enum.StrEnum):
     AUTH_RATELIMIT = "auth_ratelimit"
     FLOWS = "flows"
     ENDPOINTS = "endpoints"
+    AUTH_EVENTS = "auth_events"
 
 
 class ProgramName(enum.StrEnum):
-    """Programs in the object: hook x link type (Ethernet or bare L3 like wireguard)."""
+    """Programs in the object: hook x interface kind (workload-facing Ethernet, node-facing bare L3)."""
 
     INGRESS = "authd_in"
     EGRESS = "authd_eg"
@@ -252,9 +266,18 @@ class FlowValue(HeaderStruct):
 
     c_name = "authd_flow_value"
     _fields_: ClassVar = [
+        ("recheck_ns", ctypes.c_uint64),
+        ("local", ctypes.c_uint32),
+        ("remote", ctypes.c_uint32),
+        ("remote_node", ctypes.c_uint32),
+        ("local_ifindex", ctypes.c_uint32),
+        ("remote_ifindex", ctypes.c_uint32),
+        ("origin", ctypes.c_uint8),
         ("verdict", ctypes.c_uint8),
         ("drop_reason", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("auth_type", ctypes.c_uint8),
+        ("match", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 

@@ -194,8 +194,12 @@ class Datapath:
             handle.close()
 
     def events_fd(self) -> int:
-        """The ring buffer's fd (owned by the object: dup it to keep it)."""
+        """The flow events ring buffer's fd (owned by the object: dup it to keep it)."""
         return self._obj.map_fd(MapName.EVENTS)
+
+    def auth_events_fd(self) -> int:
+        """The auth-required events ring buffer's fd (owned by the object: dup it to keep it)."""
+        return self._obj.map_fd(MapName.AUTH_EVENTS)
 
     def prog_fd(self, name: ProgramName) -> int:
         """A loaded program's fd (owned by the object)."""

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -284,10 +285,25 @@ def prog_fd_by_id(prog_id: int) -> int:
     return bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
 
 
-def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1) -> TestRun:
-    """Run a tc program on ``packet`` (an Ethernet frame) ``repeat`` times in the kernel."""
+# struct __sk_buff: its size and the offsets of the two fields a test run may set.
+_SKB_SIZE = 192
+_SKB_INGRESS_IFINDEX = 36
+_SKB_IFINDEX = 40
+
+
+def prog_test_run(
+    prog_fd: int, packet: bytes, *, repeat: int = 1, ifindex: int = 0, ingress_ifindex: int = 0
+) -> TestRun:
+    """Run a tc program on ``packet`` (an Ethernet frame) ``repeat`` times in the kernel.
+
+    The skb is on ``ifindex`` (0: the calling thread's loopback, ifindex 1) and claims to have entered
+    the node through ``ingress_ifindex`` (0: sent by the node itself).
+    """
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(len(packet) + 256)
+    ctx = ctypes.create_string_buffer(_SKB_SIZE)
+    struct.pack_into("=I", ctx, _SKB_INGRESS_IFINDEX, ingress_ifindex)
+    struct.pack_into("=I", ctx, _SKB_IFINDEX, ifindex)
     attr = _TestRunAttr(
         prog_fd=prog_fd,
         data_size_in=len(packet),
@@ -295,6 +311,8 @@ def prog_test_run(prog_fd: int, packet: bytes, *, repeat: int = 1) -> TestRun:
         data_in=ctypes.addressof(data_in),
         data_out=ctypes.addressof(data_out),
         repeat=repeat,
+        ctx_size_in=_SKB_SIZE,
+        ctx_in=ctypes.addressof(ctx),
     )
     bpf(BPF_PROG_TEST_RUN, attr)
     retval = attr.retval if attr.retval < 0x80000000 else attr.retval - 0x100000000

@@ -35,10 +35,15 @@ DROP_REASONS: Mapping[str, HubbleDrop] = MappingProxyType(
         # Cilium too drops a pair whose auth entry expired as AUTH_REQUIRED: expired is missing.
         "AUTH_EXPIRED": HubbleDrop(flow_pb2.AUTH_REQUIRED, "Authentication required"),
         "MALFORMED": HubbleDrop(flow_pb2.INVALID_PACKET_DROPPED, "Invalid packet"),
-        # Provisional, for reasons the datapath is gaining:
+        # A VLAN stack deeper than the parser follows is MALFORMED; an unknown ethertype is UNSUPPORTED.
+        "UNSUPPORTED": HubbleDrop(flow_pb2.UNSUPPORTED_L3_PROTOCOL, "Unsupported L3 protocol"),
+        # Spoofed sources: from a workload that does not own the address, or a local endpoint's address
+        # arriving through another interface (the underlay, a neighbour pod).
         "SOURCE_NOT_OWNED": HubbleDrop(flow_pb2.INVALID_SOURCE_IP, "Invalid source ip"),
-        "UNKNOWN_ETHERTYPE": HubbleDrop(flow_pb2.UNSUPPORTED_L3_PROTOCOL, "Unsupported L3 protocol"),
-        "MALFORMED_VLAN": HubbleDrop(flow_pb2.VLAN_FILTERED, "VLAN traffic disallowed by VLAN filter"),
+        "SOURCE_WRONG_INTERFACE": HubbleDrop(flow_pb2.INVALID_SOURCE_IP, "Invalid source ip"),
+        # Delivered to a workload that does not own the destination (its link-local address, another
+        # endpoint's address): no policy can allow it.
+        "DESTINATION_NOT_OWNED": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
     }
 )
 

@@ -45,6 +45,7 @@ enum authd_family {
 #define AUTHD_MAP_AUTH_RATELIMIT "auth_ratelimit"
 #define AUTHD_MAP_FLOWS "flows"
 #define AUTHD_MAP_ENDPOINTS "endpoints"
+#define AUTHD_MAP_AUTH_EVENTS "auth_events"
 
 /* Default sizes; authd sets the configured ones before load (bpf_map__set_max_entries). */
 #define AUTHD_IPCACHE_ENTRIES 65536
@@ -54,6 +55,7 @@ enum authd_family {
 #define AUTHD_RATELIMIT_ENTRIES 65536
 #define AUTHD_FLOW_ENTRIES 65536
 #define AUTHD_ENDPOINT_ENTRIES 65536
+#define AUTHD_AUTH_EVENTS_BYTES (256 * 1024) /* auth-required events only: flow events cannot fill it */
 
 /* ipcache: one LPM trie for both families. The family takes the first 32 bits of the key data, so
  * prefixlen = 32 + the IP prefix length; an IPv4 address fills addr[0..3] and leaves the rest zero. */
@@ -126,8 +128,13 @@ struct authd_config {
 	__u64 auth_required_interval_ns; /* at most one auth-required event per auth key per interval */
 };
 
-/* flows: LRU table of connections already reported, keyed from the local endpoint's side so that a
- * connection's replies hit the entry of its first packet. */
+/* flows: LRU table of connections, keyed from the local endpoint's side, so that a connection's replies
+ * hit the entry of its first packet. An allowed entry lets the packets of its flow pass in both directions
+ * without the ipcache, policy and auth lookups until recheck_ns; after that the next packet judges the flow
+ * again, in the direction of the packet that opened it (origin), so that replies to a connection the
+ * policy allowed pass, and a flow whose auth entry was removed or expired stops. recheck_ns is at most
+ * AUTHD_FLOW_RECHECK_NS ahead, and never later than the auth entry's expiry. A denied entry only
+ * remembers the verdict reported last (flow events); its packets are always judged again. */
 struct authd_flow_key {
 	__u8 family;
 	__u8 protocol;
@@ -139,10 +146,21 @@ struct authd_flow_key {
 };
 
 struct authd_flow_value {
-	__u8 verdict;
-	__u8 drop_reason;
-	__u8 pad[2];
+	__u64 recheck_ns;     /* CLOCK_MONOTONIC (coarse, bpf_ktime_get_coarse_ns()) */
+	__u32 local;          /* identities as judged */
+	__u32 remote;
+	__u32 remote_node;
+	__u32 local_ifindex;  /* workload interface that owns the local address; 0 on node-facing interfaces */
+	__u32 remote_ifindex; /* interface owning the remote address if it is a local endpoint, else 0 */
+	__u8 origin;          /* enum authd_direction of the packet the flow was judged by */
+	__u8 verdict;         /* enum authd_verdict */
+	__u8 drop_reason;     /* enum authd_drop_reason */
+	__u8 auth_type;       /* enum authd_auth_type the policy asked for */
+	__u8 match;           /* enum authd_policy_match */
+	__u8 pad[3];
 };
+
+#define AUTHD_FLOW_RECHECK_NS 500000000ULL /* an allowed flow is judged again at least this often */
 
 /* --------------------------------------------------------------------------------------- counters */
 
@@ -151,14 +169,19 @@ enum authd_counter {
 	AUTHD_CNT_ALLOWED_AUTH = 1,          /* passed with a live auth entry */
 	AUTHD_CNT_DENIED_AUTH_REQUIRED = 2,  /* dropped: no auth entry */
 	AUTHD_CNT_DENIED_AUTH_EXPIRED = 3,   /* dropped: auth entry expired */
-	AUTHD_CNT_DENIED_MALFORMED = 4,      /* dropped: IP header too short or invalid */
+	AUTHD_CNT_DENIED_MALFORMED = 4,      /* dropped: truncated or invalid header, VLAN stack too deep */
 	AUTHD_CNT_AUTH_EVENTS = 5,           /* auth-required events emitted */
 	AUTHD_CNT_AUTH_EVENTS_SUPPRESSED = 6,/* auth-required events held back by the rate limit */
 	AUTHD_CNT_FLOW_EVENTS = 7,           /* flow events emitted */
-	AUTHD_CNT_RINGBUF_FULL = 8,          /* events lost: ring buffer full */
-	AUTHD_CNT_NON_IP = 9,                /* passed: not IPv4/IPv6 (ARP, ...), or IPv6 neighbour discovery */
-	AUTHD_CNT_NOT_LOCAL = 10,            /* passed: no local endpoint in the ipcache */
-	AUTHD_CNT_COUNT = 11,
+	AUTHD_CNT_FLOW_EVENTS_LOST = 8,      /* flow events lost: the events ring buffer was full */
+	AUTHD_CNT_NEIGHBOR = 9,              /* passed: ARP, or IPv6 neighbour discovery */
+	AUTHD_CNT_AUTH_EVENTS_LOST = 10,     /* auth-required events lost: the auth_events ring buffer was full */
+	AUTHD_CNT_DENIED_SOURCE_NOT_OWNED = 11,       /* dropped: source address not owned by the interface */
+	AUTHD_CNT_DENIED_SOURCE_WRONG_INTERFACE = 12, /* dropped: a local endpoint's source from elsewhere */
+	AUTHD_CNT_DENIED_DESTINATION_NOT_OWNED = 13,  /* dropped: destination not owned by the interface */
+	AUTHD_CNT_DENIED_UNSUPPORTED = 14,   /* dropped: not ARP, IPv4 or IPv6 (on Ethernet interfaces) */
+	AUTHD_CNT_ESTABLISHED = 15,          /* passed by an allowed flow (its packets, replies, ICMP errors) */
+	AUTHD_CNT_COUNT = 16,
 };
 
 #define AUTHD_COUNTER_SLOTS 32 /* map size: room for counters added later without resizing the pin */
@@ -174,7 +197,12 @@ enum authd_drop_reason {
 	AUTHD_DROP_NONE = 0,
 	AUTHD_DROP_AUTH_REQUIRED = 1,
 	AUTHD_DROP_AUTH_EXPIRED = 2,
-	AUTHD_DROP_MALFORMED = 3,
+	AUTHD_DROP_MALFORMED = 3,              /* the parser does not fully understand the frame */
+	AUTHD_DROP_SOURCE_NOT_OWNED = 4,       /* from a workload: source address not owned by the interface */
+	AUTHD_DROP_SOURCE_WRONG_INTERFACE = 5, /* a local endpoint's source address that did not enter the
+						* node through that endpoint's interface (underlay, node) */
+	AUTHD_DROP_DESTINATION_NOT_OWNED = 6,  /* to a workload: destination not owned by the interface */
+	AUTHD_DROP_UNSUPPORTED = 7,            /* not ARP, IPv4 or IPv6 */
 };
 
 /* What decided the verdict. */
@@ -196,7 +224,8 @@ enum authd_event_type {
 	AUTHD_EVENT_FLOW = 2,
 };
 
-/* Sent when a packet is dropped for want of a live auth entry, at most once per key per interval. */
+/* Sent on the auth_events ring buffer (flow events use events) when a packet is dropped for want of a
+ * live auth entry, at most once per key per interval. */
 struct authd_auth_event {
 	__u32 type; /* AUTHD_EVENT_AUTH_REQUIRED */
 	__u32 ifindex;
@@ -213,6 +242,8 @@ struct authd_auth_event {
 
 #define AUTHD_FLOW_F_PORTS 0x1    /* src_port/dst_port are valid */
 #define AUTHD_FLOW_F_FRAGMENT 0x2 /* a non-first fragment: no L4 header */
+#define AUTHD_FLOW_F_ARP 0x4      /* an ARP packet: addresses are its sender and target protocol addresses */
+#define AUTHD_FLOW_F_REPLY 0x8    /* judged by its flow's origin direction (a reply, or an ICMP error) */
 
 /* A policy verdict. Source and destination are as on the wire; the local endpoint is the source for
  * EGRESS and the destination for INGRESS. */

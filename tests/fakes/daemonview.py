@@ -113,7 +113,7 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
     manager = ManagerStats(reconciles=4, upserts=3, deletes=1, entries=3)
     manager.auth_required.update({"attesting": 2})
     snapshot = DatapathSnapshot(
-        counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "ringbuf_full": 1},
+        counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "auth_events_lost": 1},
         auth_capacity=1024,
         interfaces=("lxc0", "lxc1"),
         events_decoded=12,

@@ -106,7 +106,35 @@ def tcp_frame(src: str, dst: str, sport: int = 40000, dport: int = 80, flags: in
     return ethernet(ipv6(src, dst, TCP, tcp(sport, dport, flags)), ETH_P_IPV6)
 
 
-def arp_frame() -> bytes:
-    """An ARP request."""
-    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + SRC_MAC + bytes(4) + bytes(6) + bytes(4)
+def arp_frame(sender: str = "0.0.0.0", target: str = "0.0.0.0", *, op: int = 1) -> bytes:  # noqa: S104
+    """An ARP request (op 1) or reply (op 2); the default sender 0.0.0.0 makes it a probe."""
+    body = (
+        struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, op)
+        + SRC_MAC
+        + IPv4Address(sender).packed
+        + bytes(6)
+        + IPv4Address(target).packed
+    )
     return ethernet(body, ETH_P_ARP)
+
+
+ETH_P_8021AD = 0x88A8
+
+
+def tagged(payload: bytes, ethertype: int, tpids: list[int]) -> bytes:
+    """An Ethernet frame with a stack of in-band VLAN tags (VID 0, priority tags), outermost first."""
+    header = DST_MAC + SRC_MAC + b"".join(struct.pack("!HH", tpid, 0) for tpid in tpids)
+    return header + struct.pack("!H", ethertype) + payload
+
+
+def neighbor(icmp_type: int, src: str, dst: str, target: str) -> bytes:
+    """A neighbour solicitation (135) or advertisement (136) for ``target``, hop limit 255."""
+    body = struct.pack("!BBHI", icmp_type, 0, 0, 0) + IPv6Address(target).packed
+    return ethernet(ipv6(src, dst, ICMPV6, body, hop_limit=255), ETH_P_IPV6)
+
+
+def icmp_error(src: str, dst: str, quoted: bytes) -> bytes:
+    """An ICMP "fragmentation needed" (IPv4) or ICMPv6 "packet too big" quoting ``quoted`` (an IP packet)."""
+    if ip_address(src).version == 4:
+        return ethernet(ipv4(src, dst, ICMP, struct.pack("!BBHHH", 3, 4, 0, 0, 1400) + quoted), ETH_P_IP)
+    return ethernet(ipv6(src, dst, ICMPV6, struct.pack("!BBHI", 2, 0, 0, 1280) + quoted), ETH_P_IPV6)

@@ -56,6 +56,16 @@ def ring(datapath: Datapath) -> Iterator[RingBuffer]:
 
 
 @pytest.fixture
+def auth_ring(datapath: Datapath) -> Iterator[RingBuffer]:
+    reader = RingBuffer(datapath.auth_events_fd())
+    try:
+        reader.drain()
+        yield reader
+    finally:
+        reader.close()
+
+
+@pytest.fixture
 def topology() -> Iterator[Topology]:
     topo = Topology()
     try:

@@ -81,7 +81,8 @@ def test_observe_prints_filters_and_follows(topology: Topology, running: Authd, 
 
     text = authd_cli("observe", "--verdict", "DROPPED", "--print-node-name", "--config", config)
     assert text.returncode == 0, text.stderr
-    (line,) = text.stdout.splitlines()
+    # The workloads' own link-local IPv6 chatter (MLD reports) is denied too: only B's flow is asked for.
+    (line,) = [line for line in text.stdout.splitlines() if f" {B4}:" in line]
     assert f" [node-a]: {A4}:" in line
     assert f"<> {B4}:7000 (ID:400) Authentication required DROPPED (UDP; Auth: SPIRE)" in line
     assert authd_cli("observe", "--verdict", "denied", "--config", config).stdout == text.stdout.replace(
@@ -118,15 +119,16 @@ def test_bpf_commands_with_the_daemon_up_and_down(topology: Topology, running: A
     counters = authd_cli("bpf", "counters", "--json", "--config", config)
     values = {row["counter"]: row["value"] for row in map(json.loads, counters.stdout.splitlines())}
     assert values["denied_auth_required"] >= 3
-    assert values["allowed_auth"] >= 3
+    assert values["allowed_auth"] >= 1  # the first datagram; the rest pass as an established flow
+    assert values["allowed_auth"] + values["established"] >= 3
 
     running.stop()  # the bpf commands work with the daemon down
     assert authd_cli("bpf", "auth", "flush", "--config", config).stdout.strip() == "deleted 1 auth entries"
     unloaded = authd_cli("bpf", "unload", "--config", config, netns=topology.path(topology.node))
     assert unloaded.returncode == 0, unloaded.stderr
     assert f"detached from 2 interfaces: adp{topology.tag}a, adp{topology.tag}b" in unloaded.stdout
-    # Two tcx links per interface, four programs, nine maps.
-    assert "removed 17 pins" in unloaded.stdout
+    # Two tcx links per interface, four programs, ten maps.
+    assert "removed 18 pins" in unloaded.stdout
     assert not pin_dir.exists()
     for link in (topology.link_a, topology.link_b):
         index = topology.ifindex(link)

@@ -97,6 +97,7 @@ def node(topology: Topology, datapath: Datapath, maps: PinnedMaps) -> Iterator[T
             datapath.attach(socket.if_nametoindex(link), l3=False)
 
     topology.run(topology.node, attach)
+    topology.learn_ownership(maps.endpoints)
     maps.ipcache.update_many(
         {
             ip_network(f"{A4}/32"): IpcacheEntry(A, 0),
@@ -118,13 +119,13 @@ def decoded(ring: RingBuffer) -> list[AuthRequiredEvent | FlowEvent]:
 
 @pytest.mark.parametrize("address", [B4, B6], ids=["ipv4", "ipv6"])
 def test_tcp_needs_auth_until_entry_written_and_again_after_expiry_or_delete(
-    node: Topology, maps: PinnedMaps, ring: RingBuffer, address: str
+    node: Topology, maps: PinnedMaps, auth_ring: RingBuffer, address: str
 ) -> None:
     assert connects(node, address)  # no policy yet: passes
     maps.policy.update_many({PolicyKey(B, A, Direction.INGRESS): AuthType.SPIRE})
-    ring.drain()
+    auth_ring.drain()
     assert not connects(node, address)
-    auth = [e for e in decoded(ring) if isinstance(e, AuthRequiredEvent)]
+    auth = [e for e in decoded(auth_ring) if isinstance(e, AuthRequiredEvent)]
     assert len(auth) == 1  # a SYN and maybe a retransmission, one event per key per interval
     assert auth[0].key == AuthKey(B, A, 0, AuthType.SPIRE)
     assert auth[0].direction is Direction.INGRESS
@@ -170,7 +171,7 @@ def test_pairs_without_policy_and_arp_pass(node: Topology, maps: PinnedMaps) -> 
     assert connects(node, B4)
     assert connects(node, B6)
     counters = maps.counters.read()
-    assert counters["non_ip"] >= 2  # ARP requests and replies crossed the programs
+    assert counters["neighbor"] >= 2  # ARP requests and replies crossed the programs
     assert counters["allowed"] >= 4
     assert counters["denied_auth_required"] == 0
 

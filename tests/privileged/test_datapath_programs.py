@@ -12,6 +12,7 @@ import pytest
 from authd.datapath import clock, syscalls
 from authd.datapath.events import AuthRequiredEvent, FlowEvent, decode
 from authd.datapath.layout import (
+    ENDPOINT_F_ROUTE,
     IDENTITY_ANY,
     AuthType,
     Direction,
@@ -23,7 +24,7 @@ from authd.datapath.layout import (
     Verdict,
 )
 from authd.datapath.loader import Datapath
-from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey, RuntimeConfig
+from authd.datapath.maps import AuthKey, EndpointOwner, IpcacheEntry, PinnedMaps, PolicyKey, RuntimeConfig
 from authd.datapath.ringbuf import RingBuffer
 from tests.fakes import packets as pk
 
@@ -36,8 +37,23 @@ A, B = 300, 400  # identity handles
 NODE_B = 7
 
 
-def run(datapath: Datapath, frame: bytes, program: ProgramName = ProgramName.INGRESS, repeat: int = 1) -> int:
-    return syscalls.prog_test_run(datapath.prog_fd(program), frame, repeat=repeat).retval
+LO = 1  # the test run's skb is on the loopback device: the workload interface here
+
+
+def run(
+    datapath: Datapath,
+    frame: bytes,
+    program: ProgramName = ProgramName.INGRESS,
+    repeat: int = 1,
+    ingress_ifindex: int = 0,
+) -> int:
+    fd = datapath.prog_fd(program)
+    return syscalls.prog_test_run(fd, frame, repeat=repeat, ingress_ifindex=ingress_ifindex).retval
+
+
+def own(maps: PinnedMaps, *addresses: str, ifindex: int = LO) -> None:
+    """Record the addresses as owned by ``ifindex`` in the endpoints map."""
+    maps.endpoints.update_many({ip_network(a): EndpointOwner(ifindex, ENDPOINT_F_ROUTE) for a in addresses})
 
 
 def events(ring: RingBuffer) -> list[AuthRequiredEvent | FlowEvent]:
@@ -46,7 +62,9 @@ def events(ring: RingBuffer) -> list[AuthRequiredEvent | FlowEvent]:
 
 @pytest.fixture
 def cluster(maps: PinnedMaps) -> PinnedMaps:
-    """A is local; B lives on node 7 (v4 and v6). A's egress to B needs SPIRE authentication."""
+    """A is local, behind the test run's interface; B lives on node 7 (v4 and v6). A's egress to B needs
+    SPIRE authentication."""
+    own(maps, A4, A6)
     maps.ipcache.update_many(
         {
             ip_network(f"{A4}/32"): IpcacheEntry(A, 0),
@@ -71,12 +89,17 @@ def test_verifier_accepts_every_program(datapath: Datapath) -> None:
         assert len(info.map_ids) >= 6
 
 
-def test_arp_and_unknown_addresses_pass(datapath: Datapath, cluster: PinnedMaps) -> None:
-    assert run(datapath, pk.arp_frame()) == PASS
-    assert run(datapath, pk.tcp_frame(C4, "198.51.100.1")) == PASS
+def test_arp_passes_and_unowned_addresses_do_not(datapath: Datapath, cluster: PinnedMaps) -> None:
+    assert run(datapath, pk.arp_frame()) == PASS  # a probe (sender 0.0.0.0)
+    assert run(datapath, pk.arp_frame(A4, B4)) == PASS
+    assert run(datapath, pk.arp_frame(B4, A4), ProgramName.EGRESS) == PASS
+    # Neither end is the workload's: from it, or to it, such a packet is refused, never "not local".
+    assert run(datapath, pk.tcp_frame(C4, "198.51.100.1")) == DROP
+    assert run(datapath, pk.tcp_frame(C4, "198.51.100.1"), ProgramName.EGRESS) == DROP
     counters = cluster.counters.read()
-    assert counters["non_ip"] == 1
-    assert counters["not_local"] == 1
+    assert counters["neighbor"] == 3
+    assert counters["denied_source_not_owned"] == 1
+    assert counters["denied_destination_not_owned"] == 1
 
 
 @pytest.mark.parametrize("icmp_type", [133, 134, 135, 136, 137])
@@ -100,7 +123,7 @@ def test_ipv6_neighbour_discovery_passes_like_arp(
     assert run(datapath, from_a) == PASS
     assert run(datapath, to_a, ProgramName.EGRESS) == PASS
     counters = cluster.counters.read()
-    assert counters["non_ip"] == 3
+    assert counters["neighbor"] == 3
     assert counters["denied_auth_required"] == 0
 
 
@@ -127,7 +150,7 @@ def test_only_neighbour_discovery_itself_is_exempt(
     datapath: Datapath, cluster: PinnedMaps, frame: bytes
 ) -> None:
     cluster.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE})
-    assert run(datapath, frame) == DROP
+    assert run(datapath, frame, ProgramName.EGRESS) == DROP
     assert cluster.counters.read()["denied_auth_required"] == 1
 
 
@@ -167,27 +190,26 @@ def test_auth_entry_is_per_remote_node_and_auth_type(datapath: Datapath, cluster
     assert run(datapath, frame) == DROP
 
 
-def test_reply_direction_is_judged_as_ingress(datapath: Datapath, cluster: PinnedMaps) -> None:
-    reply = pk.tcp_frame(B4, A4, 80, 40000, pk.SYN | pk.ACK)
-    # At either hook the local end (A) is the destination: INGRESS into A, for which no policy exists.
-    assert run(datapath, reply, ProgramName.INGRESS) == PASS
-    assert run(datapath, reply, ProgramName.EGRESS) == PASS
+def test_packets_to_the_workload_are_judged_as_ingress(datapath: Datapath, cluster: PinnedMaps) -> None:
+    # At the egress hook of A's interface the local end (A) is the destination: INGRESS into A.
+    assert run(datapath, pk.tcp_frame(B4, A4, 80, 40000), ProgramName.EGRESS) == PASS
     cluster.policy.update_many({PolicyKey(A, B, Direction.INGRESS): AuthType.SPIRE})
-    assert run(datapath, reply, ProgramName.EGRESS) == DROP
+    assert run(datapath, pk.tcp_frame(B4, A4, 80, 40001), ProgramName.EGRESS) == DROP
 
 
-def test_hook_breaks_the_tie_when_both_ends_are_local(datapath: Datapath, maps: PinnedMaps) -> None:
+def test_the_interface_decides_which_end_is_local(datapath: Datapath, maps: PinnedMaps) -> None:
     maps.ipcache.update_many(
         {ip_network(f"{A4}/32"): IpcacheEntry(A, 0), ip_network(f"{B4}/32"): IpcacheEntry(B, 0)}
     )
     maps.policy.update_many({PolicyKey(B, A, Direction.INGRESS): AuthType.SPIRE})
+    own(maps, A4, B4)
     frame = pk.tcp_frame(A4, B4)
     # Ingress hook (A's host-side veth): leaving A, EGRESS for A: no policy.
     assert run(datapath, frame, ProgramName.INGRESS) == PASS
     # Egress hook (B's host-side veth): arriving at B, INGRESS for B: needs (B, A, local node).
-    assert run(datapath, frame, ProgramName.EGRESS) == DROP
+    assert run(datapath, frame, ProgramName.EGRESS, ingress_ifindex=LO) == DROP
     maps.auth.update_many({AuthKey(B, A, 0): future()})
-    assert run(datapath, frame, ProgramName.EGRESS) == PASS
+    assert run(datapath, frame, ProgramName.EGRESS, ingress_ifindex=LO) == PASS
 
 
 @pytest.mark.parametrize(
@@ -200,6 +222,7 @@ def test_hook_breaks_the_tie_when_both_ends_are_local(datapath: Datapath, maps: 
     ids=["local-any", "any-remote", "any-any"],
 )
 def test_wildcard_policy(datapath: Datapath, maps: PinnedMaps, policy: PolicyKey) -> None:
+    own(maps, A4)
     maps.ipcache.update_many(
         {ip_network(f"{A4}/32"): IpcacheEntry(A, 0), ip_network(f"{B4}/32"): IpcacheEntry(B, 3)}
     )
@@ -223,10 +246,10 @@ def test_exact_entry_with_no_auth_exempts_from_wildcard(datapath: Datapath, clus
     assert run(datapath, pk.tcp_frame(A4, C4)) == DROP  # C is not in the ipcache: world, still covered
 
 
-def test_unknown_remote_is_world(datapath: Datapath, ring: RingBuffer, cluster: PinnedMaps) -> None:
+def test_unknown_remote_is_world(datapath: Datapath, auth_ring: RingBuffer, cluster: PinnedMaps) -> None:
     cluster.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.EGRESS): AuthType.SPIRE})
     assert run(datapath, pk.tcp_frame(A4, C4)) == DROP
-    (auth,) = [e for e in events(ring) if isinstance(e, AuthRequiredEvent)]
+    (auth,) = [e for e in events(auth_ring) if isinstance(e, AuthRequiredEvent)]
     assert auth.key == AuthKey(A, 0, 0)
 
 
@@ -286,11 +309,11 @@ def test_options_fragments_and_odd_headers_get_the_pairs_verdict(
 
 
 def test_auth_required_events_are_rate_limited_per_key(
-    datapath: Datapath, ring: RingBuffer, cluster: PinnedMaps
+    datapath: Datapath, auth_ring: RingBuffer, ring: RingBuffer, cluster: PinnedMaps
 ) -> None:
     frame = pk.tcp_frame(A4, B4, 40000, 443)
     assert run(datapath, frame, repeat=200) == DROP
-    auth = [e for e in events(ring) if isinstance(e, AuthRequiredEvent)]
+    auth = [e for e in events(auth_ring) if isinstance(e, AuthRequiredEvent)]
     assert len(auth) == 1
     event = auth[0]
     assert event.key == AuthKey(A, B, NODE_B, AuthType.SPIRE)
@@ -298,6 +321,7 @@ def test_auth_required_events_are_rate_limited_per_key(
     assert event.reason is DropReason.AUTH_REQUIRED
     assert (str(event.src), str(event.dst), event.protocol) == (A4, B4, 6)
     assert abs((event.timestamp - datetime.now(UTC)).total_seconds()) < 5
+    assert all(isinstance(e, FlowEvent) for e in events(ring))  # the flow ring holds no auth events
     counters = cluster.counters.read()
     assert counters["auth_events"] == 1
     assert counters["auth_events_suppressed"] == 199
@@ -305,17 +329,19 @@ def test_auth_required_events_are_rate_limited_per_key(
     cluster.ipcache.update_many({ip_network(f"{A4}/32"): IpcacheEntry(A + 1, 0)})
     cluster.policy.update_many({PolicyKey(A + 1, B, Direction.EGRESS): AuthType.SPIRE})
     assert run(datapath, frame, repeat=10) == DROP
-    assert [e.key.local for e in events(ring) if isinstance(e, AuthRequiredEvent)] == [A + 1]
+    assert [e.key.local for e in events(auth_ring) if isinstance(e, AuthRequiredEvent)] == [A + 1]
     datapath.configure(RuntimeConfig(FlowLevel.NONE, 50_000_000))
     time.sleep(0.06)
     assert run(datapath, frame, repeat=10) == DROP
-    assert len([e for e in events(ring) if isinstance(e, AuthRequiredEvent)]) == 1
+    assert len([e for e in events(auth_ring) if isinstance(e, AuthRequiredEvent)]) == 1
 
 
-def test_expired_entry_reports_expired(datapath: Datapath, ring: RingBuffer, cluster: PinnedMaps) -> None:
+def test_expired_entry_reports_expired(
+    datapath: Datapath, auth_ring: RingBuffer, cluster: PinnedMaps
+) -> None:
     cluster.auth.update_many({AuthKey(A, B, NODE_B): datetime.now(UTC) - timedelta(hours=1)})
     run(datapath, pk.tcp_frame(A6, B6))
-    (auth,) = [e for e in events(ring) if isinstance(e, AuthRequiredEvent)]
+    (auth,) = [e for e in events(auth_ring) if isinstance(e, AuthRequiredEvent)]
     assert auth.reason is DropReason.AUTH_EXPIRED
     assert (str(auth.src), str(auth.dst)) == (A6, B6)
 

@@ -156,16 +156,18 @@ def test_ipcache_keys_put_the_family_before_the_prefix() -> None:
     assert v6[:8] == (32 + 8).to_bytes(4, "little") + (6).to_bytes(4, "little")
 
 
-async def test_consumer_drains_stale_records_then_dispatches() -> None:
+async def test_consumer_drains_stale_records_then_dispatches_both_rings() -> None:
     ring = FakeRing([flow_record(), flow_record()])
+    auth_ring = FakeRing([auth_record()])
     flows: list[FlowEvent] = []
     auths: list[AuthRequiredEvent] = []
-    consumer = EventConsumer(ring, auths.append, flows.append)
+    consumer = EventConsumer(auth_ring, ring, auths.append, flows.append)
     task = asyncio.create_task(consumer.run())
     try:
         await asyncio.sleep(0.01)
-        assert consumer.stale == 2
-        ring.push(flow_record(), b"\x09\x00\x00\x00", auth_record(), flow_record(verdict=1, reason=0))
+        assert consumer.stale == 3
+        ring.push(flow_record(), b"\x09\x00\x00\x00", flow_record(verdict=1, reason=0))
+        auth_ring.push(auth_record())
         for _ in range(100):
             if consumer.decoded == 3:
                 break
@@ -175,6 +177,7 @@ async def test_consumer_drains_stale_records_then_dispatches() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         ring.close()
+        auth_ring.close()
     assert [f.verdict for f in flows] == [Verdict.DENIED, Verdict.ALLOWED]
     assert [a.key.remote for a in auths] == [300]
     assert consumer.malformed == 1

@@ -90,6 +90,9 @@ def test_constants_and_map_names_match_header() -> None:
     assert int(defines["AUTHD_TC_PRIORITY"]) == layout.TC_PRIORITY
     assert int(defines["AUTHD_FLOW_F_PORTS"], 0) == layout.FLOW_F_PORTS
     assert int(defines["AUTHD_FLOW_F_FRAGMENT"], 0) == layout.FLOW_F_FRAGMENT
+    assert int(defines["AUTHD_FLOW_F_ARP"], 0) == layout.FLOW_F_ARP
+    assert int(defines["AUTHD_FLOW_F_REPLY"], 0) == layout.FLOW_F_REPLY
+    assert int(defines["AUTHD_FLOW_RECHECK_NS"].removesuffix("ULL")) == layout.FLOW_RECHECK_NS
     names = {
         k.removeprefix("AUTHD_MAP_"): v.strip('"') for k, v in defines.items() if k.startswith("AUTHD_MAP_")
     }

@@ -74,7 +74,8 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_auth_required_events_total", outcome="unknown-identity") == 0
     assert value(found, "authd_spire_stream_failures_total", stream="workload-api") == 0
     assert value(found, "process_open_fds") > 0
-    assert value(found, "authd_datapath_ringbuf_drops_total") == 1
+    assert value(found, "authd_datapath_ringbuf_drops_total", type="auth-required") == 1
+    assert value(found, "authd_datapath_ringbuf_drops_total", type="flow") == 0
     assert value(found, "authd_datapath_interfaces") == 2
     assert value(found, "authd_datapath_attach_mode", mode="tcx") == 1
     assert value(found, "authd_datapath_programs_ahead", interface="lxc1 (ifindex 7)") == 1
