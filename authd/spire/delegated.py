@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -219,18 +219,32 @@ class DelegatedIdentityClient:
             )
             while True:
                 call = method(delegatedidentity_pb2.SubscribeToX509BundlesRequest())
-                reopen_at = loop.time() + self._bundle_reopen
+                # The reopen cancels the call from a timer: a read wrapped in wait_for, cancelled at
+                # its timeout, left grpc's call machinery in a state that stalled later channels.
+                reopened = asyncio.Event()
+
+                def reopen(
+                    call: grpc.aio.UnaryStreamCall[Any, Any] = call, done: asyncio.Event = reopened
+                ) -> None:
+                    done.set()
+                    call.cancel()
+
+                timer = loop.call_later(self._bundle_reopen, reopen)
                 try:
-                    while (remaining := reopen_at - loop.time()) > 0:
+                    while True:
                         try:
-                            message = await asyncio.wait_for(call.read(), remaining)
-                        except TimeoutError:
-                            break
+                            message = await call.read()
+                        except asyncio.CancelledError:
+                            task = asyncio.current_task()
+                            if reopened.is_set() and (task is None or not task.cancelling()):
+                                break  # our own reopen, not a cancellation of this task
+                            raise
                         if message is grpc.aio.EOF:
                             return  # the agent ended the stream: follow() decides what that means
                         # None when it did not deserialize, as when iterating the call (follow() counts it).
                         yield cast("delegatedidentity_pb2.SubscribeToX509BundlesResponse", message)
                 finally:
+                    timer.cancel()
                     call.cancel()
                 log.debug("bundle stream reopened", after_s=self._bundle_reopen)
 
