@@ -24,6 +24,7 @@ from authd.hubble.convert import SPIFFE_LABEL
 
 DEFAULT_LAST = 20
 GET_FLOWS = "/observer.Observer/GetFlows"
+CONNECT_TIMEOUT = 2.0  # seconds to reach the observer socket before saying authd is not there
 SNAPSHOT_TIMEOUT = 30.0
 VERDICTS = {
     "FORWARDED": flow_pb2.FORWARDED,
@@ -153,6 +154,13 @@ def target(address: str) -> str:
 
 def _ask(address: str, request: observer_pb2.GetFlowsRequest) -> Iterator[observer_pb2.GetFlowsResponse]:
     with grpc.insecure_channel(target(address)) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT)
+        except grpc.FutureTimeoutError as err:
+            raise ControlError(
+                f"observe: no Hubble observer at {address}: is authd running, with [hubble] enabled?",
+                not_running=True,
+            ) from err
         get_flows = channel.unary_stream(
             GET_FLOWS,
             request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
@@ -162,6 +170,8 @@ def _ask(address: str, request: observer_pb2.GetFlowsRequest) -> Iterator[observ
             yield from get_flows(request, timeout=None if request.follow else SNAPSHOT_TIMEOUT)
         except grpc.RpcError as err:
             code, details = err.code(), err.details()
+            if request.follow and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return  # connected, then the daemon went away: the followed stream has ended
             if code is grpc.StatusCode.UNAVAILABLE:
                 raise ControlError(
                     f"observe: no Hubble observer at {address}: is authd running, with [hubble] "

@@ -33,7 +33,7 @@ def test_demo_tells_its_story_and_exits_0() -> None:
     assert result.returncode == 0, out + result.stderr
     assert "[FAILED]" not in out
     assert "INGRESS ALLOWED (TCP Flags: SYN; Auth: SPIRE)" in out
-    assert "INGRESS DENIED (TCP Flags: SYN; Auth: SPIRE; Drop reason: Authentication required)" in out
+    assert "Authentication required DROPPED (TCP Flags: SYN; Auth: SPIRE)" in out
     assert "[ok] drops for pre-registered pairs: 0" in out
     assert "[ok] TCP retransmissions: 0" in out
     assert "[ok] nothing left behind" in out

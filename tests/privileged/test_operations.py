@@ -92,8 +92,8 @@ def test_metrics_count_attestations_and_verdicts(cluster: DevCluster) -> None:
     assert code == 200
     assert sample(b, "authd_attestations_total", result="ok") >= 1
     assert sample(b, "authd_attestation_duration_seconds_count") >= 1
-    assert sample(b, "authd_datapath_verdicts_total", verdict="allowed", reason="authenticated") >= 1
-    assert sample(b, "authd_datapath_verdicts_total", verdict="denied", reason="auth-required") >= 1
+    assert sample(b, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="AUTHENTICATED") >= 1
+    assert sample(b, "authd_datapath_verdicts_total", verdict="DROPPED", reason="AUTH_REQUIRED") >= 1
     assert sample(b, "authd_svids", kind="own") == 1
     assert sample(b, "authd_svids", kind="workload") == 1
     assert sample(b, "authd_svid_expiry_seconds", kind="own") > 60

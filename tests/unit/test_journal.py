@@ -98,13 +98,19 @@ def test_configure_routes_structlog_and_stdlib_to_the_journal(
     stat = os.fstat(sys.stderr.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
     monkeypatch.setattr("authd.log.JournalWriter", lambda: JournalWriter(tmp_path / "socket"))
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         log.configure("info")
         structlog.get_logger("t").error("listener failed", port=4250)
         logging.getLogger("grpc").warning("channel %s lost", "x")
         first, second = parse(journal.recv(65536)), parse(journal.recv(65536))
     finally:
-        log.configure("info", "console")
+        structlog.configure(**saved)  # process-wide: later tests capture what the defaults print
+        log.configure("info", "console")  # closes the journal's handler and its socket
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert (first["PRIORITY"], first["AUTHD_PORT"]) == ("3", "4250")
     assert (second["PRIORITY"], second["AUTHD_LOGGER"]) == ("4", "grpc")
     assert second["MESSAGE"].startswith("channel x lost")
