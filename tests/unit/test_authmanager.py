@@ -296,9 +296,10 @@ async def test_attestation_results_update_only_their_pairs_without_reading_the_w
     async with manager() as h:
         web = svid("web", hours=1)
         h.svids.local[sid("web")] = web
-        for path in remotes:
-            h.client.script(str(sid(path)), "node-b", svid(path, hours=2))
         h.manager.cluster_changed(cluster)
+        await eventually(lambda: h.manager.stats.reconciles >= 1)  # the peers are wanted, none answered
+        for path in remotes:  # each answers now, pushed the way a peer node pushes its proofs
+            h.client.script(str(sid(path)), "node-b", svid(path, hours=2))
         await eventually(lambda: len(h.table.entries) == 50)
         assert set(h.table.entries.values()) == {web.not_after}
         # Results arrive one peer at a time: each is a pass over that peer's pairs, not over the map.
