@@ -343,19 +343,28 @@ def test_the_listener_refuses_and_cuts_what_it_must_while_serving_a_node(cluster
 
 
 async def _flood(address: str, port: int, connections: int, hellos: int) -> int:
-    """Open ``connections`` bare connections and send ``hellos`` ClientHellos; how many were refused."""
+    """Open ``connections`` bare connections and send ``hellos`` ClientHellos; how many were refused.
+
+    A refusal is a close with no byte answered: a FIN, or a reset (the kernel resets a connection closed with
+    unread data in its receive queue, which is what a ClientHello that arrives before the close becomes).
+    """
     refused = 0
     hello = bytes.fromhex("16030100c4010000c00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
 
     async def one(payload: bytes | None) -> None:
         nonlocal refused
-        with contextlib.suppress(OSError):
-            reader, writer = await asyncio.open_connection(address, port)
+        reader, writer = await asyncio.open_connection(address, port)
+        try:
             if payload is not None:
                 writer.write(payload)
-            if await asyncio.wait_for(reader.read(), 5) == b"":
+            try:
+                answer = await asyncio.wait_for(reader.read(), 5)
+            except ConnectionResetError:
+                answer = b""
+            if answer == b"":
                 refused += 1
-            writer.close()
+        finally:
+            writer.transport.abort()
 
     for start in range(0, connections + hellos, 100):
         batch = [
