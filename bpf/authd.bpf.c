@@ -173,6 +173,24 @@ struct packet {
 	__u8 nd_target[16]; /* neighbour solicitation and advertisement */
 };
 
+/* Headers are read in place, from the packet's linear part (skb->data to skb->data_end), where the
+ * headers of nearly every packet are; a header beyond it, or beyond HEADER_MAX_OFF, is copied out with
+ * bpf_skb_load_bytes instead, which reads the non-linear part too. Returns a pointer to len readable
+ * bytes at off (in the packet or in buf), or 0 when the packet ends first. */
+#define HEADER_MAX_OFF 512
+
+static __always_inline const void *header(struct __sk_buff *skb, __u32 off, void *buf, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (off <= HEADER_MAX_OFF && data + off + len <= data_end)
+		return data + off;
+	if (bpf_skb_load_bytes(skb, off, buf, len) < 0)
+		return 0;
+	return buf;
+}
+
 static __always_inline int has_ports(__u8 protocol)
 {
 	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE ||
@@ -224,81 +242,88 @@ static __always_inline void parse_quoted_ipv6(struct __sk_buff *skb, __u32 off, 
 static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct packet *p)
 {
 	__u8 buf[14]; /* TCP up to its flags byte; the first 4 bytes (ports) for UDP and SCTP */
+	const __u8 *l4;
 
 	switch (p->protocol) {
 	case IPPROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off, buf, 14) < 0)
+		l4 = header(skb, off, buf, 14);
+		if (!l4)
 			return;
-		p->tcp_flags = buf[13];
+		p->tcp_flags = l4[13];
 		break;
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE:
 	case IPPROTO_SCTP:
-		if (bpf_skb_load_bytes(skb, off, buf, 4) < 0)
+		l4 = header(skb, off, buf, 4);
+		if (!l4)
 			return;
 		break;
 	case IPPROTO_ICMP:
-		if (bpf_skb_load_bytes(skb, off, buf, 1) < 0)
+		l4 = header(skb, off, buf, 1);
+		if (!l4)
 			return;
-		if (buf[0] == ICMP_DEST_UNREACH || buf[0] == ICMP_TIME_EXCEEDED || buf[0] == ICMP_PARAMETERPROB)
+		if (l4[0] == ICMP_DEST_UNREACH || l4[0] == ICMP_TIME_EXCEEDED || l4[0] == ICMP_PARAMETERPROB)
 			parse_quoted_ipv4(skb, off + 8, p);
 		return;
 	case IPPROTO_ICMPV6:
-		if (bpf_skb_load_bytes(skb, off, buf, 1) < 0)
+		l4 = header(skb, off, buf, 1);
+		if (!l4)
 			return;
-		p->icmp6_type = buf[0];
-		if (buf[0] >= ICMPV6_DEST_UNREACH && buf[0] <= ICMPV6_PARAMPROB)
+		p->icmp6_type = l4[0];
+		if (l4[0] >= ICMPV6_DEST_UNREACH && l4[0] <= ICMPV6_PARAMPROB)
 			parse_quoted_ipv6(skb, off + 8, p);
-		else if (buf[0] == ND_NEIGHBOR_SOLICIT || buf[0] == ND_NEIGHBOR_ADVERT)
+		else if (l4[0] == ND_NEIGHBOR_SOLICIT || l4[0] == ND_NEIGHBOR_ADVERT)
 			bpf_skb_load_bytes(skb, off + 8, p->nd_target, 16); /* truncated: stays :: */
 		return;
 	default:
 		return;
 	}
-	p->src_port = ((__u16)buf[0] << 8) | buf[1];
-	p->dst_port = ((__u16)buf[2] << 8) | buf[3];
+	p->src_port = ((__u16)l4[0] << 8) | l4[1];
+	p->dst_port = ((__u16)l4[2] << 8) | l4[3];
 	p->flags |= AUTHD_FLOW_F_PORTS;
 }
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct packet *p)
 {
-	struct iphdr ip;
+	struct iphdr buf;
+	const struct iphdr *ip = header(skb, off, &buf, sizeof(buf));
 
 	/* Too short to hold its addresses: it could otherwise slip past policy. */
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+	if (!ip)
 		return PARSE_MALFORMED;
-	if (ip.version != 4 || ip.ihl < 5)
+	if (ip->version != 4 || ip->ihl < 5)
 		return PARSE_MALFORMED;
 	p->family = AUTHD_FAMILY_IPV4;
-	p->protocol = ip.protocol;
-	__builtin_memcpy(p->src, &ip.saddr, 4);
-	__builtin_memcpy(p->dst, &ip.daddr, 4);
+	p->protocol = ip->protocol;
+	__builtin_memcpy(p->src, &ip->saddr, 4);
+	__builtin_memcpy(p->dst, &ip->daddr, 4);
 	/* A non-first fragment has no L4 header; its verdict comes from its addresses like any other. */
-	if (bpf_ntohs(ip.frag_off) & 0x1fff) {
+	if (bpf_ntohs(ip->frag_off) & 0x1fff) {
 		p->flags |= AUTHD_FLOW_F_FRAGMENT;
 		return PARSE_IP;
 	}
 	/* IP options (ihl > 5) are skipped, never interpreted. */
-	parse_l4(skb, off + ip.ihl * 4, p);
+	parse_l4(skb, off + ip->ihl * 4, p);
 	return PARSE_IP;
 }
 
 static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct packet *p)
 {
-	struct ipv6hdr ip6;
+	struct ipv6hdr buf;
+	const struct ipv6hdr *ip6 = header(skb, off, &buf, sizeof(buf));
 	__u8 nexthdr;
 	__u8 ext[4];
 
-	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+	if (!ip6)
 		return PARSE_MALFORMED;
-	if (ip6.version != 6)
+	if (ip6->version != 6)
 		return PARSE_MALFORMED;
 	p->family = AUTHD_FAMILY_IPV6;
-	p->hop_limit = ip6.hop_limit;
-	__builtin_memcpy(p->src, &ip6.saddr, 16);
-	__builtin_memcpy(p->dst, &ip6.daddr, 16);
-	nexthdr = ip6.nexthdr;
-	off += sizeof(ip6);
+	p->hop_limit = ip6->hop_limit;
+	__builtin_memcpy(p->src, &ip6->saddr, 16);
+	__builtin_memcpy(p->dst, &ip6->daddr, 16);
+	nexthdr = ip6->nexthdr;
+	off += sizeof(*ip6);
 
 	/* Walk a bounded number of extension headers to find L4; past the bound, or on a truncated
 	 * extension header, L4 stays unknown: the flow has no ports. */
@@ -382,20 +407,25 @@ static __always_inline int parse_eth(struct __sk_buff *skb, struct packet *p)
 {
 	__u32 off = ETH_HLEN;
 	__u32 tags = skb->vlan_present; /* the outer tag, which the kernel takes off the frame before tc */
-	__u16 proto;
+	__u16 buf, proto;
+	const __u16 *type;
 
 	/* The frame's own ethertype, not skb->protocol. The kernel strips stacked priority tags (VID 0)
 	 * and delivers the packet inside, so tags are followed up to VLAN_MAX_TAGS in all, counting the
 	 * one already taken off; a deeper stack is malformed, never "not IP". */
-	if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
+	type = header(skb, 12, &buf, 2);
+	if (!type)
 		return PARSE_MALFORMED;
+	proto = *type;
 	for (int i = 0; i <= VLAN_MAX_TAGS; i++) {
 		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
 			break;
 		if (tags >= VLAN_MAX_TAGS)
 			return PARSE_MALFORMED;
-		if (bpf_skb_load_bytes(skb, off + 2, &proto, 2) < 0)
+		type = header(skb, off + 2, &buf, 2);
+		if (!type)
 			return PARSE_MALFORMED;
+		proto = *type;
 		off += 4;
 		tags++;
 	}

@@ -308,6 +308,20 @@ def test_options_fragments_and_odd_headers_get_the_pairs_verdict(
     assert cluster.counters.read()["denied_malformed"] == 0
 
 
+def test_headers_past_the_in_place_bound_are_copied_out(
+    datapath: Datapath, ring: RingBuffer, cluster: PinnedMaps
+) -> None:
+    # Headers are read in place up to 512 bytes into the frame and copied out past that: a TCP header
+    # behind 608 bytes of destination options still gives the flow its ports and flags.
+    options = pk.ipv6_ext(pk.TCP, 75)
+    frame = pk.ethernet(pk.ipv6(A6, B6, 60, options + pk.tcp(40000, 443)), pk.ETH_P_IPV6)
+    assert run(datapath, frame) == DROP
+    (denied,) = flows(ring)
+    assert (denied.src_port, denied.dst_port, denied.tcp_flags) == (40000, 443, pk.SYN)
+    cluster.auth.update_many({AuthKey(A, B, NODE_B): future()})
+    assert run(datapath, frame) == PASS
+
+
 def test_auth_required_events_are_rate_limited_per_key(
     datapath: Datapath, auth_ring: RingBuffer, ring: RingBuffer, cluster: PinnedMaps
 ) -> None:
