@@ -129,6 +129,8 @@ struct {
 #define TCP_FLAG_ACK 0x10
 #define ND_FIRST_TYPE 133 /* ICMPv6 router solicitation */
 #define ND_LAST_TYPE 137  /* ICMPv6 redirect */
+#define ND_REDIRECT 137
+#define ND_ROUTER_ADVERT 134
 #define ND_NEIGHBOR_SOLICIT 135
 #define ND_NEIGHBOR_ADVERT 136
 #define ND_HOP_LIMIT 255
@@ -137,6 +139,7 @@ struct {
 #define MLD2_REPORT 143
 /* ICMP errors that quote the packet they are about (linux/icmp.h pulls in libc headers). */
 #define ICMP_DEST_UNREACH 3
+#define ICMP_REDIRECT 5
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_PARAMETERPROB 12
 #define ICMPV6_DEST_UNREACH 1 /* 1-4: destination unreachable, packet too big, time exceeded, parameter */
@@ -162,7 +165,7 @@ struct packet {
 	__u8 dst[16];      /* for ARP: the target protocol address */
 	__u8 hop_limit;    /* IPv6 only */
 	__u8 v6_fragment;  /* IPv6: a fragment header was seen (a first fragment has no F_FRAGMENT) */
-	__u8 icmp6_type;   /* ICMPv6 only */
+	__u8 icmp_type;    /* ICMP and ICMPv6 */
 	__u8 quoted;       /* an ICMP or ICMPv6 error: the fields below describe the packet it quotes */
 	__u16 quoted_src_port;
 	__u16 quoted_dst_port;
@@ -262,6 +265,7 @@ static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct pa
 		l4 = header(skb, off, buf, 1);
 		if (!l4)
 			return;
+		p->icmp_type = l4[0];
 		if (l4[0] == ICMP_DEST_UNREACH || l4[0] == ICMP_TIME_EXCEEDED || l4[0] == ICMP_PARAMETERPROB)
 			parse_quoted_ipv4(skb, off + 8, p);
 		return;
@@ -269,7 +273,7 @@ static __always_inline void parse_l4(struct __sk_buff *skb, __u32 off, struct pa
 		l4 = header(skb, off, buf, 1);
 		if (!l4)
 			return;
-		p->icmp6_type = l4[0];
+		p->icmp_type = l4[0];
 		if (l4[0] >= ICMPV6_DEST_UNREACH && l4[0] <= ICMPV6_PARAMPROB)
 			parse_quoted_ipv6(skb, off + 8, p);
 		else if (l4[0] == ND_NEIGHBOR_SOLICIT || l4[0] == ND_NEIGHBOR_ADVERT)
@@ -443,7 +447,22 @@ static __always_inline int is_neighbor_discovery(const struct packet *p)
 {
 	return p->family == AUTHD_FAMILY_IPV6 && p->protocol == IPPROTO_ICMPV6 && !p->v6_fragment &&
 	       p->hop_limit == ND_HOP_LIMIT &&
-	       p->icmp6_type >= ND_FIRST_TYPE && p->icmp6_type <= ND_LAST_TYPE;
+	       p->icmp_type >= ND_FIRST_TYPE && p->icmp_type <= ND_LAST_TYPE;
+}
+
+/* What only a router sends: IPv6 router advertisements and redirects, IPv4 redirects. From a workload
+ * they would let it steer its node's or its neighbours' routes (a pod must not act as a router), so they
+ * are dropped however they are addressed; the node's own advertisements to workloads pass. A
+ * non-first fragment has no ICMP header and is not one (the kernel drops fragmented neighbour
+ * discovery). */
+static __always_inline int is_router_message(const struct packet *p)
+{
+	if (p->flags & AUTHD_FLOW_F_FRAGMENT)
+		return 0;
+	if (p->family == AUTHD_FAMILY_IPV6)
+		return p->protocol == IPPROTO_ICMPV6 &&
+		       (p->icmp_type == ND_ROUTER_ADVERT || p->icmp_type == ND_REDIRECT);
+	return p->protocol == IPPROTO_ICMP && p->icmp_type == ICMP_REDIRECT;
 }
 
 static __always_inline int same_address(const __u8 *a, const __u8 *b)
@@ -482,7 +501,7 @@ static __always_inline int is_multicast_listener_discovery(const struct packet *
 {
 	return p->family == AUTHD_FAMILY_IPV6 && p->protocol == IPPROTO_ICMPV6 && !p->v6_fragment &&
 	       p->hop_limit == 1 &&
-	       ((p->icmp6_type >= MLD_FIRST_TYPE && p->icmp6_type <= MLD_LAST_TYPE) || p->icmp6_type == MLD2_REPORT);
+	       ((p->icmp_type >= MLD_FIRST_TYPE && p->icmp_type <= MLD_LAST_TYPE) || p->icmp_type == MLD2_REPORT);
 }
 
 /* ::, or fe80::/10: the source addresses neighbour discovery may use besides the interface's own. */
@@ -830,7 +849,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	__u32 arrived = hook == AUTHD_HOOK_INGRESS ? skb->ifindex : skb->ingress_ifindex;
 	int from_workload = workload && hook == AUTHD_HOOK_INGRESS;
 	int to_workload = workload && hook == AUTHD_HOOK_EGRESS;
-	int parsed, syn, tabled, news, link_control;
+	int parsed, syn, tabled, news, link_control, router_message;
 	__u8 origin;
 
 	parsed = workload ? parse_eth(skb, &p) : parse_l3(skb, 0, (__u16)skb->protocol, &p);
@@ -847,9 +866,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	/* From a workload, or out of the node: the local end is the source. */
 	d.direction = from_workload || (!workload && hook == AUTHD_HOOK_EGRESS) ? AUTHD_DIR_EGRESS : AUTHD_DIR_INGRESS;
 	syn = p.protocol == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	/* Connections (not non-first fragments, not ICMP errors, not neighbour discovery) use the table. */
+	/* Connections (not non-first fragments, not ICMP errors, not neighbour discovery, not a workload's
+	 * router messages, which an ICMP flow's entry must not pass) use the table. */
 	link_control = is_neighbor_discovery(&p) || is_multicast_listener_discovery(&p);
-	tabled = parsed == PARSE_IP && !(p.flags & AUTHD_FLOW_F_FRAGMENT) && !p.quoted && !link_control;
+	router_message = from_workload && is_router_message(&p);
+	tabled = parsed == PARSE_IP && !(p.flags & AUTHD_FLOW_F_FRAGMENT) && !p.quoted && !link_control &&
+		 !router_message;
 	cfg = bpf_map_lookup_elem(&config, &zero);
 
 	/* Fast path: a packet of an allowed flow, not a new connection. */
@@ -891,11 +913,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		   !(link_control && is_nd_source(p.src))) { /* ND, MLD from :: or link-local */
 		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
 	} else if (from_workload && is_neighbor_discovery(&p) &&
-		   (p.icmp6_type == ND_NEIGHBOR_ADVERT ||
-		    (p.icmp6_type == ND_NEIGHBOR_SOLICIT && is_unspecified6(p.src))) &&
+		   (p.icmp_type == ND_NEIGHBOR_ADVERT ||
+		    (p.icmp_type == ND_NEIGHBOR_SOLICIT && is_unspecified6(p.src))) &&
 		   (target_owner = owner_of(AUTHD_FAMILY_IPV6, p.nd_target)) && target_owner != skb->ifindex) {
 		/* An advertisement, or a duplicate address probe, for another endpoint's address. */
 		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
+	} else if (router_message) {
+		deny(&d, AUTHD_DROP_ROUTER_MESSAGE, AUTHD_CNT_DENIED_ROUTER_MESSAGE);
 	} else if (to_workload && parsed == PARSE_IP && !link_control && dst_owner != skb->ifindex) {
 		deny(&d, AUTHD_DROP_DESTINATION_NOT_OWNED, AUTHD_CNT_DENIED_DESTINATION_NOT_OWNED);
 	}

@@ -67,6 +67,7 @@ class DropReason(enum.IntEnum):
     SOURCE_WRONG_INTERFACE = 5
     DESTINATION_NOT_OWNED = 6
     UNSUPPORTED = 7
+    ROUTER_MESSAGE = 8
 
 
 class PolicyMatch(enum.IntEnum):
@@ -110,6 +111,7 @@ class Counter(enum.IntEnum):
     DENIED_DESTINATION_NOT_OWNED = 13
     DENIED_UNSUPPORTED = 14
     ESTABLISHED = 15
+    DENIED_ROUTER_MESSAGE = 16
 
 
 COUNTER_SLOTS = 32  # must match AUTHD_COUNTER_SLOTS

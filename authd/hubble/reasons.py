@@ -44,6 +44,8 @@ DROP_REASONS: Mapping[str, HubbleDrop] = MappingProxyType(
         # Delivered to a workload that does not own the destination (its link-local address, another
         # endpoint's address): no policy can allow it.
         "DESTINATION_NOT_OWNED": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
+        # A workload that sends router advertisements or redirects claims to be a router: refused.
+        "ROUTER_MESSAGE": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
     }
 )
 

@@ -181,7 +181,8 @@ enum authd_counter {
 	AUTHD_CNT_DENIED_DESTINATION_NOT_OWNED = 13,  /* dropped: destination not owned by the interface */
 	AUTHD_CNT_DENIED_UNSUPPORTED = 14,   /* dropped: not ARP, IPv4 or IPv6 (on Ethernet interfaces) */
 	AUTHD_CNT_ESTABLISHED = 15,          /* passed by an allowed flow (its packets, replies, ICMP errors) */
-	AUTHD_CNT_COUNT = 16,
+	AUTHD_CNT_DENIED_ROUTER_MESSAGE = 16, /* dropped: a router advertisement or redirect from a workload */
+	AUTHD_CNT_COUNT = 17,
 };
 
 #define AUTHD_COUNTER_SLOTS 32 /* map size: room for counters added later without resizing the pin */
@@ -203,6 +204,8 @@ enum authd_drop_reason {
 						* node through that endpoint's interface (underlay, node) */
 	AUTHD_DROP_DESTINATION_NOT_OWNED = 6,  /* to a workload: destination not owned by the interface */
 	AUTHD_DROP_UNSUPPORTED = 7,            /* not ARP, IPv4 or IPv6 */
+	AUTHD_DROP_ROUTER_MESSAGE = 8,         /* from a workload: a router advertisement or an ICMP(v6)
+						* redirect, which only the node's routers may send */
 };
 
 /* What decided the verdict. */

@@ -102,7 +102,7 @@ def test_arp_passes_and_unowned_addresses_do_not(datapath: Datapath, cluster: Pi
     assert counters["denied_destination_not_owned"] == 1
 
 
-@pytest.mark.parametrize("icmp_type", [133, 134, 135, 136, 137])
+@pytest.mark.parametrize("icmp_type", [133, 135, 136])
 def test_ipv6_neighbour_discovery_passes_like_arp(
     datapath: Datapath, cluster: PinnedMaps, icmp_type: int
 ) -> None:
@@ -125,6 +125,31 @@ def test_ipv6_neighbour_discovery_passes_like_arp(
     counters = cluster.counters.read()
     assert counters["neighbor"] == 3
     assert counters["denied_auth_required"] == 0
+
+
+def test_router_messages_from_a_workload_are_dropped(
+    datapath: Datapath, ring: RingBuffer, cluster: PinnedMaps
+) -> None:
+    # A pod must not act as a router: its router advertisements and redirects (IPv6 and IPv4) are
+    # dropped however they are addressed, even where an ICMP flow to the same peer is allowed. The node's
+    # own advertisements to the pod pass as neighbour discovery.
+    cluster.auth.update_many({AuthKey(A, B, NODE_B): future()})
+    assert run(datapath, pk.ethernet(pk.ipv4(A4, B4, pk.ICMP, b"\x08\x00\x00\x00"), pk.ETH_P_IP)) == PASS
+    assert run(datapath, pk.ethernet(pk.ipv6(A6, B6, pk.ICMPV6, pk.icmpv6(128)), pk.ETH_P_IPV6)) == PASS
+    from_a = [
+        pk.ethernet(pk.ipv6("fe80::2", "ff02::1", pk.ICMPV6, pk.icmpv6(134), hop_limit=255), pk.ETH_P_IPV6),
+        pk.ethernet(pk.ipv6("fe80::2", "fe80::1", pk.ICMPV6, pk.icmpv6(137), hop_limit=255), pk.ETH_P_IPV6),
+        pk.ethernet(pk.ipv6(A6, B6, pk.ICMPV6, pk.icmpv6(137)), pk.ETH_P_IPV6),  # routed, flow allowed
+        pk.ethernet(pk.ipv4(A4, B4, pk.ICMP, b"\x05\x01\x00\x00" + bytes(4)), pk.ETH_P_IP),
+    ]
+    ring.drain()
+    assert [run(datapath, frame) for frame in from_a] == [DROP] * len(from_a)
+    assert [f.drop_reason for f in flows(ring)] == [DropReason.ROUTER_MESSAGE] * len(from_a)
+    to_a = pk.ethernet(pk.ipv6("fe80::1", A6, pk.ICMPV6, pk.icmpv6(134), hop_limit=255), pk.ETH_P_IPV6)
+    assert run(datapath, to_a, ProgramName.EGRESS) == PASS
+    counters = cluster.counters.read()
+    assert counters["denied_router_message"] == len(from_a)
+    assert counters["neighbor"] == 1
 
 
 @pytest.mark.parametrize(
