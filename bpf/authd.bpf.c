@@ -121,6 +121,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 
+/* Fragmented datagrams: the ports of each one whose first fragment passed, so that its later fragments
+ * (no L4 header) are judged as packets of its flow. Keyed as the kernel reassembles (RFC 791, 8200):
+ * addresses, protocol and identification. The datapath's own: authd's Python side never reads it. */
+struct fragment_key {
+	__u8 family;
+	__u8 protocol;
+	__u16 pad;
+	__u32 id; /* network order; IPv4's 16 bits in the first two bytes */
+	__u8 src[16];
+	__u8 dst[16];
+};
+
+struct fragment_value {
+	__u16 src_port;
+	__u16 dst_port;
+	__u8 flags; /* AUTHD_FLOW_F_PORTS, or 0 for a protocol without ports (ICMP) */
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AUTHD_FRAGMENT_ENTRIES);
+	__type(key, struct fragment_key);
+	__type(value, struct fragment_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fragments SEC(".maps");
+
 /* ------------------------------------------------------------------------------------------ parsing */
 
 #define IPV6_MAX_EXT_HEADERS 8
@@ -165,6 +192,9 @@ struct packet {
 	__u8 dst[16];      /* for ARP: the target protocol address */
 	__u8 hop_limit;    /* IPv6 only */
 	__u8 v6_fragment;  /* IPv6: a fragment header was seen (a first fragment has no F_FRAGMENT) */
+	__u8 first_fragment; /* the first fragment of a fragmented datagram (more follow) */
+	__u8 pad0[3];
+	__u32 frag_id;     /* a fragment's identification, network order (IPv4: 16 bits) */
 	__u8 icmp_type;    /* ICMP and ICMPv6 */
 	__u8 quoted;       /* an ICMP or ICMPv6 error: the fields below describe the packet it quotes */
 	__u16 quoted_src_port;
@@ -301,10 +331,14 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	p->protocol = ip->protocol;
 	__builtin_memcpy(p->src, &ip->saddr, 4);
 	__builtin_memcpy(p->dst, &ip->daddr, 4);
-	/* A non-first fragment has no L4 header; its verdict comes from its addresses like any other. */
-	if (bpf_ntohs(ip->frag_off) & 0x1fff) {
-		p->flags |= AUTHD_FLOW_F_FRAGMENT;
-		return PARSE_IP;
+	/* A non-first fragment has no L4 header: its flow is the one its first fragment recorded, if any. */
+	if (ip->frag_off & bpf_htons(0x3fff)) { /* more fragments, or an offset */
+		__builtin_memcpy(&p->frag_id, &ip->id, 2);
+		if (ip->frag_off & bpf_htons(0x1fff)) {
+			p->flags |= AUTHD_FLOW_F_FRAGMENT;
+			return PARSE_IP;
+		}
+		p->first_fragment = 1;
 	}
 	/* IP options (ihl > 5) are skipped, never interpreted. */
 	parse_l4(skb, off + ip->ihl * 4, p);
@@ -316,7 +350,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	struct ipv6hdr buf;
 	const struct ipv6hdr *ip6 = header(skb, off, &buf, sizeof(buf));
 	__u8 nexthdr;
-	__u8 ext[4];
+	__u8 ext[8];
 
 	if (!ip6)
 		return PARSE_MALFORMED;
@@ -348,16 +382,18 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 			off += ((__u32)ext[1] + 2) * 4;
 			break;
 		case IPPROTO_FRAGMENT:
-			if (bpf_skb_load_bytes(skb, off, ext, 4) < 0)
+			if (bpf_skb_load_bytes(skb, off, ext, 8) < 0)
 				goto unknown;
 			p->v6_fragment = 1;
 			nexthdr = ext[0];
 			off += 8;
+			__builtin_memcpy(&p->frag_id, &ext[4], 4);
 			if (((((__u16)ext[2] << 8) | ext[3]) & 0xfff8) != 0) {
 				p->protocol = nexthdr;
 				p->flags |= AUTHD_FLOW_F_FRAGMENT;
 				return PARSE_IP;
 			}
+			p->first_fragment = ext[3] & 1; /* an atomic fragment (no more) is a whole datagram */
 			break;
 		default:
 			p->protocol = nexthdr;
@@ -812,6 +848,47 @@ static __always_inline int quoted_flow_key_of(const struct packet *p, __u8 direc
 	return 1;
 }
 
+static __always_inline void fragment_key_of(const struct packet *p, struct fragment_key *key)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->family = p->family;
+	key->protocol = p->protocol;
+	key->id = p->frag_id;
+	__builtin_memcpy(key->src, p->src, 16);
+	__builtin_memcpy(key->dst, p->dst, 16);
+}
+
+/* A passed first fragment: its datagram's later fragments belong to its flow. */
+static __always_inline void record_fragment(const struct packet *p)
+{
+	struct fragment_key key;
+	struct fragment_value value = {};
+
+	fragment_key_of(p, &key);
+	value.src_port = p->src_port;
+	value.dst_port = p->dst_port;
+	value.flags = p->flags & AUTHD_FLOW_F_PORTS;
+	bpf_map_update_elem(&fragments, &key, &value, BPF_ANY);
+}
+
+/* A later fragment takes the ports its first fragment recorded; 0 when no first fragment passed (lost,
+ * out of order, dropped, or evicted): the flow cannot be known, and the fragment is judged by its
+ * addresses alone. */
+static __always_inline int resolve_fragment(struct packet *p)
+{
+	struct fragment_key key;
+	struct fragment_value *value;
+
+	fragment_key_of(p, &key);
+	value = bpf_map_lookup_elem(&fragments, &key);
+	if (!value)
+		return 0;
+	p->src_port = value->src_port;
+	p->dst_port = value->dst_port;
+	p->flags |= value->flags;
+	return 1;
+}
+
 /* Whether a flow entry is allowed and not yet due for its re-check. */
 static __always_inline int flow_live(const struct authd_flow_value *f)
 {
@@ -866,12 +943,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	/* From a workload, or out of the node: the local end is the source. */
 	d.direction = from_workload || (!workload && hook == AUTHD_HOOK_EGRESS) ? AUTHD_DIR_EGRESS : AUTHD_DIR_INGRESS;
 	syn = p.protocol == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	/* Connections (not non-first fragments, not ICMP errors, not neighbour discovery, not a workload's
-	 * router messages, which an ICMP flow's entry must not pass) use the table. */
+	/* Connections use the table: not ICMP errors, not neighbour discovery, not a workload's router
+	 * messages (which an ICMP flow's entry must not pass), not later fragments whose first did not pass. */
 	link_control = is_neighbor_discovery(&p) || is_multicast_listener_discovery(&p);
 	router_message = from_workload && is_router_message(&p);
-	tabled = parsed == PARSE_IP && !(p.flags & AUTHD_FLOW_F_FRAGMENT) && !p.quoted && !link_control &&
-		 !router_message;
+	tabled = parsed == PARSE_IP && !p.quoted && !link_control && !router_message &&
+		 (!(p.flags & AUTHD_FLOW_F_FRAGMENT) || resolve_fragment(&p));
 	cfg = bpf_map_lookup_elem(&config, &zero);
 
 	/* Fast path: a packet of an allowed flow, not a new connection. */
@@ -880,6 +957,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		f = bpf_map_lookup_elem(&flows, &key);
 		if (f && !syn && flow_vouches(f, d.direction, arrived, from_workload, to_workload, skb->ifindex)) {
 			count(AUTHD_CNT_ESTABLISHED);
+			if (p.first_fragment)
+				record_fragment(&p);
 			if (cfg && cfg->flow_level == AUTHD_FLOWS_ALL) {
 				d.flags = f->origin != d.direction ? AUTHD_FLOW_F_REPLY : 0;
 				d.local = f->local;
@@ -999,6 +1078,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 			/* Denied flows are tabled only to report each once. */
 			bpf_map_update_elem(&flows, &key, &value, BPF_ANY);
 		}
+		if (p.first_fragment && d.verdict == AUTHD_VERDICT_ALLOWED)
+			record_fragment(&p);
 	} else if (p.flags & AUTHD_FLOW_F_FRAGMENT) {
 		news = 0; /* reported with the connection's first fragment */
 	}

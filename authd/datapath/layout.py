@@ -142,6 +142,7 @@ class MapName(enum.StrEnum):
     FLOWS = "flows"
     ENDPOINTS = "endpoints"
     AUTH_EVENTS = "auth_events"
+    FRAGMENTS = "fragments"
 
 
 class ProgramName(enum.StrEnum):

@@ -46,6 +46,7 @@ enum authd_family {
 #define AUTHD_MAP_FLOWS "flows"
 #define AUTHD_MAP_ENDPOINTS "endpoints"
 #define AUTHD_MAP_AUTH_EVENTS "auth_events"
+#define AUTHD_MAP_FRAGMENTS "fragments" /* the datapath's own: the ports of fragmented datagrams */
 
 /* Default sizes; authd sets the configured ones before load (bpf_map__set_max_entries). */
 #define AUTHD_IPCACHE_ENTRIES 65536
@@ -56,6 +57,7 @@ enum authd_family {
 #define AUTHD_FLOW_ENTRIES 65536
 #define AUTHD_ENDPOINT_ENTRIES 65536
 #define AUTHD_AUTH_EVENTS_BYTES (256 * 1024) /* auth-required events only: flow events cannot fill it */
+#define AUTHD_FRAGMENT_ENTRIES 8192
 
 /* ipcache: one LPM trie for both families. The family takes the first 32 bits of the key data, so
  * prefixlen = 32 + the IP prefix length; an IPv4 address fills addr[0..3] and leaves the rest zero. */

@@ -51,6 +51,7 @@ def ipv4(  # noqa: PLR0913 - every header field a test may break
     options: bytes = b"",
     frag_offset: int = 0,
     more_fragments: bool = False,
+    ident: int = 1,
     version: int = 4,
     ihl: int | None = None,
 ) -> bytes:
@@ -62,7 +63,7 @@ def ipv4(  # noqa: PLR0913 - every header field a test may break
         (version << 4) | words,
         0,
         20 + len(options) + len(payload),
-        1,
+        ident,
         flags_frag,
         64,
         protocol,
@@ -94,9 +95,9 @@ def ipv6_ext(nexthdr: int, length_units: int = 0) -> bytes:
     return struct.pack("!BB", nexthdr, length_units) + b"\x01\x04" + b"\x00" * (4 + 8 * length_units)
 
 
-def ipv6_fragment(nexthdr: int, offset: int, *, more: bool = False) -> bytes:
+def ipv6_fragment(nexthdr: int, offset: int, *, more: bool = False, ident: int = 7) -> bytes:
     """An IPv6 fragment header."""
-    return struct.pack("!BBHI", nexthdr, 0, (offset // 8) << 3 | (1 if more else 0), 7)
+    return struct.pack("!BBHI", nexthdr, 0, (offset // 8) << 3 | (1 if more else 0), ident)
 
 
 def tcp_frame(src: str, dst: str, sport: int = 40000, dport: int = 80, flags: int = SYN) -> bytes:

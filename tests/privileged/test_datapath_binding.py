@@ -218,6 +218,44 @@ def test_replies_pass_under_an_inbound_wildcard(datapath: Datapath, node: Pinned
     assert node.counters.read()["established"] >= 1
 
 
+def fragment(src: str, dst: str, offset: int, payload: bytes, *, more: bool, ident: int) -> bytes:
+    """One fragment of a UDP datagram over IPv4 or IPv6 (offset 0: the first, with the UDP header; and
+    no more: the whole datagram)."""
+    if "." in src:
+        packet = pk.ipv4(src, dst, pk.UDP, payload, frag_offset=offset, more_fragments=more, ident=ident)
+        return pk.ethernet(packet, pk.ETH_P_IP)
+    if offset == 0 and not more:
+        return pk.ethernet(pk.ipv6(src, dst, pk.UDP, payload), pk.ETH_P_IPV6)
+    header = pk.ipv6_fragment(pk.UDP, offset, more=more, ident=ident)
+    return pk.ethernet(pk.ipv6(src, dst, 44, header + payload), pk.ETH_P_IPV6)
+
+
+@pytest.mark.parametrize(("local", "remote"), [(A4, R4), (A6, R6)], ids=["ipv4", "ipv6"])
+def test_fragmented_replies_follow_their_first_fragment(
+    datapath: Datapath, node: PinnedMaps, local: str, remote: str
+) -> None:
+    # Under an inbound wildcard, a fragmented reply to A's own UDP request passes whole: its later
+    # fragments (no UDP header) belong to the flow of the first fragment that passed. A later fragment
+    # whose first did not pass cannot be tied to a flow and is judged by its addresses: refused here.
+    node.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE})
+    request = fragment(local, remote, 0, pk.udp(40000, 53), more=False, ident=1)  # a whole datagram
+    first = fragment(remote, local, 0, pk.udp(53, 40000, b"x" * 1472), more=True, ident=9)
+    second = fragment(remote, local, 1480, b"y" * 1000, more=False, ident=9)
+    assert to_a(datapath, second) == DROP  # before its first fragment: no flow to follow
+    assert from_a(datapath, request) == PASS
+    assert to_a(datapath, first) == PASS
+    assert to_a(datapath, second) == PASS
+    assert to_a(datapath, fragment(remote, local, 1480, b"z" * 8, more=False, ident=10)) == DROP  # another
+    # A datagram to a port A never used: its first fragment is refused, and so is the rest.
+    stray_first = fragment(remote, local, 0, pk.udp(53, 40001, b"x" * 1472), more=True, ident=11)
+    stray_second = fragment(remote, local, 1480, b"y" * 8, more=False, ident=11)
+    assert to_a(datapath, stray_first) == DROP
+    assert to_a(datapath, stray_second) == DROP
+    counters = node.counters.read()
+    assert counters["established"] == 2
+    assert counters["denied_auth_required"] == 4
+
+
 @pytest.mark.parametrize(("local", "remote", "router"), [(A4, R4, "198.51.100.1"), (A6, R6, "2001:db8:f::1")])
 def test_icmp_errors_are_judged_by_the_flow_they_quote(
     datapath: Datapath, node: PinnedMaps, local: str, remote: str, router: str
