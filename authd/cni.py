@@ -11,7 +11,9 @@ but the pins under ``pinDir`` (no object load, no daemon):
   nothing), records each pod address in the endpoints map as owned by that interface
   (ENDPOINT_F_CNI), then prints prevResult unchanged. Without pins (authd never ran on this node) ADD
   fails with code 11, "try again later": the pod is not started unenforced.
-- DEL: removes the pod's endpoints entries and its links; it succeeds when any of it is gone already.
+- DEL: removes the pod's endpoints entries and its links, and the pins of every link whose interface is
+  gone (a runtime usually deletes the pod's namespace, and with it the veth, before DEL); it succeeds
+  when any of it is gone already.
 - CHECK: fails unless both hooks run authd's pinned programs first and the entries are there.
 
 It acts in the network namespace it is started in (the node's, as container runtimes do). Config keys
@@ -207,10 +209,11 @@ def delete(request: Request) -> None:
             endpoints.delete_many(gone)
         finally:
             endpoints.close()
-        if veths and (request.pin_dir / "progs").is_dir():
+        if (request.pin_dir / "progs").is_dir():
             with Attacher(request.pin_dir, mode=request.mode) as attacher:
                 for _, index in veths:
                     attacher.detach(index)
+                attacher.collect_defunct()  # the pod's links, when its veth went before DEL
     except DatapathError as err:
         raise CniError(IO_FAILURE, "cannot remove the pod's endpoints or links", str(err)) from err
 

@@ -9,7 +9,9 @@ Pins under the pin directory (bpffs names cannot hold dots)::
 A link pin names the interface by its network namespace's inode and its ifindex, which together are
 unique on the machine while the interface exists, so nodes in different namespaces that share a pin
 directory never collide. A link whose interface is gone turns defunct (its ifindex reads 0); its pin is
-replaced when a new interface gets the same name. Everything here acts in the calling thread's network
+replaced when a new interface gets the same name, and :meth:`Attacher.collect_defunct` removes the pins
+of defunct links (the daemon after link removals, the CNI plugin on DEL), whatever namespace they were
+in. Everything here acts in the calling thread's network
 namespace and needs only the pins, so the CNI plugin attaches exactly as the daemon does.
 
 Attaching is idempotent and serialised across processes by an flock on the links directory: a live link
@@ -327,6 +329,25 @@ class Attacher:
                 finally:
                     if old is not None:
                         os.close(old)
+
+    def collect_defunct(self) -> list[str]:
+        """Remove the pins of links whose interface is gone (in any namespace); the names removed."""
+        removed = []
+        with self._locked():
+            for path in sorted(self._links.iterdir()):
+                link = _pinned_link(path)
+                if link is None:
+                    continue
+                try:
+                    defunct = tcx.link_info(link).ifindex == 0
+                except OSError as err:
+                    raise DatapathError(f"datapath: cannot inspect {path}: {err.strerror}") from err
+                finally:
+                    os.close(link)
+                if defunct:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        return removed
 
     def detach(self, ifindex: int) -> bool:
         """Remove authd's programs from ``ifindex`` (its tcx links and any tc filter); whether any were."""

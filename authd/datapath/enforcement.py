@@ -21,6 +21,11 @@ interface (:meth:`Attacher.ahead`). With tcx and ``datapath.reassert_first`` it 
 again (a new first link, then the old one detached: no unenforced moment) and counts it. Whatever is
 still ahead afterwards (a tcx program while authd fell back to tc, a failed re-placement, or
 ``reassert_first = false``) makes the component degraded with the interface and program named.
+
+Link pins: when a link goes away, once the existing links are attached, and every
+``datapath.order_check_interval``, the ``datapath`` job removes the pins of tcx links whose interface is
+gone (:meth:`Attacher.collect_defunct`), so pod churn leaves no pins behind, including pods removed
+while authd was down.
 """
 
 from __future__ import annotations
@@ -105,7 +110,9 @@ class Enforcement:
         self._on_flow = on_flow
         self._loaded = asyncio.Event()
         self.datapath: Datapath | None = None
-        self.watcher = LinkWatcher(config.interfaces, self._attach, backoff, recheck=self._recheck)
+        self.watcher = LinkWatcher(
+            config.interfaces, self._attach, backoff, recheck=self._recheck, removed=self._removed
+        )
         self.ahead: dict[str, tuple[str, ...]] = {}
         self.reassertions = 0
         self.consumer: EventConsumer | None = None
@@ -161,6 +168,21 @@ class Enforcement:
         self._check_order([link])
         self._report()
 
+    def _removed(self, _link: Link) -> None:
+        self._collect_defunct()
+
+    def _collect_defunct(self) -> None:
+        """Remove the pins of links whose interface is gone; a failure is logged, the next sweep retries."""
+        if self.datapath is None:
+            return
+        try:
+            removed = self.datapath.attacher.collect_defunct()
+        except DatapathError as err:
+            log.warning("cannot remove pins of defunct links", error=str(err))
+            return
+        if removed:
+            log.info("removed pins of defunct links", pins=removed)
+
     def _check_order(self, attached: list[Link]) -> None:
         datapath = self.datapath
         if datapath is None:
@@ -198,6 +220,7 @@ class Enforcement:
         while True:
             await asyncio.sleep(interval)
             attached = list(self.watcher.attached.values())
+            self._collect_defunct()
             self._check_order(attached)
             known = {f"{link.name} (ifindex {link.index})" for link in attached}
             for key in set(self.ahead) - known:  # detached or gone
@@ -245,6 +268,7 @@ class Enforcement:
             datapath.close()  # programs stay attached, maps stay pinned
 
     def _synced(self) -> None:
+        self._collect_defunct()
         self._check_order(list(self.watcher.attached.values()))
         self._report()
 

@@ -109,11 +109,16 @@ class LinkWatcher:
         dump: LinkDump = dump_links,
         dump_backoff: BackoffFactory = DUMP_BACKOFF,
         recheck: Callable[[Link], None] = lambda _link: None,
+        removed: Callable[[Link], None] = lambda _link: None,
     ) -> None:
-        """``attach`` is called once per new matching link index, ``recheck`` on later events for it."""
+        """Call ``attach`` once per new matching link index, ``recheck`` on later events for it.
+
+        ``removed`` is called whenever any link goes away.
+        """
         self.patterns = patterns
         self._attach = attach
         self._recheck = recheck
+        self._removed = removed
         self._backoff = backoff
         self._dump = dump
         self._dump_backoff = dump_backoff
@@ -178,5 +183,6 @@ class LinkWatcher:
                         continue
                     if msg.get("event") == "RTM_DELLINK":
                         self.forget(link.index)
+                        self._removed(link)
                     elif msg.get("event") == "RTM_NEWLINK":
                         self.consider(link)

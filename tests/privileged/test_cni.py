@@ -106,6 +106,23 @@ def test_add_check_del_with_the_reference_plugins(
     cni.delete("pod1", pod_netns)  # everything gone already: DEL still succeeds
 
 
+def test_del_after_the_veth_went_removes_its_link_pins(
+    topology: Topology, datapath: Datapath, maps: PinnedMaps, pod_netns: Path, tmp_path: Path
+) -> None:
+    # Runtimes usually delete the pod's namespace, and its veth with it, before they call DEL.
+    cni = runtime(topology, tmp_path, datapath.pin_dir, "ptp")
+    result = cni.add("pod1", pod_netns)
+    veth, address = host_veth(result), pod_address(result)
+    index = topology.ifindex(veth)
+    pins = datapath.pin_dir / "links"
+    assert len(list(pins.glob(f"*_{index}_*"))) == 2
+    sh("ip", "-n", topology.node, "link", "del", veth)
+    assert len(list(pins.glob(f"*_{index}_*"))) == 2  # defunct links, still pinned
+    cni.delete("pod1", pod_netns)
+    assert not list(pins.glob(f"*_{index}_*"))
+    assert maps.endpoints.get(f"{address}/32") is None
+
+
 def test_add_fails_closed_when_authd_never_ran(topology: Topology, pod_netns: Path, tmp_path: Path) -> None:
     cni = runtime(topology, tmp_path, Path(f"/sys/fs/bpf/adp-none-{secrets.token_hex(3)}"), "ptp")
     with pytest.raises(PluginError) as failed:

@@ -42,6 +42,17 @@ def test_links_that_appear_later_are_attached(topology: Topology, authd: Authd) 
     assert other == (None, None)  # not matching the pattern
 
 
+def test_pins_of_removed_links_are_removed(topology: Topology, authd: Authd, pin_dir: Path) -> None:
+    authd.start()
+    new_link = f"adp{topology.tag}c"
+    sh("ip", "-n", topology.node, "link", "add", new_link, "type", "veth", "peer", "name", "other0")
+    links = pin_dir / "links"
+    before = set(links.iterdir())
+    assert wait_until(lambda: len(set(links.iterdir()) - before) == 2)  # its two hooks' links
+    sh("ip", "-n", topology.node, "link", "del", new_link)
+    assert wait_until(lambda: set(links.iterdir()) == before)  # the daemon saw the link go
+
+
 def test_sighup_applies_flow_level_and_interval(authd: Authd, pin_dir: Path) -> None:
     authd.start()
     with PinnedMaps(pin_dir) as maps:

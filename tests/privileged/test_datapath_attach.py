@@ -27,7 +27,7 @@ from authd.datapath.maps import IpcacheEntry, PinnedMaps, PolicyKey
 from tests.privileged.conftest import SIZES
 from tests.privileged.daemon import Authd
 from tests.privileged.test_datapath_netns import EchoServer, connects
-from tests.privileged.topology import A4, B4, Topology
+from tests.privileged.topology import A4, B4, Topology, sh
 
 pytestmark = pytest.mark.privileged
 
@@ -136,6 +136,34 @@ def test_authd_runs_first_before_a_foreign_program_and_keeps_one_link_across_res
     finally:
         second.close()
         server.close()
+
+
+def test_pins_of_links_whose_interface_is_gone_are_collected(topology: Topology, datapath: Datapath) -> None:
+    gone = f"adp{topology.tag}x"
+    sh("ip", "-n", topology.node, "link", "add", gone, "type", "veth", "peer", "name", f"adp{topology.tag}y")
+    links = datapath.attacher.pin_dir / "links"
+
+    def attach() -> None:
+        for link in (topology.link_a, gone):
+            datapath.attach(socket.if_nametoindex(link), l3=False)
+
+    topology.run(topology.node, attach)
+    index_a = topology.ifindex(topology.link_a)
+    kept = topology.run(
+        topology.node, lambda: {datapath.attacher.link_pin(index_a, hook).name for hook in Hook}
+    )
+    pins = {path.name for path in links.iterdir()}
+    assert len(pins - kept) == 2
+    assert datapath.attacher.collect_defunct() == []  # every interface is there
+    sh("ip", "-n", topology.node, "link", "del", gone)
+    assert sorted(datapath.attacher.collect_defunct()) == sorted(pins - kept)
+    assert {path.name for path in links.iterdir()} == kept
+    assert (
+        topology.run(
+            topology.node, lambda: datapath.attacher.verify(topology.ifindex(topology.link_a), l3=False)
+        )
+        == []
+    )
 
 
 def test_a_foreign_program_placed_ahead_is_found_and_displaced(
