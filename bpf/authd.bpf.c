@@ -166,9 +166,9 @@ struct {
 #define MLD2_REPORT 143
 /* ICMP errors that quote the packet they are about (linux/icmp.h pulls in libc headers). */
 #define ICMP_DEST_UNREACH 3
-#define ICMP_REDIRECT 5
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_PARAMETERPROB 12
+#define ICMP_REDIRECT 5 /* not judged by what it quotes: a router message */
 #define ICMPV6_DEST_UNREACH 1 /* 1-4: destination unreachable, packet too big, time exceeded, parameter */
 #define ICMPV6_PARAMPROB 4
 #define ARP_HRD_ETHER 1
