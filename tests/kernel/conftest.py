@@ -23,7 +23,7 @@ import pytest
 
 from tests.kernel.guest import GuestRun, run_in_guest
 from tests.kernel.image import image
-from tests.kernel.report import REPORT, Outcome, outcomes
+from tests.kernel.report import REPORT, Outcome, accounted, outcomes
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -108,7 +108,8 @@ class Tier:
             env={"AUTHD_GUEST": "1", "AUTHD_REQUIRE_PRIVILEGED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
             timeout=TIER_TIMEOUT - (time.monotonic() - started),
         )
-        self._outcomes = outcomes(self._run.files.get(REPORT, b"").decode())
+        found = outcomes(self._run.files.get(REPORT, b"").decode())
+        self._outcomes = accounted(found, self._run.returncode, self._run.describe())
         built_note = "cached" if build_seconds is None else f"built in {build_seconds:.0f} s"
         print(  # noqa: T201 - the tier's figures, for the report (pytest -s shows them)
             f"\n[kernel tier] {len(nodeids)} tests in the guest ({built.release}, image {built_note}): "
