@@ -16,10 +16,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest import nodes
 
 from tests.kernel.guest import GuestRun, run_in_guest
 from tests.kernel.image import image
@@ -45,9 +47,14 @@ class GuestTest(pytest.Item):
         super().__init__(**kwargs)
         self.original = original
         for mark in original.own_markers:
+            self.own_markers.append(mark)
+            self.keywords[mark.name] = mark
+
+    def iter_markers_with_node(self, name: str | None = None) -> Iterator[tuple[nodes.Node, pytest.Mark]]:
+        """The markers, the module's and class's too, but for those the guest evaluates."""
+        for node, mark in super().iter_markers_with_node(name):
             if mark.name not in GUEST_ONLY_MARKS:
-                self.own_markers.append(mark)
-                self.keywords[mark.name] = mark
+                yield node, mark
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         path, line, name = self.original.reportinfo()
