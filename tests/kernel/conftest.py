@@ -13,7 +13,6 @@ skips, and in CI (``AUTHD_REQUIRE_PRIVILEGED=1``) it fails instead.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -23,14 +22,13 @@ from typing import Any
 import pytest
 from _pytest import nodes
 
-from tests.kernel.guest import GuestRun, run_in_guest
+from tests.kernel.guest import GuestRun, run_in_guest, unavailable
 from tests.kernel.image import image
 from tests.kernel.report import REPORT, Outcome, accounted, outcomes
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 IN_GUEST = os.environ.get("AUTHD_GUEST") == "1"
-TOOLS = ("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "depmod", "busybox", "cpio")
 TIER_TIMEOUT = 480.0
 # Conditions that would be evaluated against the host's kernel: the guest evaluates them instead.
 GUEST_ONLY_MARKS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
@@ -101,7 +99,7 @@ class Tier:
         return found
 
     def _start(self) -> None:
-        self._unavailable = _missing()
+        self._unavailable = unavailable()
         if self._unavailable is not None:
             return
         nodeids = [item.nodeid for item in self._session.items if isinstance(item, GuestTest)]
@@ -122,15 +120,6 @@ class Tier:
             f"\n[kernel tier] {len(nodeids)} tests in the guest ({built.release}, image {built_note}): "
             f"{self._run.seconds:.0f} s"
         )
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    absent = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if absent:
-        return f"needs {', '.join(absent)} (`make system-deps`)"
-    return None
 
 
 TIER = pytest.StashKey[Tier]()

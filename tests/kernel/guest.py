@@ -33,6 +33,7 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 TAIL = 4000
 SCRATCH_PREFIX = "authd-qemu-"
+TOOLS = ("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "depmod", "busybox", "cpio")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -55,6 +56,16 @@ class GuestRun:
             f"--- output (last {TAIL} characters) ---\n{self.output[-TAIL:]}\n"
             f"--- console (last {TAIL} characters) ---\n{self.console[-TAIL:]}"
         )
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot build and boot the guest (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root"
+    absent = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if absent:
+        return f"needs {', '.join(absent)} (`make system-deps`)"
+    return None
 
 
 def _die_with_parent() -> None:
