@@ -8,6 +8,12 @@ collected and run as they are. Fixtures and skip/xfail conditions are evaluated 
 
 The tier needs root, QEMU and the image's tools (``make system-deps``); where they are missing it
 skips, and in CI (``AUTHD_REQUIRE_PRIVILEGED=1``) it fails instead.
+
+To add guest tests, add a ``test_*.py`` module here: it is collected like any other, but its fixtures,
+marks and body run in the guest, where the host's tools and the project's venv are at their usual paths
+and everything may be written (it stays in the guest). A kernel module it needs goes in
+``tests.kernel.image.MODULES``. Something other than pytest (a benchmark) can boot its own guest with
+``tests.kernel.guest.run_in_guest``.
 """
 
 from __future__ import annotations
