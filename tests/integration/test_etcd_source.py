@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = load_cluster(REPO / "config" / "cluster.example.toml")
 PREFIX = "/authd/test/"
 FAST = BackoffPolicy(initial=0.05, maximum=0.2)
+OUTAGE_S = 30
 
 
 def settings(cluster: EtcdCluster) -> EtcdConfig:
@@ -141,18 +144,26 @@ async def test_invalid_write_is_refused_and_names_the_key(etcd: EtcdCluster) -> 
             assert running.source.stats.problems == []
 
 
-async def test_wiped_prefix_is_held_until_accepted(etcd: EtcdCluster) -> None:
+@pytest.mark.parametrize(
+    ("kept", "reason"),
+    [("nothing", 'it no longer lists this node "node-a"'), ("v1/node/", "it removes every endpoint (2)")],
+    ids=["wiped", "nodes-only"],
+)
+async def test_bad_deploy_is_held_until_accepted(etcd: EtcdCluster, kept: str, reason: str) -> None:
     async with writer(etcd) as client:
         await push(client, EXAMPLE)
         async with following(etcd) as running:
             await eventually(lambda: running.at(EXAMPLE), within=10)
-            await client.replace(PREFIX.encode(), {})
+            items = {key: value for key, value in encode_state(EXAMPLE).items() if key.startswith(kept)}
+            await client.replace(PREFIX.encode(), items_under(PREFIX, items))
             await eventually(lambda: bool(running.source.stats.held_version), within=10)
             assert running.at(EXAMPLE)
-            assert running.source.stats.held_reason == 'it no longer lists this node "node-a"'
+            assert running.source.stats.held_reason == reason
+            assert running.health.status.state is State.DEGRADED
             accepted = running.source.accept()
-            assert not accepted.nodes
+            assert not accepted.endpoints
             assert running.source.current() is accepted
+            assert running.source.stats.held_version == ""
 
 
 async def test_compacted_revision_reads_a_fresh_snapshot(etcd: EtcdCluster) -> None:
@@ -204,11 +215,17 @@ async def test_all_members_down_keeps_state_then_recovers(etcd3: EtcdCluster) ->
             for member in etcd3.members:
                 etcd3.stop_member(member)
             await eventually(lambda: running.source.stats.out_of_touch_since is not None, within=15)
-            await asyncio.sleep(3)  # the outage: long enough for several failed reconnects
-            assert running.at(EXAMPLE)
+            down_since = time.monotonic()
+            while time.monotonic() - down_since < OUTAGE_S:  # checked all along, not only at the end
+                assert running.at(EXAMPLE)
+                assert running.health.status.state is State.DEGRADED
+                await asyncio.sleep(1)
             outage = running.health.status
-            assert outage.state is State.DEGRADED
-            assert "out of touch" in outage.reason
+            age = re.search(r"out of touch for (\d+)s", outage.reason)
+            assert age is not None, outage.reason
+            assert int(age.group(1)) >= OUTAGE_S - 1, outage.reason  # as of the last failed retry
+            assert f"keeping version {EXAMPLE.version[:12]}" in outage.reason
+            assert running.source.stats.read_errors >= 1
             for member in etcd3.members:
                 etcd3.start_member(member)
             await asyncio.to_thread(etcd3.wait_healthy)
