@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from authd.backoff import BackoffPolicy
@@ -21,7 +25,8 @@ from authd.cluster.file import load_cluster, parse_cluster
 from authd.cluster.model import ClusterState
 from authd.config.model import EtcdConfig
 from authd.health import Health, State
-from tests.etcd import EtcdCluster
+from tests.etcd import EtcdCluster, EtcdTls
+from tests.fakes.ca import LeafOptions, TestCA
 from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,10 +70,12 @@ def with_web_at(address: str) -> ClusterState:
 class Running:
     """A source following etcd in a task, and the health component it reports to."""
 
-    def __init__(self, cluster: EtcdCluster, *, local_node: str = "node-a") -> None:
+    def __init__(
+        self, cluster: EtcdCluster, *, local_node: str = "node-a", config: EtcdConfig | None = None
+    ) -> None:
         self.health = Health().register("cluster")
         self.source = EtcdClusterSource(
-            EtcdClient(settings(cluster)), PREFIX, local_node, self.health, backoff=FAST
+            EtcdClient(config or settings(cluster)), PREFIX, local_node, self.health, backoff=FAST
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -88,8 +95,8 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def following(cluster: EtcdCluster, **kwargs: str) -> AsyncIterator[Running]:
-    running = Running(cluster, **kwargs)
+async def following(cluster: EtcdCluster) -> AsyncIterator[Running]:
+    running = Running(cluster)
     running.start()
     try:
         yield running
@@ -249,3 +256,62 @@ async def _retrying(write: object) -> None:
         else:
             return
     raise AssertionError("etcd did not accept the write")
+
+
+def tls_files(directory: Path) -> EtcdTls:
+    """A CA, a server pair for 127.0.0.1 and a node SVID as the client pair (as spiffe-helper writes it)."""
+    now = datetime.now(UTC)
+    ca = TestCA.create("example.org", not_before=now - timedelta(days=1), not_after=now + timedelta(days=1))
+    start, end = now - timedelta(minutes=1), now + timedelta(hours=1)
+    at_loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = ca.mint(
+        "", LeafOptions(uris=(), extensions=((at_loopback, False),), not_before=start, not_after=end)
+    )
+    node_svid = ca.mint("spiffe://example.org/authd/node-a", LeafOptions(not_before=start, not_after=end))
+    directory.mkdir(parents=True)
+    files = EtcdTls(
+        *(directory / name for name in ("ca.pem", "etcd.pem", "etcd.key", "svid.pem", "svid.key"))
+    )
+    files.ca_file.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    for svid, cert, key in (
+        (server, files.cert_file, files.key_file),
+        (node_svid, files.client_cert_file, files.client_key_file),
+    ):
+        cert.write_bytes(svid.chain_pem())
+        key.write_bytes(
+            svid.private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return files
+
+
+async def test_tls_with_the_node_svid_as_client_certificate(tmp_path: Path) -> None:
+    tls = tls_files(tmp_path / "tls")
+    etcd = EtcdCluster(tmp_path / "etcd", tls=tls)
+    try:
+        etcd.start()
+        assert etcd.endpoints[0].startswith("https://")
+        with_svid = dataclasses.replace(
+            settings(etcd), ca_file=tls.ca_file, cert_file=tls.client_cert_file, key_file=tls.client_key_file
+        )
+        client = EtcdClient(with_svid)
+        try:
+            await push(client, EXAMPLE)
+        finally:
+            await client.close()
+        trusted = Running(etcd, config=with_svid)
+        anonymous = Running(etcd, config=dataclasses.replace(with_svid, cert_file=None, key_file=None))
+        trusted.start()
+        anonymous.start()
+        try:
+            await eventually(lambda: trusted.at(EXAMPLE), within=10)
+            await eventually(lambda: anonymous.source.stats.read_errors >= 1, within=10)
+            assert anonymous.source.current() is None  # no client certificate: etcd refuses, nothing read
+            assert anonymous.health.status.state is State.DEGRADED
+            assert "cannot read cluster state" in anonymous.health.status.reason
+        finally:
+            await trusted.stop()
+            await anonymous.stop()
+    finally:
+        etcd.close()
