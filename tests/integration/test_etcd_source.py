@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -315,3 +316,38 @@ async def test_tls_with_the_node_svid_as_client_certificate(tmp_path: Path) -> N
             await anonymous.stop()
     finally:
         etcd.close()
+
+
+async def test_a_member_that_never_answers_costs_one_dial_timeout(tmp_path: Path) -> None:
+    tls = tls_files(tmp_path / "tls")
+    etcd = EtcdCluster(tmp_path / "etcd", tls=tls)
+    with socket.socket() as silent:  # the kernel completes TCP handshakes; nothing ever answers TLS
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        try:
+            etcd.start()
+            config = dataclasses.replace(
+                settings(etcd),
+                endpoints=(f"https://127.0.0.1:{silent.getsockname()[1]}", etcd.endpoints[0]),
+                ca_file=tls.ca_file,
+                cert_file=tls.client_cert_file,
+                key_file=tls.client_key_file,
+                dial_timeout=timedelta(milliseconds=500),
+                request_timeout=timedelta(seconds=60),
+            )
+            client = EtcdClient(dataclasses.replace(config, endpoints=etcd.endpoints))
+            try:
+                await push(client, EXAMPLE)
+            finally:
+                await client.close()
+            running = Running(etcd, config=config)
+            started = time.monotonic()
+            running.start()
+            try:
+                await eventually(lambda: running.at(EXAMPLE), within=10)
+            finally:
+                await running.stop()
+            assert time.monotonic() - started < 5  # gRPC's own connect deadline is 20 s
+            assert running.source.stats.read_errors == 1
+        finally:
+            etcd.close()
