@@ -190,7 +190,6 @@ async def test_a_steady_stream_is_still_evaluated_within_the_longest_wait() -> N
     try:
         await eventually(lambda: source.revision == 62, within=5)
         assert source.stats.applied >= 3  # evaluated during the stream, not only after it
-        assert source.stats.applied < 30
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
