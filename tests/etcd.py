@@ -1,7 +1,8 @@
 """Real etcd members for tests (Debian's etcd-server): loopback only, free ports, temporary data dirs.
 
 ``EtcdCluster`` starts one or three members, can stop and restart each, and always kills every member
-it started when closed, even after a failed test.
+it started when closed, even after a failed test. With ``tls``, members serve https only and require a
+client certificate that chains to the CA (``--client-cert-auth``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """PEM files: the CA clients and members trust, the members' server pair, a client pair."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
+
+    def flags(self) -> list[str]:
+        return [
+            f"--cert-file={self.cert_file}",
+            f"--key-file={self.key_file}",
+            f"--trusted-ca-file={self.ca_file}",
+            "--client-cert-auth",
+        ]
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.ca_file.read_bytes(), self.client_key_file.read_bytes(), self.client_cert_file.read_bytes()
+        )
+
+
 @dataclass
 class Member:
     name: str
@@ -33,10 +58,11 @@ class Member:
     peer_port: int
     data_dir: Path
     process: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -47,13 +73,15 @@ class Member:
 class EtcdCluster:
     directory: Path
     size: int = 1
+    tls: EtcdTls | None = None
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        scheme = "http" if self.tls is None else "https"
         for index in range(self.size):
             name = f"m{index}"
-            self.members.append(Member(name, free_port(), free_port(), self.directory / name))
+            self.members.append(Member(name, free_port(), free_port(), self.directory / name, scheme=scheme))
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -86,6 +114,7 @@ class EtcdCluster:
                 "--max-request-bytes=16777216",
                 "--logger=zap",
                 "--log-level=error",
+                *(self.tls.flags() if self.tls is not None else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -103,7 +132,12 @@ class EtcdCluster:
             self.stop_member(member)
 
     def status(self, member: Member) -> pb.StatusResponse | None:
-        with grpc.insecure_channel(f"127.0.0.1:{member.client_port}") as channel:
+        target = f"127.0.0.1:{member.client_port}"
+        with (
+            grpc.insecure_channel(target)
+            if self.tls is None
+            else grpc.secure_channel(target, self.tls.credentials())
+        ) as channel:
             method = channel.unary_unary(
                 "/etcdserverpb.Maintenance/Status",
                 request_serializer=pb.StatusRequest.SerializeToString,

@@ -184,10 +184,14 @@ class EtcdClient:
     def _connect(self) -> grpc.aio.Channel:
         if self._channel is None:
             target = self.endpoint.partition("://")[2]
+            # gRPC gives up on one connection attempt (TCP, then TLS) after its minimum reconnect backoff:
+            # a member that never answers fails the call in dial_timeout, and the next member is tried.
+            dial = int(self._config.dial_timeout.total_seconds() * 1000)
+            options = (*_CHANNEL_OPTIONS, ("grpc.min_reconnect_backoff_ms", dial))
             if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+                self._channel = grpc.aio.insecure_channel(target, options=options)
             else:
-                self._channel = grpc.aio.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
+                self._channel = grpc.aio.secure_channel(target, self._credentials, options=options)
         return self._channel
 
     async def _failed(self, doing: str, err: grpc.aio.AioRpcError) -> EtcdError:

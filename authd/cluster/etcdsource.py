@@ -2,10 +2,14 @@
 
 :class:`EtcdClusterSource` reads a consistent snapshot of the prefix at one revision, then watches from
 the next revision and applies each batch of changes to its copy of the keys. After the snapshot and after
-every batch, the whole copy is decoded and validated as the file is; an invalid result is refused with
+the changes, the whole copy is decoded and validated as the file is; an invalid result is refused with
 the keys at fault named, logged once and counted, and the last good state stays in force (the copy keeps
 etcd's content, so the write that fixes it makes it valid again). A valid result passes the deploy guard
 (:mod:`authd.cluster.guard`), so a wiped prefix is held back like an empty file.
+
+Watched changes enter the copy as they arrive, and the copy is evaluated once the watch has been quiet
+for a moment, or a bounded time after the first change waiting (:class:`Coalescing`): a burst of writes
+costs a few evaluations, not one per write.
 
 Fail static: when etcd cannot be reached, or the member loses its leader, the source keeps the state in
 force, reports ``cluster`` degraded with how long it has been out of touch, retries with backoff against
@@ -18,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
-from authd.backoff import BackoffFactory
+from authd.backoff import Backoff, BackoffFactory
 from authd.cluster.etcd import Change
 from authd.cluster.etcdcodec import decode_state
 from authd.cluster.guard import GuardedFeed
@@ -34,6 +39,18 @@ from authd.health import Component
 log = structlog.get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Coalescing:
+    """When watched changes are evaluated.
+
+    Once the watch has been ``quiet`` for this many seconds, and at the latest ``longest`` seconds after
+    the first change waiting.
+    """
+
+    quiet: float = 0.02
+    longest: float = 0.5
 
 
 class Store(Protocol):
@@ -80,6 +97,8 @@ class EtcdClusterSource:
         self._prefix = prefix.encode()
         self._health = health
         self._backoff = backoff
+        self.coalescing = Coalescing()
+        """How watched changes are gathered before one evaluation."""
         self._sleep = sleep
         self._clock = clock
         self._feed = GuardedFeed(
@@ -119,9 +138,7 @@ class EtcdClusterSource:
                 if self.revision == 0:
                     await self.sync()
                     backoff.reset()
-                async for changes in self._store.watch(self._prefix, self.revision + 1):
-                    self.apply(changes)
-                    backoff.reset()
+                await self._watch(backoff)
             except EtcdCompactedError as err:
                 log.warning(
                     "etcd compacted the revision to resume from, reading a fresh snapshot",
@@ -133,6 +150,44 @@ class EtcdClusterSource:
                 self._lost(str(err))
                 await self._sleep(backoff.next_delay())
 
+    async def _watch(self, backoff: Backoff) -> None:
+        """Follow the watch from the revision after the copy's until it fails (EtcdError).
+
+        Changes go into the copy as they arrive; the copy is evaluated once the watch has been quiet, and
+        at the latest a bounded time after the first change not yet evaluated (:attr:`coalescing`).
+        Changes taken are evaluated before the watch's failure propagates.
+        """
+        batches = aiter(self._store.watch(self._prefix, self.revision + 1))
+        loop = asyncio.get_running_loop()
+        due: float | None = None  # when the changes not yet evaluated must be, if there are any
+        waiting: asyncio.Task[list[Change]] | None = None
+        try:
+            while True:
+                if waiting is None:
+                    waiting = asyncio.create_task(_next_batch(batches))
+                if due is not None:
+                    left = due - loop.time()
+                    done = (
+                        (await asyncio.wait({waiting}, timeout=min(self.coalescing.quiet, left)))[0]
+                        if left > 0
+                        else ()
+                    )
+                    if not done:
+                        due = None
+                        self._evaluate()
+                        continue
+                changes = await waiting
+                waiting = None
+                backoff.reset()
+                if self._take(changes) and due is None:
+                    due = loop.time() + self.coalescing.longest
+        finally:
+            if waiting is not None:
+                waiting.cancel()
+                await asyncio.wait({waiting})
+            if due is not None:
+                self._evaluate()
+
     async def sync(self) -> None:
         """Read a fresh snapshot of the prefix and make it the copy (raise EtcdError if etcd cannot)."""
         revision, items = await self._store.snapshot(self._prefix)
@@ -143,12 +198,12 @@ class EtcdClusterSource:
         log.info("etcd snapshot read", prefix=self.prefix, revision=revision, keys=len(items))
         self._evaluate()
 
-    def apply(self, changes: list[Change]) -> None:
-        """Apply one batch of watched changes to the copy, then evaluate the result."""
+    def _take(self, changes: list[Change]) -> bool:
+        """Apply one batch of watched changes to the copy; return whether there were any.
+
+        An empty batch says the watch is (re-)established: in touch again, nothing changed.
+        """
         self._in_touch()
-        if not changes:  # the watch is (re-)established: in touch again, nothing changed
-            self._report_health()
-            return
         for change in changes:
             key = change.key[len(self._prefix) :].decode()
             if change.value is None:
@@ -157,7 +212,8 @@ class EtcdClusterSource:
                 self._items[key] = change.value
             self.revision = max(self.revision, change.revision)
         self.stats.changes += len(changes)
-        self._evaluate()
+        self._report_health()
+        return bool(changes)
 
     def _evaluate(self) -> None:
         try:
@@ -170,13 +226,13 @@ class EtcdClusterSource:
         if outcome == "applied":
             self._published(state)
         else:
-            self._note_held()
+            self._feed.note_held(self.stats)
             if outcome == "unchanged":
                 self.stats.unchanged += 1
         self._report_health()
 
     def _published(self, state: ClusterState) -> None:
-        self._note_held()
+        self._feed.note_held(self.stats)
         self.stats.applied += 1
         self.stats.version = state.version
         log.info(
@@ -188,12 +244,6 @@ class EtcdClusterSource:
             endpoints=len(state.endpoints),
             rules=len(state.rules),
         )
-
-    def _note_held(self) -> None:
-        held = self._feed.held
-        self.stats.holds = self._feed.holds
-        self.stats.held_reason = held.reason if held else ""
-        self.stats.held_version = held.state.version if held else ""
 
     def _reject(self, problems: list[str]) -> None:
         if problems != self.stats.problems:
@@ -231,29 +281,17 @@ class EtcdClusterSource:
         self._report_health()
 
     def _report_health(self) -> None:
-        current = self._feed.current()
-        kept = f"; keeping version {current.version[:12]}" if current else ""
-        held = self._feed.held
         since = self.stats.out_of_touch_since
-        if since is not None:
-            age = int(self._clock() - since)
-            self._health.degraded(f"{self._failure} (out of touch for {age}s){kept}")
-        elif held is not None:
-            self._health.degraded(
-                f"etcd {self.prefix} version {held.state.version[:12]} held back: {held.reason}; "
-                f"`authd cluster accept` applies it{kept}"
-            )
-        elif self.stats.problems:
-            count = len(self.stats.problems)
-            self._health.degraded(
-                f"etcd {self.prefix} rejected ({count} problem(s), first: {self.stats.problems[0]}){kept}"
-            )
-        elif current is None:
-            self._health.degraded(f"no cluster state read from etcd {self.prefix} yet")
-        elif current.node(self.local_node) is None:
-            self._health.degraded(f'this node "{self.local_node}" is not in cluster state in etcd')
-        else:
-            self._health.ready(f"version {current.version[:12]} at revision {self.revision}")
+        failure = (
+            f"{self._failure} (out of touch for {int(self._clock() - since)}s)" if since is not None else ""
+        )
+        self._feed.report_health(
+            self._health, self.stats.problems, failure=failure, in_force=f" at revision {self.revision}"
+        )
+
+
+async def _next_batch(batches: AsyncIterator[list[Change]]) -> list[Change]:
+    return await anext(batches)
 
 
 def items_under(prefix: str, items: Mapping[str, bytes]) -> dict[bytes, bytes]:

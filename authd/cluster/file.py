@@ -383,7 +383,7 @@ class FileClusterSource:
     def _apply(self, state: ClusterState) -> bool:
         self.stats.problems = []
         outcome = self._feed.offer(state)
-        self._note_held()
+        self._feed.note_held(self.stats)
         if outcome != "applied":
             if outcome == "unchanged":
                 self.stats.unchanged += 1
@@ -392,14 +392,8 @@ class FileClusterSource:
         self._published(state)
         return True
 
-    def _note_held(self) -> None:
-        held = self._feed.held
-        self.stats.holds = self._feed.holds
-        self.stats.held_reason = held.reason if held else ""
-        self.stats.held_version = held.state.version if held else ""
-
     def _published(self, state: ClusterState) -> None:
-        self._note_held()
+        self._feed.note_held(self.stats)
         self.stats.applied += 1
         self.stats.version = state.version
         log.info(
@@ -442,24 +436,4 @@ class FileClusterSource:
         self._report_health()
 
     def _report_health(self) -> None:
-        current = self._feed.current()
-        kept = f"; keeping version {current.version[:12]}" if current else ""
-        held = self._feed.held
-        if self._unreadable:
-            self._health.degraded(f"{self._unreadable}{kept}")
-        elif held is not None:
-            self._health.degraded(
-                f"{self.path} version {held.state.version[:12]} held back: {held.reason}; "
-                f"`authd cluster accept` applies it{kept}"
-            )
-        elif self.stats.problems:
-            count = len(self.stats.problems)
-            self._health.degraded(
-                f"{self.path} rejected ({count} problem(s), first: {self.stats.problems[0]}){kept}"
-            )
-        elif current is None:
-            self._health.degraded(f"no cluster state read from {self.path} yet")
-        elif current.node(self.local_node) is None:
-            self._health.degraded(f'this node "{self.local_node}" is not in cluster state {self.path}')
-        else:
-            self._health.ready(f"version {current.version[:12]}")
+        self._feed.report_health(self._health, self.stats.problems, failure=self._unreadable)

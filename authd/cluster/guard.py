@@ -28,6 +28,7 @@ from authd.cluster.model import ClusterState
 from authd.cluster.source import SourceStats, StateFeed
 from authd.control import Request, Response
 from authd.errors import ControlError
+from authd.health import Component
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +128,41 @@ class GuardedFeed:
         )
         self.feed.publish(held.state)
         return held.state
+
+    def note_held(self, stats: SourceStats) -> None:
+        """Copy the hold count and the held version, if any, into a source's ``stats``."""
+        stats.holds = self.holds
+        stats.held_reason = self.held.reason if self.held else ""
+        stats.held_version = self.held.state.version if self.held else ""
+
+    def report_health(
+        self, health: Component, problems: list[str], *, failure: str = "", in_force: str = ""
+    ) -> None:
+        """Say in ``health`` how the source stands, the same way for every source.
+
+        Degraded, in this order: the source cannot be read (``failure``), a state is held back, the latest
+        version was rejected (``problems``), no state yet, this node not listed. Ready otherwise, with
+        the version in force and ``in_force`` after it. Every degraded reason names the version kept.
+        """
+        current = self.feed.current()
+        kept = f"; keeping version {current.version[:12]}" if current else ""
+        if failure:
+            health.degraded(f"{failure}{kept}")
+        elif self.held is not None:
+            health.degraded(
+                f"{self._origin} version {self.held.state.version[:12]} held back: {self.held.reason}; "
+                f"`authd cluster accept` applies it{kept}"
+            )
+        elif problems:
+            health.degraded(
+                f"{self._origin} rejected ({len(problems)} problem(s), first: {problems[0]}){kept}"
+            )
+        elif current is None:
+            health.degraded(f"no cluster state read from {self._origin} yet")
+        elif current.node(self._local_node) is None:
+            health.degraded(f'this node "{self._local_node}" is not in cluster state {self._origin}')
+        else:
+            health.ready(f"version {current.version[:12]}{in_force}")
 
     def _release(self) -> None:
         if self.held is not None:

@@ -21,7 +21,7 @@ from datetime import datetime
 from ipaddress import ip_network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import structlog
 
@@ -34,6 +34,8 @@ from authd.devcluster.network import Network, NodeNet, WorkloadNet
 log = structlog.get_logger(__name__)
 
 ATTEST_PORT = 4250
+ETCD_PORT = 2379
+ETCD_PREFIX = "/authd/"
 TCP_PORT = 8080
 UDP_PORT = 8081
 
@@ -74,6 +76,7 @@ class ClusterSpec:
     ipv6: bool = False  # dual stack: workloads get an IPv6 address too, in cluster state as well
     federated_trust_domain: str | None = None  # a second trust domain whose bundle every agent holds
     cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs; IPv4 only
+    source: Literal["file", "etcd"] = "file"  # etcd: one etcd member on the wire holds cluster state
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -108,6 +111,7 @@ class DevCluster:
     _namespaces: Namespaces = field(default_factory=Namespaces, init=False)
     _processes: Processes = field(default_factory=Processes, init=False)
     _spire: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _etcd_url: str = field(default="", init=False)  # with ``source="etcd"``, once etcd is started
     _notify_sockets: dict[str, socket.socket] = field(default_factory=dict, init=False)
     pods: dict[str, cni.Runtime] = field(default_factory=dict, init=False)  # with ``cni``: by workload
 
@@ -147,8 +151,7 @@ class DevCluster:
             self.network.add_workload(workload.node, workload.name, attach=not spec.cni)
         self.write_cluster_state(spec)
         self._write_spire_entries()
-        for name, net in self.network.nodes.items():
-            self._nodes[name] = _Node(net, self._write_config(net), self.workdir / f"{name}.notify")
+        self._configure_nodes()
         self.start_spire()
         self.spire_sync()
         for name in self._nodes:
@@ -159,6 +162,15 @@ class DevCluster:
             self.add_pod(workload.name)
         for workload in spec.workloads:
             self.start_servers(workload.name)
+
+    def _configure_nodes(self) -> None:
+        """Write every node's config; with ``source="etcd"``, start etcd first and load cluster state."""
+        if self.spec.source == "etcd":
+            self.start_etcd()
+        for name, net in self.network.nodes.items():
+            self._nodes[name] = _Node(net, self._write_config(net), self.workdir / f"{name}.notify")
+        if self._etcd_url:
+            _wait_until(self._pushed, 30, "etcd to take the cluster state")
 
     def add_pod(self, name: str) -> WorkloadNet:
         """Make a workload's network through CNI, the way a container runtime makes a pod's (``cni``)."""
@@ -243,6 +255,32 @@ class DevCluster:
         staging = path.with_suffix(".tmp")
         staging.write_text("\n".join(lines))
         staging.replace(path)
+        if self._nodes and self._etcd_url:
+            self.push_cluster_state()
+
+    def push_cluster_state(self) -> str:
+        """Load the cluster file into etcd as one transaction (``authd cluster push``, on the first node)."""
+        return self.authd(next(iter(self._nodes)), "cluster", "push", str(self.cluster_file))
+
+    def _pushed(self) -> bool:
+        try:
+            self.push_cluster_state()
+        except HarnessError:
+            return False  # etcd is not answering yet
+        return True
+
+    def start_etcd(self) -> None:
+        """Start one etcd member in the fabric namespace, on the wire (``source="etcd"``)."""
+        netns, address = self.network.service_address()
+        self._etcd_url = f"http://{address}:{ETCD_PORT}"
+        peer = "http://127.0.0.1:2380"
+        argv = in_netns(netns, [
+            "etcd", "--name=devcluster", f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={self._etcd_url}", f"--advertise-client-urls={self._etcd_url}",
+            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=devcluster={peer}", "--logger=zap", "--log-level=warn",
+        ])  # fmt: skip
+        self._processes.start("etcd", argv, log_path=self.workdir / "logs" / "etcd.log")
 
     def register(self, workload: str) -> None:
         """Add a workload to cluster state and SPIRE, as an operator would at run time."""
@@ -313,8 +351,8 @@ class DevCluster:
 
     def spire_sync(self) -> str:
         """Register cluster state's endpoints with dev-spire (``authd spire sync``)."""
-        first = next(iter(self._nodes.values()))
-        return sh(sys.executable, "-m", "authd", "spire", "sync", "--config", str(first.config))
+        # In a node's namespace: with source="etcd", cluster state is read from etcd on the wire.
+        return self.authd(next(iter(self._nodes)), "spire", "sync")
 
     # ----------------------------------------------------------------------------------------- authd
 
@@ -323,6 +361,15 @@ class DevCluster:
         directory.mkdir()
         spire = self.spire_dir / net.name
         config = directory / "authd.toml"
+        cluster = (
+            f'[cluster]\nsource = "{self.spec.source}"\nfile = "{self.cluster_file}"\n'
+            'poll_interval = "200ms"\n'
+        )
+        if self._etcd_url:
+            cluster += (
+                f'[cluster.etcd]\nendpoints = ["{self._etcd_url}"]\nprefix = "{ETCD_PREFIX}"\n'
+                'retry_initial = "100ms"\nretry_max = "1s"\n'
+            )
         config.write_text(
             f'[node]\nname = "{net.name}"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
             f'[log]\nlevel = "{self.spec.log_level}"\nformat = "json"\n'
@@ -330,7 +377,7 @@ class DevCluster:
             f'admin_socket = "{spire}/private/admin.sock"\n'
             f'server_socket = "{self.spire_dir}/server/api.sock"\n'
             'reconnect_backoff_initial = "100ms"\nreconnect_backoff_max = "2s"\n'
-            f'[cluster]\nfile = "{self.cluster_file}"\npoll_interval = "200ms"\n'
+            f"{cluster}"
             f'[attest]\nlisten_address = "{net.address}"\nport = {ATTEST_PORT}\n'
             'retry_initial = "200ms"\nretry_max = "2s"\n'
             f'[datapath]\npin_dir = "{BPFFS}/{self.spec.prefix}-{net.name}"\n'

@@ -13,6 +13,9 @@ the wire, so traffic between workloads crosses the ``lxc`` interfaces authd atta
 With CNI (``ClusterSpec(cni=True)``, IPv4 only) ``ptp`` makes each workload's veth instead (host side
 ``veth...``, the gateway the first address of the node's subnet) and ``authd-cni`` attaches authd to it.
 
+A cluster-wide service (etcd, with ``ClusterSpec(source="etcd")``) runs in the fabric namespace and
+listens on ``10.231.0.250``, an address of the bridge itself.
+
 With ``ipv6``, the same again in IPv6 (dual stack): nodes ``fd00:231::<i+1>/64`` on the wire, workloads
 ``fd00:231:<i+1>::<j+10>/128``, their default route via ``fe80::1``, which the host side of every
 ``lxc`` link holds. Duplicate address detection is off, so addresses work at once.
@@ -31,6 +34,8 @@ BASE = ipaddress.IPv4Network("10.231.0.0/16")
 GATEWAY = "169.254.1.1"
 BASE6 = ipaddress.IPv6Network("fd00:231::/48")
 GATEWAY6 = "fe80::1"
+SERVICE_HOST = 250
+"""The host number, on the wire, of the address cluster-wide services listen on (above every node's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,15 @@ class Network:
                 )
         self.nodes[name] = node
         return node
+
+    def service_address(self) -> tuple[str, ipaddress.IPv4Address]:
+        """An address on the wire for a cluster-wide service (etcd): the fabric namespace and the address.
+
+        The bridge itself holds it, so every node reaches it directly over its ``eth0``.
+        """
+        address = BASE.network_address + SERVICE_HOST
+        sh("ip", "-n", self._fabric, "addr", "replace", f"{address}/24", "dev", "br0")
+        return self._fabric, address
 
     def _namespace(self, name: str) -> str:
         """A new namespace; with IPv6, links that come up there skip duplicate address detection."""

@@ -64,11 +64,21 @@ def restart(etcd: EtcdCluster) -> None:
     etcd.wait_healthy()
 
 
-async def state_age(session: aiohttp.ClientSession, port: int) -> float:
+async def metric_lines(session: aiohttp.ClientSession, port: int, name: str) -> list[str]:
     async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
         metrics = await response.text()
-    (line,) = [line for line in metrics.splitlines() if line.startswith("authd_cluster_state_age_seconds ")]
+    return [line for line in metrics.splitlines() if line.startswith((f"{name} ", f"{name}{{"))]
+
+
+async def state_age(session: aiohttp.ClientSession, port: int) -> float:
+    (line,) = await metric_lines(session, port, "authd_cluster_state_age_seconds")
     return float(line.split()[-1])
+
+
+async def wait_for_age(session: aiohttp.ClientSession, port: int, at_least: float) -> None:
+    async with asyncio.timeout(10):
+        while await state_age(session, port) < at_least:  # noqa: ASYNC110 - polled over HTTP
+            await asyncio.sleep(0.1)
 
 
 async def test_daemon_on_etcd_fails_static_and_accepts_a_held_state() -> None:
@@ -106,12 +116,13 @@ async def test_daemon_on_etcd_fails_static_and_accepts_a_held_state() -> None:
                 # Readiness is latched once reached; the cluster component in /readyz's body says degraded.
                 component = await wait_for_cluster(session, readyz, "degraded")
                 assert "keeping version" in str(component["reason"])
-                assert await state_age(session, port) >= 0
+                await wait_for_age(session, port, 1.0)  # the age of the state in force grows while down
                 shown = await asyncio.to_thread(authd_cli, "status", "--json", "--config", str(config))
                 assert json.loads(shown.stdout)["cluster"]["out_of_touch_s"] is not None
 
                 await asyncio.to_thread(restart, etcd)
                 await wait_for_cluster(session, readyz, "ready")
+                assert await state_age(session, port) == 0
 
                 wiped = directory / "empty.toml"
                 wiped.write_text("")
@@ -121,6 +132,9 @@ async def test_daemon_on_etcd_fails_static_and_accepts_a_held_state() -> None:
                 assert forced.returncode == 0, forced.stderr
                 held = await wait_for_cluster(session, readyz, "degraded")
                 assert "held back" in str(held["reason"])
+                (exposed,) = await metric_lines(session, port, "authd_cluster_state_held")
+                assert 'reason="it no longer lists this node \\"node-a\\""' in exposed, exposed
+                assert exposed.endswith(" 1.0"), exposed
                 accepted = await asyncio.to_thread(authd_cli, "cluster", "accept", "--config", str(config))
                 assert accepted.returncode == 0, accepted.stderr
                 assert "0 nodes, 0 endpoints" in accepted.stdout

@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
+import re
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
 from authd.backoff import BackoffPolicy
@@ -19,13 +26,15 @@ from authd.cluster.file import load_cluster, parse_cluster
 from authd.cluster.model import ClusterState
 from authd.config.model import EtcdConfig
 from authd.health import Health, State
-from tests.etcd import EtcdCluster
+from tests.etcd import EtcdCluster, EtcdTls
+from tests.fakes.ca import LeafOptions, TestCA
 from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = load_cluster(REPO / "config" / "cluster.example.toml")
 PREFIX = "/authd/test/"
 FAST = BackoffPolicy(initial=0.05, maximum=0.2)
+OUTAGE_S = 30
 
 
 def settings(cluster: EtcdCluster) -> EtcdConfig:
@@ -62,10 +71,12 @@ def with_web_at(address: str) -> ClusterState:
 class Running:
     """A source following etcd in a task, and the health component it reports to."""
 
-    def __init__(self, cluster: EtcdCluster, *, local_node: str = "node-a") -> None:
+    def __init__(
+        self, cluster: EtcdCluster, *, local_node: str = "node-a", config: EtcdConfig | None = None
+    ) -> None:
         self.health = Health().register("cluster")
         self.source = EtcdClusterSource(
-            EtcdClient(settings(cluster)), PREFIX, local_node, self.health, backoff=FAST
+            EtcdClient(config or settings(cluster)), PREFIX, local_node, self.health, backoff=FAST
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -85,8 +96,8 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def following(cluster: EtcdCluster, **kwargs: str) -> AsyncIterator[Running]:
-    running = Running(cluster, **kwargs)
+async def following(cluster: EtcdCluster) -> AsyncIterator[Running]:
+    running = Running(cluster)
     running.start()
     try:
         yield running
@@ -141,18 +152,26 @@ async def test_invalid_write_is_refused_and_names_the_key(etcd: EtcdCluster) -> 
             assert running.source.stats.problems == []
 
 
-async def test_wiped_prefix_is_held_until_accepted(etcd: EtcdCluster) -> None:
+@pytest.mark.parametrize(
+    ("kept", "reason"),
+    [("nothing", 'it no longer lists this node "node-a"'), ("v1/node/", "it removes every endpoint (2)")],
+    ids=["wiped", "nodes-only"],
+)
+async def test_bad_deploy_is_held_until_accepted(etcd: EtcdCluster, kept: str, reason: str) -> None:
     async with writer(etcd) as client:
         await push(client, EXAMPLE)
         async with following(etcd) as running:
             await eventually(lambda: running.at(EXAMPLE), within=10)
-            await client.replace(PREFIX.encode(), {})
+            items = {key: value for key, value in encode_state(EXAMPLE).items() if key.startswith(kept)}
+            await client.replace(PREFIX.encode(), items_under(PREFIX, items))
             await eventually(lambda: bool(running.source.stats.held_version), within=10)
             assert running.at(EXAMPLE)
-            assert running.source.stats.held_reason == 'it no longer lists this node "node-a"'
+            assert running.source.stats.held_reason == reason
+            assert running.health.status.state is State.DEGRADED
             accepted = running.source.accept()
-            assert not accepted.nodes
+            assert not accepted.endpoints
             assert running.source.current() is accepted
+            assert running.source.stats.held_version == ""
 
 
 async def test_compacted_revision_reads_a_fresh_snapshot(etcd: EtcdCluster) -> None:
@@ -204,11 +223,17 @@ async def test_all_members_down_keeps_state_then_recovers(etcd3: EtcdCluster) ->
             for member in etcd3.members:
                 etcd3.stop_member(member)
             await eventually(lambda: running.source.stats.out_of_touch_since is not None, within=15)
-            await asyncio.sleep(3)  # the outage: long enough for several failed reconnects
-            assert running.at(EXAMPLE)
+            down_since = time.monotonic()
+            while time.monotonic() - down_since < OUTAGE_S:  # checked all along, not only at the end
+                assert running.at(EXAMPLE)
+                assert running.health.status.state is State.DEGRADED
+                await asyncio.sleep(1)
             outage = running.health.status
-            assert outage.state is State.DEGRADED
-            assert "out of touch" in outage.reason
+            age = re.search(r"out of touch for (\d+)s", outage.reason)
+            assert age is not None, outage.reason
+            assert int(age.group(1)) >= OUTAGE_S - 1, outage.reason  # as of the last failed retry
+            assert f"keeping version {EXAMPLE.version[:12]}" in outage.reason
+            assert running.source.stats.read_errors >= 1
             for member in etcd3.members:
                 etcd3.start_member(member)
             await asyncio.to_thread(etcd3.wait_healthy)
@@ -232,3 +257,97 @@ async def _retrying(write: object) -> None:
         else:
             return
     raise AssertionError("etcd did not accept the write")
+
+
+def tls_files(directory: Path) -> EtcdTls:
+    """A CA, a server pair for 127.0.0.1 and a node SVID as the client pair (as spiffe-helper writes it)."""
+    now = datetime.now(UTC)
+    ca = TestCA.create("example.org", not_before=now - timedelta(days=1), not_after=now + timedelta(days=1))
+    start, end = now - timedelta(minutes=1), now + timedelta(hours=1)
+    at_loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = ca.mint(
+        "", LeafOptions(uris=(), extensions=((at_loopback, False),), not_before=start, not_after=end)
+    )
+    node_svid = ca.mint("spiffe://example.org/authd/node-a", LeafOptions(not_before=start, not_after=end))
+    directory.mkdir(parents=True)
+    files = EtcdTls(
+        *(directory / name for name in ("ca.pem", "etcd.pem", "etcd.key", "svid.pem", "svid.key"))
+    )
+    files.ca_file.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    for svid, cert, key in (
+        (server, files.cert_file, files.key_file),
+        (node_svid, files.client_cert_file, files.client_key_file),
+    ):
+        cert.write_bytes(svid.chain_pem())
+        key.write_bytes(
+            svid.private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return files
+
+
+async def test_tls_with_the_node_svid_as_client_certificate(tmp_path: Path) -> None:
+    tls = tls_files(tmp_path / "tls")
+    etcd = EtcdCluster(tmp_path / "etcd", tls=tls)
+    try:
+        etcd.start()
+        assert etcd.endpoints[0].startswith("https://")
+        with_svid = dataclasses.replace(
+            settings(etcd), ca_file=tls.ca_file, cert_file=tls.client_cert_file, key_file=tls.client_key_file
+        )
+        client = EtcdClient(with_svid)
+        try:
+            await push(client, EXAMPLE)
+        finally:
+            await client.close()
+        trusted = Running(etcd, config=with_svid)
+        anonymous = Running(etcd, config=dataclasses.replace(with_svid, cert_file=None, key_file=None))
+        trusted.start()
+        anonymous.start()
+        try:
+            await eventually(lambda: trusted.at(EXAMPLE), within=10)
+            await eventually(lambda: anonymous.source.stats.read_errors >= 1, within=10)
+            assert anonymous.source.current() is None  # no client certificate: etcd refuses, nothing read
+            assert anonymous.health.status.state is State.DEGRADED
+            assert "cannot read cluster state" in anonymous.health.status.reason
+        finally:
+            await trusted.stop()
+            await anonymous.stop()
+    finally:
+        etcd.close()
+
+
+async def test_a_member_that_never_answers_costs_one_dial_timeout(tmp_path: Path) -> None:
+    tls = tls_files(tmp_path / "tls")
+    etcd = EtcdCluster(tmp_path / "etcd", tls=tls)
+    with socket.socket() as silent:  # the kernel completes TCP handshakes; nothing ever answers TLS
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        try:
+            etcd.start()
+            config = dataclasses.replace(
+                settings(etcd),
+                endpoints=(f"https://127.0.0.1:{silent.getsockname()[1]}", etcd.endpoints[0]),
+                ca_file=tls.ca_file,
+                cert_file=tls.client_cert_file,
+                key_file=tls.client_key_file,
+                dial_timeout=timedelta(milliseconds=500),
+                request_timeout=timedelta(seconds=60),
+            )
+            client = EtcdClient(dataclasses.replace(config, endpoints=etcd.endpoints))
+            try:
+                await push(client, EXAMPLE)
+            finally:
+                await client.close()
+            running = Running(etcd, config=config)
+            started = time.monotonic()
+            running.start()
+            try:
+                await eventually(lambda: running.at(EXAMPLE), within=10)
+            finally:
+                await running.stop()
+            assert time.monotonic() - started < 5  # gRPC's own connect deadline is 20 s
+            assert running.source.stats.read_errors == 1
+        finally:
+            etcd.close()
