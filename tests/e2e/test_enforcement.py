@@ -1,6 +1,6 @@
 """A two-node cluster enforcing policy: registered pairs pass from the first SYN, strangers are denied,
-an authd killed with SIGKILL and restarted loses no packet of a running flow, and a workload registered
-at run time connects without a drop.
+an authd killed with SIGKILL and restarted loses no packet of a running flow (nor the flows it had seen),
+and a workload registered at run time connects without a drop.
 
 The cluster is dual stack: the same checks pass over IPv4 and IPv6; then again, over IPv4, with pods
 made through CNI. SVIDs live an hour here, so that
@@ -150,6 +150,14 @@ def test_authd_killed_and_restarted_under_a_flow_loses_no_packet(cluster: DevClu
     # The flow log restarted with node-b's authd; a verdict change on the connection would be in it.
     frontend = str(cluster.workload("frontend").address)
     assert not readings.from_source(cluster.flows("node-b", "--verdict", "denied"), frontend)
+    # Its SYN, seen before the kill, is still there: the new authd read its flow history back from disk.
+    since = cluster.flows("node-b", "--since", "10m", "--from-ip", frontend)
+    (syn,) = [
+        f
+        for f in readings.from_source(since, frontend, report["local_port"])
+        if readings.tcp_flags(f) == {"SYN"}
+    ]
+    assert syn["verdict"] == "FORWARDED"
     cluster.wait_for_entry("node-b", "backend", "frontend")  # the restarted authd keeps the entry
 
 
