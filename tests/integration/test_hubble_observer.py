@@ -98,6 +98,36 @@ async def test_get_flows_follow_with_filters_and_server_status(tmp_path: Path) -
     assert not server.path.exists()
 
 
+MASK = b"\x0a\x04time"  # google.protobuf.FieldMask{paths: ["time"]}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"\x52" + bytes([len(MASK)]) + MASK,  # field_mask = 10
+        b"\xba\x3e" + bytes([len(MASK) + 2, 0x0A, len(MASK)]) + MASK,  # experimental = 999 {field_mask = 1}
+    ],
+    ids=["field_mask", "experimental"],
+)
+async def test_a_newer_hubble_clients_field_mask_is_answered_with_whole_flows(
+    tmp_path: Path, extra: bytes
+) -> None:
+    """Newer Hubble clients add a field mask to GetFlowsRequest, which authd's proto lacks."""
+    log = FlowLog(NAMES)
+    log.add(event(src_port=1))
+    server = ObserverServer(log, tmp_path / "hubble.sock")
+    async with serving(server), grpc.aio.insecure_channel(f"unix:{server.path}") as channel:
+        get_flows = channel.unary_stream(
+            "/observer.Observer/GetFlows",
+            request_serializer=bytes,
+            response_deserializer=observer_pb2.GetFlowsResponse.FromString,
+        )
+        raw = observer_pb2.GetFlowsRequest(number=1).SerializeToString() + extra
+        (answer,) = [r async for r in get_flows(raw)]
+    assert answer.flow.l4.TCP.source_port == 1  # more than the mask asked for, which the printer reads
+    assert answer.flow.source.labels
+
+
 async def test_observe_merges_several_nodes_by_time(tmp_path: Path) -> None:
     logs = {}
     for node, seconds in (("node-a", (1, 4)), ("node-b", (2, 3))):
