@@ -127,8 +127,8 @@ def test_bpf_commands_with_the_daemon_up_and_down(topology: Topology, running: A
     unloaded = authd_cli("bpf", "unload", "--config", config, netns=topology.path(topology.node))
     assert unloaded.returncode == 0, unloaded.stderr
     assert f"detached from 2 interfaces: adp{topology.tag}a, adp{topology.tag}b" in unloaded.stdout
-    # Two tcx links per interface, four programs, ten maps.
-    assert "removed 18 pins" in unloaded.stdout
+    # Two tcx links per interface, four programs, eleven maps.
+    assert "removed 19 pins" in unloaded.stdout
     assert not pin_dir.exists()
     for link in (topology.link_a, topology.link_b):
         index = topology.ifindex(link)
