@@ -168,7 +168,7 @@ def _add_observe(
         parents=[parent],
         help="show policy-verdict flows from the running daemon (like hubble observe)",
         description="Flows as `hubble observe` prints them, read over Hubble's Observer API; filters as "
-        "Hubble's. Several --server options read several nodes and merge their flows.",
+        "Hubble's. Several --node (or --server) options read several nodes and merge their flows.",
     )
     observe.add_argument(
         "-o", "--output", choices=["compact", "dict", "json", "jsonpb"], default="compact", help="output mode"
@@ -211,6 +211,7 @@ def _add_observe(
         )
     observe.add_argument(
         "--server",
+        "--node",
         "--node-socket",
         dest="servers",
         action="append",

@@ -37,6 +37,7 @@ from authd.errors import ConfigError, ControlError, DaemonError, SpireError
 from authd.flows import FlowLog
 from authd.health import Health
 from authd.httpapi import HttpServer
+from authd.hubble.history import HISTORY_DIR, FlowHistory
 from authd.hubble.server import ObserverServer
 from authd.jobs import Job, Supervisor
 from authd.logbook import Logbook
@@ -103,6 +104,7 @@ class Daemon:
         self.manager: AuthManager | None = None
         self.enforcement: Enforcement | None = None
         self.flow_log: FlowLog | None = None
+        self.flow_history: FlowHistory | None = None
         self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
         self.identity_plane = IdentityPlane.from_config(
@@ -169,7 +171,11 @@ class Daemon:
             return
         from authd.datapath.enforcement import Enforcement  # noqa: PLC0415 - loads libbpf only when enabled
 
-        self.flow_log = FlowLog(self.handles)
+        history_bytes = self.config.hubble.history_bytes
+        self.flow_history = (
+            FlowHistory(self.config.node.state_dir / HISTORY_DIR, history_bytes) if history_bytes else None
+        )
+        self.flow_log = FlowLog(self.handles, history=self.flow_history)
         enforcement = Enforcement(
             self.config.datapath,
             self.health.register("datapath"),
@@ -327,6 +333,8 @@ class Daemon:
         try:
             return await self._run()
         finally:
+            if self.flow_history is not None:
+                self.flow_history.close()
             self._state_lock.release()
 
     async def _run(self) -> int:

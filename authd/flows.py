@@ -1,7 +1,8 @@
 """The flow log behind ``authd observe`` and Hubble's ``GetFlows``: recent history and followers.
 
 The daemon turns each datapath flow event into a Hubble ``flow.Flow`` when it arrives (handles resolve
-to names now; a handle may be reused later), keeps the last few thousand, and fans new ones out to
+to names now; a handle may be reused later), keeps the last few thousand (and, in
+:mod:`authd.hubble.history`, the recent ones on disk, read back after a restart), and fans new ones out to
 followers through bounded queues: a slow follower loses flows, counted and reported to it as a
 ``lost_events`` response, and never slows the ring-buffer consumer. :func:`get_flows` answers one
 ``observer.GetFlowsRequest`` (``number``/``first``, ``since``/``until``, ``follow``, white- and
@@ -22,6 +23,7 @@ from authd.errors import ControlError
 from authd.hubble._proto import flow_pb2, observer_pb2
 from authd.hubble.convert import IdentityNames, flow_from_event
 from authd.hubble.filters import Predicate, compile_lists
+from authd.hubble.history import FlowHistory
 
 RING_CAPACITY = 4096
 FOLLOWER_QUEUE = 1024
@@ -64,11 +66,18 @@ class FlowLog:
         follower_queue: int = FOLLOWER_QUEUE,
         max_followers: int = MAX_FOLLOWERS,
         clock: Callable[[], float] = time.monotonic,
+        history: FlowHistory | None = None,
     ) -> None:
-        """Keep ``capacity`` flows; each follower may lag ``follower_queue`` flows before losing any."""
+        """Keep ``capacity`` flows; each follower may lag ``follower_queue`` flows before losing any.
+
+        With ``history``, the kept flows start as the last ones it holds, and each new one is written to it.
+        """
         self._names = names
         self.capacity = capacity
         self._ring: collections.deque[flow_pb2.Flow] = collections.deque(maxlen=capacity)
+        self._history = history
+        if history is not None:
+            self._ring.extend(history.load())
         self._follower_queue = follower_queue
         self._max_followers = max_followers
         self._followers: set[Follower] = set()
@@ -93,6 +102,8 @@ class FlowLog:
         """Record a flow already in Hubble's form."""
         self._ring.append(flow)
         self.total += 1
+        if self._history is not None:
+            self._history.append(flow)
         for follower in self._followers:
             follower.offer(flow)
 

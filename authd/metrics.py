@@ -29,12 +29,15 @@ from prometheus_client.registry import Collector
 
 from authd import __version__
 from authd.daemonview import DaemonView, ready_now
+from authd.datapath.layout import Direction
 from authd.health import State
 from authd.histogram import Histogram
 from authd.hubble.reasons import DROP_REASONS
 
 # The datapath's verdict counters (enum authd_counter) as (verdict, reason) label pairs: Hubble's verdict
-# names, and for drops Hubble's drop reason (so AUTH_EXPIRED counts as AUTH_REQUIRED, as in Cilium).
+# names, and for drops Hubble's drop reason (so AUTH_EXPIRED counts as AUTH_REQUIRED, as in Cilium). Each
+# is counted by the packet's direction too (the verdicts map), labelled INGRESS or EGRESS as Hubble's
+# traffic_direction and Cilium's drop counters are.
 _VERDICTS = {
     "allowed": ("FORWARDED", "NO_AUTH_REQUIRED"),
     "allowed_auth": ("FORWARDED", "AUTHENTICATED"),
@@ -319,14 +322,16 @@ class AuthdCollector(Collector):
         counters = snapshot.counters
         verdicts = CounterMetricFamily(
             "authd_datapath_verdicts",
-            "policy verdicts on packets, by Hubble's verdict and drop reason",
-            labels=["verdict", "reason"],
+            "policy verdicts on packets, by Hubble's verdict, drop reason and traffic direction",
+            labels=["verdict", "reason", "direction"],
         )
-        totals: Counter[tuple[str, str]] = Counter()
-        for counter, labels in _VERDICTS.items():
-            totals[labels] += counters.get(counter, 0)
-        for (verdict, reason), count in totals.items():
-            verdicts.add_metric([verdict, reason], count)
+        totals: Counter[tuple[str, str, str]] = Counter()
+        for counter, (verdict, reason) in _VERDICTS.items():
+            for direction in Direction:
+                count = snapshot.verdicts.get((counter, direction), 0)
+                totals[verdict, reason, direction.name] += count
+        for labels, count in totals.items():
+            verdicts.add_metric(labels, count)
         yield verdicts
         skipped = CounterMetricFamily(
             "authd_datapath_packets_skipped", "packets not subject to policy, by reason", labels=["reason"]

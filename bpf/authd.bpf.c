@@ -88,6 +88,14 @@ struct {
 } counters SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, AUTHD_VERDICT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} verdicts SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -573,6 +581,17 @@ static __always_inline void count(__u32 index)
 		*value += 1; /* per-CPU slot: no atomics needed */
 }
 
+/* A policy verdict: its total, and its count in the packet's direction. */
+static __always_inline void count_verdict(const struct decision *d, __u32 counter)
+{
+	__u32 index = counter + AUTHD_COUNTER_SLOTS * (d->direction == AUTHD_DIR_EGRESS);
+	__u64 *value = bpf_map_lookup_elem(&verdicts, &index);
+
+	count(counter);
+	if (value)
+		*value += 1;
+}
+
 static __always_inline __u64 now_tai(struct decision *d)
 {
 	if (!d->now)
@@ -653,7 +672,7 @@ static __always_inline void deny(struct decision *d, __u8 reason, __u32 counter)
 {
 	d->verdict = AUTHD_VERDICT_DENIED;
 	d->drop_reason = reason;
-	count(counter);
+	count_verdict(d, counter);
 }
 
 /* Policy and auth map for traffic in `direction`: fills auth_type, match, verdict and drop_reason. */
@@ -667,13 +686,13 @@ static __always_inline void decide(struct decision *d, __u8 direction)
 	d->drop_reason = AUTHD_DROP_NONE;
 	if (!pol) {
 		d->match = AUTHD_MATCH_NONE;
-		count(AUTHD_CNT_ALLOWED);
+		count_verdict(d, AUTHD_CNT_ALLOWED);
 		return;
 	}
 	d->auth_type = pol->auth_type;
 	if (pol->auth_type == AUTHD_AUTH_NONE) {
 		d->match = AUTHD_MATCH_EXEMPT;
-		count(AUTHD_CNT_ALLOWED);
+		count_verdict(d, AUTHD_CNT_ALLOWED);
 		return;
 	}
 	d->match = AUTHD_MATCH_AUTH;
@@ -688,7 +707,7 @@ static __always_inline void decide(struct decision *d, __u8 direction)
 		deny(d, AUTHD_DROP_AUTH_EXPIRED, AUTHD_CNT_DENIED_AUTH_EXPIRED);
 		return;
 	}
-	count(AUTHD_CNT_ALLOWED_AUTH);
+	count_verdict(d, AUTHD_CNT_ALLOWED_AUTH);
 }
 
 /* ------------------------------------------------------------------------------------------- events */
@@ -929,19 +948,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	int parsed, syn, tabled, news, link_control, router_message;
 	__u8 origin;
 
+	/* From a workload, or out of the node: the local end is the source. */
+	d.direction = from_workload || (!workload && hook == AUTHD_HOOK_EGRESS) ? AUTHD_DIR_EGRESS : AUTHD_DIR_INGRESS;
 	parsed = workload ? parse_eth(skb, &p) : parse_l3(skb, 0, (__u16)skb->protocol, &p);
 	if (parsed == PARSE_MALFORMED) {
-		count(AUTHD_CNT_DENIED_MALFORMED);
+		count_verdict(&d, AUTHD_CNT_DENIED_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == PARSE_UNSUPPORTED) {
-		count(AUTHD_CNT_DENIED_UNSUPPORTED);
+		count_verdict(&d, AUTHD_CNT_DENIED_UNSUPPORTED);
 		return TC_ACT_SHOT;
 	}
 	d.hook = hook;
 	d.ifindex = skb->ifindex;
-	/* From a workload, or out of the node: the local end is the source. */
-	d.direction = from_workload || (!workload && hook == AUTHD_HOOK_EGRESS) ? AUTHD_DIR_EGRESS : AUTHD_DIR_INGRESS;
 	syn = p.protocol == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	/* Connections use the table: not ICMP errors, not neighbour discovery, not a workload's router
 	 * messages (which an ICMP flow's entry must not pass), not later fragments whose first did not pass. */
@@ -956,7 +975,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		flow_key_of(&p, d.direction, &key);
 		f = bpf_map_lookup_elem(&flows, &key);
 		if (f && !syn && flow_vouches(f, d.direction, arrived, from_workload, to_workload, skb->ifindex)) {
-			count(AUTHD_CNT_ESTABLISHED);
+			count_verdict(&d, AUTHD_CNT_ESTABLISHED);
 			if (p.first_fragment)
 				record_fragment(&p);
 			if (cfg && cfg->flow_level == AUTHD_FLOWS_ALL) {
@@ -1026,7 +1045,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	if (p.quoted && quoted_flow_key_of(&p, d.direction, &key)) {
 		f = bpf_map_lookup_elem(&flows, &key);
 		if (f && flow_live(f) && f->local_ifindex == local_owner) {
-			count(AUTHD_CNT_ESTABLISHED);
+			count_verdict(&d, AUTHD_CNT_ESTABLISHED);
 			d.verdict = AUTHD_VERDICT_ALLOWED;
 			d.flags = AUTHD_FLOW_F_REPLY;
 			report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, 0);

@@ -425,6 +425,15 @@ def _optional_port(value: int | None) -> str | None:
     return None if value is None else port_number(value)
 
 
+HISTORY_MIN_BYTES = 64 * 1024  # the smallest flow history: a few hundred flows in each of its two segments
+
+
+def _history_bytes(value: int) -> str | None:
+    if value == 0 or value >= HISTORY_MIN_BYTES:
+        return None
+    return f"must be 0 (no history) or at least {HISTORY_MIN_BYTES}"
+
+
 @dataclass(frozen=True, slots=True)
 class HubbleConfig:
     """Hubble's Observer API (gRPC): ``authd observe``, the Hubble CLI and Hubble Relay read flows here."""
@@ -436,6 +445,11 @@ class HubbleConfig:
         "also serve on 127.0.0.1:<port> (Hubble's own is 4245); no authentication, so loopback only",
         check=_optional_port,
         example=4245,
+    )
+    history_bytes: int = setting(
+        8 * 1024 * 1024,
+        "recent flows kept on disk in node.state_dir/flows across restarts, bytes (0: none)",
+        check=_history_bytes,
     )
 
 

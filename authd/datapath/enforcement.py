@@ -40,7 +40,7 @@ from authd.config.model import DatapathConfig
 from authd.datapath import links, loader
 from authd.datapath.attach import AttachMode
 from authd.datapath.consumer import EventConsumer, OnAuthRequired, OnFlow
-from authd.datapath.layout import FlowLevel
+from authd.datapath.layout import Direction, FlowLevel
 from authd.datapath.links import Link, LinkWatcher
 from authd.datapath.loader import Datapath, MapSizes
 from authd.datapath.maps import PinnedMaps, RuntimeConfig
@@ -89,6 +89,7 @@ class DatapathSnapshot:
     attach_mode: str = ""
     ahead: dict[str, tuple[str, ...]] = field(default_factory=dict)  # interface -> foreign programs
     reassertions: int = 0
+    verdicts: dict[tuple[str, Direction], int] = field(default_factory=dict)  # (counter, direction)
 
 
 class Enforcement:
@@ -135,12 +136,14 @@ class Enforcement:
         try:
             with datapath.maps() as maps:
                 counters, capacity = maps.counters.read(), maps.auth.capacity
+                verdicts = maps.verdicts.read_by_direction()
         except DatapathError as err:  # pins removed under a running daemon (`authd bpf unload`)
             log.debug("datapath maps unreadable", error=str(err))
             return None
         consumer = self.consumer
         return DatapathSnapshot(
             counters=counters,
+            verdicts=verdicts,
             auth_capacity=capacity,
             interfaces=tuple(sorted(link.name for link in self.watcher.attached.values())),
             events_decoded=consumer.decoded if consumer is not None else 0,

@@ -115,6 +115,7 @@ class Counter(enum.IntEnum):
 
 
 COUNTER_SLOTS = 32  # must match AUTHD_COUNTER_SLOTS
+VERDICT_SLOTS = 64  # must match AUTHD_VERDICT_SLOTS: each counter once per direction
 
 FLOW_F_PORTS = 0x1  # must match AUTHD_FLOW_F_PORTS
 FLOW_F_FRAGMENT = 0x2  # must match AUTHD_FLOW_F_FRAGMENT
@@ -143,6 +144,7 @@ class MapName(enum.StrEnum):
     ENDPOINTS = "endpoints"
     AUTH_EVENTS = "auth_events"
     FRAGMENTS = "fragments"
+    VERDICTS = "verdicts"
 
 
 class ProgramName(enum.StrEnum):

@@ -1,4 +1,4 @@
-"""Typed access to the pinned maps: the auth map, ipcache, policy, counters and runtime config.
+"""Typed access to the pinned maps: the auth map, ipcache, policy, counters, verdicts and runtime config.
 
 Keys and values are frozen dataclasses mirroring ``bpf/include/authd.h``; packing uses ``struct`` formats
 that the layout test checks against the ctypes mirror (and that against the object's BTF). Bulk writes use
@@ -278,13 +278,23 @@ class CounterMap(_Map):
 
     def read(self) -> dict[str, int]:
         """Every counter by name (``Counter`` member names, lower case), summed over CPUs."""
-        slot = 8
-        result: dict[str, int] = {}
-        for counter in Counter:
-            raw = self._map.lookup(struct.pack("=I", counter))
-            values = struct.unpack(f"={len(raw or b'') // slot}Q", raw or b"")
-            result[counter.name.lower()] = sum(values)
-        return result
+        return {counter.name.lower(): self._sum(counter) for counter in Counter}
+
+    def _sum(self, index: int) -> int:
+        raw = self._map.lookup(struct.pack("=I", index)) or b""
+        return sum(struct.unpack(f"={len(raw) // 8}Q", raw))
+
+
+class VerdictMap(CounterMap):
+    """The per-CPU verdict counters, each once per direction (AUTHD_VERDICT_SLOTS)."""
+
+    def read_by_direction(self) -> dict[tuple[str, Direction], int]:
+        """Every counter by name and the packet's direction, summed over CPUs (0 for non-verdicts)."""
+        return {
+            (counter.name.lower(), direction): self._sum(counter + layout.COUNTER_SLOTS * (direction - 1))
+            for counter in Counter
+            for direction in Direction
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +351,7 @@ class PinnedMaps:
                 MapName.COUNTERS,
                 MapName.CONFIG,
                 MapName.ENDPOINTS,
+                MapName.VERDICTS,
             )
             handles.extend(open_map(pin_dir, name) for name in names)
         except DatapathError:
@@ -353,10 +364,19 @@ class PinnedMaps:
         self.counters = CounterMap(handles[3])
         self.config = ConfigMap(handles[4])
         self.endpoints = EndpointsMap(handles[5])
+        self.verdicts = VerdictMap(handles[6])
 
     def close(self) -> None:
         """Close every fd (the pins stay)."""
-        for m in (self.auth, self.ipcache, self.policy, self.counters, self.config, self.endpoints):
+        for m in (
+            self.auth,
+            self.ipcache,
+            self.policy,
+            self.counters,
+            self.config,
+            self.endpoints,
+            self.verdicts,
+        ):
             m.close()
 
     def __enter__(self) -> Self:

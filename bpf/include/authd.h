@@ -47,6 +47,7 @@ enum authd_family {
 #define AUTHD_MAP_ENDPOINTS "endpoints"
 #define AUTHD_MAP_AUTH_EVENTS "auth_events"
 #define AUTHD_MAP_FRAGMENTS "fragments" /* the datapath's own: the ports of fragmented datagrams */
+#define AUTHD_MAP_VERDICTS "verdicts"
 
 /* Default sizes; authd sets the configured ones before load (bpf_map__set_max_entries). */
 #define AUTHD_IPCACHE_ENTRIES 65536
@@ -188,6 +189,11 @@ enum authd_counter {
 };
 
 #define AUTHD_COUNTER_SLOTS 32 /* map size: room for counters added later without resizing the pin */
+
+/* The verdicts map counts each policy verdict (the ALLOWED, ESTABLISHED and DENIED counters) once more
+ * by the packet's direction, at counter + AUTHD_COUNTER_SLOTS * (enum authd_direction - 1); the counters
+ * map keeps the totals. */
+#define AUTHD_VERDICT_SLOTS 64 /* 2 * AUTHD_COUNTER_SLOTS */
 
 /* ---------------------------------------------------------------------------------------- verdicts */
 

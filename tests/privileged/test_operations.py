@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -93,8 +94,12 @@ def test_metrics_count_attestations_and_verdicts(cluster: DevCluster) -> None:
     assert code == 200
     assert sample(b, "authd_attestations_total", result="ok") >= 1
     assert sample(b, "authd_attestation_duration_seconds_count") >= 1
-    assert sample(b, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="AUTHENTICATED") >= 1
-    assert sample(b, "authd_datapath_verdicts_total", verdict="DROPPED", reason="AUTH_REQUIRED") >= 1
+    verdicts = "authd_datapath_verdicts_total"
+    # The SYNs into b1 are ingress; b1's replies out are egress, passed by their flow.
+    assert sample(b, verdicts, verdict="FORWARDED", reason="AUTHENTICATED", direction="INGRESS") >= 1
+    assert sample(b, verdicts, verdict="FORWARDED", reason="ESTABLISHED", direction="EGRESS") >= 1
+    assert sample(b, verdicts, verdict="DROPPED", reason="AUTH_REQUIRED", direction="INGRESS") >= 1
+    assert sample(b, verdicts, verdict="DROPPED", reason="AUTH_REQUIRED", direction="EGRESS") == 0
     assert sample(b, "authd_svids", kind="own") == 1
     assert sample(b, "authd_svids", kind="workload") == 1
     assert sample(b, "authd_svid_expiry_timestamp_seconds", kind="own") > time.time() + 60
@@ -117,6 +122,25 @@ def test_metrics_count_attestations_and_verdicts(cluster: DevCluster) -> None:
     names = {c["name"]: c["state"] for c in json.loads(ready)["components"]}
     assert names["svids"] == names["datapath"] == names["cluster"] == "ready"
     assert http_get(cluster, "node-b", "/healthz") == (200, '{"alive": true, "healthy": true}')
+
+
+def test_a_live_scrape_passes_promtools_metric_lint(cluster: DevCluster) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make system-deps` installs Debian's prometheus package"
+    for node in ("node-a", "node-b"):
+        code, body = http_get(cluster, node, "/metrics")
+        assert code == 200
+        assert "authd_datapath_verdicts_total{" in body
+        linted = subprocess.run(
+            [promtool, "check", "metrics"],
+            input=body,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert linted.returncode == 0, linted.stdout + linted.stderr
+        assert linted.stdout.strip() == "", linted.stdout
 
 
 def test_status_shows_svids_with_expiry_and_peers(cluster: DevCluster) -> None:

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from authd.metrics import registry_for, render
@@ -15,13 +13,6 @@ from tests.fakes.daemonview import build
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "config" / "prometheus" / "authd-rules.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "authd-rules.test.yml"
-
-
-@pytest.fixture
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is missing: `make system-deps` installs Debian's prometheus package"
-    return path
 
 
 def scrape() -> str:

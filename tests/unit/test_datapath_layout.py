@@ -86,6 +86,7 @@ def test_constants_and_map_names_match_header() -> None:
     assert int(defines["AUTHD_NODE_LOCAL"].rstrip("U"), 0) == layout.NODE_LOCAL
     assert int(defines["AUTHD_IPCACHE_FAMILY_BITS"]) == layout.IPCACHE_FAMILY_BITS
     assert int(defines["AUTHD_COUNTER_SLOTS"]) == layout.COUNTER_SLOTS
+    assert int(defines["AUTHD_VERDICT_SLOTS"]) == layout.VERDICT_SLOTS == 2 * layout.COUNTER_SLOTS
     assert int(defines["AUTHD_TC_HANDLE"], 0) == layout.TC_HANDLE
     assert int(defines["AUTHD_TC_PRIORITY"]) == layout.TC_PRIORITY
     assert int(defines["AUTHD_FLOW_F_PORTS"], 0) == layout.FLOW_F_PORTS

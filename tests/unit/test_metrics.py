@@ -7,6 +7,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from authd.daemonview import DaemonView
+from authd.datapath.layout import Direction
 from authd.health import Health
 from authd.histogram import Histogram
 from authd.metrics import registry_for, render
@@ -64,12 +65,17 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_auth_map_capacity") == 1024
     assert value(found, "authd_fail_closed_in_seconds") == 90
     assert value(found, "authd_auth_required_events_total", outcome="attesting") == 2
-    assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="AUTHENTICATED") == 9
-    assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="NO_AUTH_REQUIRED") == 5
-    assert value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="AUTH_REQUIRED") == 4
-    assert (
-        value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="INVALID_PACKET_DROPPED") == 0
-    )
+    verdicts = "authd_datapath_verdicts_total"
+    assert value(found, verdicts, verdict="FORWARDED", reason="AUTHENTICATED", direction="INGRESS") == 9
+    assert value(found, verdicts, verdict="FORWARDED", reason="AUTHENTICATED", direction="EGRESS") == 0
+    assert value(found, verdicts, verdict="FORWARDED", reason="NO_AUTH_REQUIRED", direction="EGRESS") == 5
+    assert value(found, verdicts, verdict="DROPPED", reason="AUTH_REQUIRED", direction="INGRESS") == 3
+    assert value(found, verdicts, verdict="DROPPED", reason="AUTH_REQUIRED", direction="EGRESS") == 1
+    for direction in ("INGRESS", "EGRESS"):
+        assert (
+            value(found, verdicts, verdict="DROPPED", reason="INVALID_PACKET_DROPPED", direction=direction)
+            == 0
+        )
     # Series alerts read exist before their first event.
     assert value(found, "authd_auth_required_events_total", outcome="unknown-identity") == 0
     assert value(found, "authd_spire_stream_failures_total", stream="workload-api") == 0
@@ -92,6 +98,7 @@ def test_values_are_read_at_scrape_time(ca: FakeCA) -> None:
     parts.results.stats.attempts["ok"] += 10
     parts.snapshot = parts.snapshot.__class__(
         counters={"denied_auth_expired": 2},
+        verdicts={("denied_auth_expired", Direction.INGRESS): 2},
         auth_capacity=2048,
         interfaces=(),
         events_decoded=0,
@@ -100,7 +107,10 @@ def test_values_are_read_at_scrape_time(ca: FakeCA) -> None:
     text = render(registry)[0].decode()
     assert 'authd_attestations_total{result="ok"} 13.0' in text
     # An expired auth entry is Cilium's AUTH_REQUIRED too: both counters add up in one series.
-    assert 'authd_datapath_verdicts_total{reason="AUTH_REQUIRED",verdict="DROPPED"} 2.0' in text
+    assert (
+        'authd_datapath_verdicts_total{direction="INGRESS",reason="AUTH_REQUIRED",verdict="DROPPED"} 2.0'
+        in text
+    )
     assert "authd_auth_map_capacity 2048.0" in text
     assert "authd_datapath_events_malformed_total 3.0" in text
 
