@@ -46,6 +46,7 @@ _VERDICTS = {
     "denied_source_not_owned": ("DROPPED", DROP_REASONS["SOURCE_NOT_OWNED"].name),
     "denied_source_wrong_interface": ("DROPPED", DROP_REASONS["SOURCE_WRONG_INTERFACE"].name),
     "denied_destination_not_owned": ("DROPPED", DROP_REASONS["DESTINATION_NOT_OWNED"].name),
+    "denied_encryption_unavailable": ("DROPPED", DROP_REASONS["ENCRYPTION_UNAVAILABLE"].name),
 }
 # Label values whose series exist from the start at 0, so that rates and alerts see them at once.
 ALWAYS: Mapping[str, tuple[str, ...]] = {

@@ -24,6 +24,7 @@ class AuthType(enum.IntEnum):
 
     NONE = 0
     SPIRE = 1
+    KTLS = 2
 
 
 class Direction(enum.IntEnum):
@@ -67,6 +68,7 @@ class DropReason(enum.IntEnum):
     SOURCE_WRONG_INTERFACE = 5
     DESTINATION_NOT_OWNED = 6
     UNSUPPORTED = 7
+    ENCRYPTION_UNAVAILABLE = 8
 
 
 class PolicyMatch(enum.IntEnum):
@@ -110,6 +112,7 @@ class Counter(enum.IntEnum):
     DENIED_DESTINATION_NOT_OWNED = 13
     DENIED_UNSUPPORTED = 14
     ESTABLISHED = 15
+    DENIED_ENCRYPTION_UNAVAILABLE = 16
 
 
 COUNTER_SLOTS = 32  # must match AUTHD_COUNTER_SLOTS

@@ -44,6 +44,8 @@ DROP_REASONS: Mapping[str, HubbleDrop] = MappingProxyType(
         # Delivered to a workload that does not own the destination (its link-local address, another
         # endpoint's address): no policy can allow it.
         "DESTINATION_NOT_OWNED": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
+        # Policy asks for kTLS and this node cannot carry the pair in it: refused rather than sent in clear.
+        "ENCRYPTION_UNAVAILABLE": HubbleDrop(flow_pb2.UNENCRYPTED_TRAFFIC, "Traffic is unencrypted"),
     }
 )
 

@@ -22,6 +22,9 @@
 enum authd_auth_type {
 	AUTHD_AUTH_NONE = 0,
 	AUTHD_AUTH_SPIRE = 1,
+	AUTHD_AUTH_KTLS = 2, /* policy only: the pair's TCP must run in kernel TLS. This datapath cannot
+			      * carry a connection into kTLS yet, so it drops such packets (ENCRYPTION_UNAVAILABLE)
+			      * and never looks for an auth entry: none can let them pass in clear. */
 };
 
 enum authd_direction {
@@ -181,7 +184,8 @@ enum authd_counter {
 	AUTHD_CNT_DENIED_DESTINATION_NOT_OWNED = 13,  /* dropped: destination not owned by the interface */
 	AUTHD_CNT_DENIED_UNSUPPORTED = 14,   /* dropped: not ARP, IPv4 or IPv6 (on Ethernet interfaces) */
 	AUTHD_CNT_ESTABLISHED = 15,          /* passed by an allowed flow (its packets, replies, ICMP errors) */
-	AUTHD_CNT_COUNT = 16,
+	AUTHD_CNT_DENIED_ENCRYPTION_UNAVAILABLE = 16, /* dropped: policy asks for kTLS, not available here */
+	AUTHD_CNT_COUNT = 17,
 };
 
 #define AUTHD_COUNTER_SLOTS 32 /* map size: room for counters added later without resizing the pin */
@@ -203,6 +207,7 @@ enum authd_drop_reason {
 						* node through that endpoint's interface (underlay, node) */
 	AUTHD_DROP_DESTINATION_NOT_OWNED = 6,  /* to a workload: destination not owned by the interface */
 	AUTHD_DROP_UNSUPPORTED = 7,            /* not ARP, IPv4 or IPv6 */
+	AUTHD_DROP_ENCRYPTION_UNAVAILABLE = 8, /* policy asks for kTLS, which this node cannot provide */
 };
 
 /* What decided the verdict. */
