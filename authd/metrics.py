@@ -73,6 +73,7 @@ class AuthdCollector(Collector):
         yield from self._spire()
         yield from self._attestation()
         yield from self._cluster()
+        yield from self._ktls()
         yield from self._auth()
         yield from self._datapath()
 
@@ -105,6 +106,22 @@ class AuthdCollector(Collector):
         for job, count in sorted(view.restarts.items()):
             restarts.add_metric([job], count)
         yield restarts
+
+    def _ktls(self) -> Iterator[Metric]:
+        gate = self._view.ktls
+        if gate is None:
+            return
+        stats = gate.stats
+        yield GaugeMetricFamily(
+            "authd_ktls_kernel_support",
+            '1 if the kernel has TLS (TCP_ULP "tls")',
+            value=_flag(stats.kernel_tls),
+        )
+        yield GaugeMetricFamily(
+            "authd_ktls_denied_rules",
+            "encrypt = ktls rules this node enforces, whose pairs it denies (it cannot carry them in kTLS)",
+            value=stats.denied_rules,
+        )
 
     def _svids(self) -> Iterator[Metric]:
         store = self._view.svids

@@ -58,6 +58,7 @@ class Rule:
     source: str
     destination: str
     enforce: str = "ingress"
+    encrypt: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +238,7 @@ class DevCluster:
                 f'source = "{source}"',
                 f'destination = "{destination}"',
                 f'enforce = "{rule.enforce}"',
+                f'encrypt = "{rule.encrypt}"',
                 "",
             ]
         path = self.cluster_file

@@ -67,6 +67,9 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="AUTHENTICATED") == 9
     assert value(found, "authd_datapath_verdicts_total", verdict="FORWARDED", reason="NO_AUTH_REQUIRED") == 5
     assert value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="AUTH_REQUIRED") == 4
+    assert value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="UNENCRYPTED_TRAFFIC") == 6
+    assert value(found, "authd_ktls_kernel_support") == 0
+    assert value(found, "authd_ktls_denied_rules") == 2
     assert (
         value(found, "authd_datapath_verdicts_total", verdict="DROPPED", reason="INVALID_PACKET_DROPPED") == 0
     )
@@ -133,7 +136,9 @@ def test_a_daemon_without_spire_or_datapath_exports_only_what_it_has() -> None:
     names = {name for name, _ in found}
     assert value(found, "authd_ready") == 1
     assert not {
-        n for n in names if n.startswith(("authd_svid", "authd_attest", "authd_datapath", "authd_auth_"))
+        n
+        for n in names
+        if n.startswith(("authd_svid", "authd_attest", "authd_datapath", "authd_auth_", "authd_ktls"))
     }
 
 
