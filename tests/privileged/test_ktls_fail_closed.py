@@ -40,6 +40,15 @@ def cluster() -> Iterator[DevCluster]:
         yield built
 
 
+def test_the_ktls_rule_is_a_ktls_policy_entry(cluster: DevCluster) -> None:
+    listed = [
+        json.loads(line) for line in cluster.authd("node-b", "bpf", "policy", "list", "--json").splitlines()
+    ]
+    by_pair = {(row["local_id"], row["remote_id"], row["direction"]): row["auth_type"] for row in listed}
+    assert by_pair[(SPEC.spiffe_id("backend"), SPEC.spiffe_id("frontend"), "INGRESS")] == "KTLS"
+    assert by_pair[(SPEC.spiffe_id("db"), "any", "INGRESS")] == "SPIRE"
+
+
 def test_the_ktls_pair_is_denied_and_the_plain_pair_passes(cluster: DevCluster) -> None:
     before = cluster.counters("node-b")["denied_encryption_unavailable"]
     refused = cluster.tcp("frontend", "backend", duration=0.2, connect_timeout=2)
