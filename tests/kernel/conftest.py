@@ -16,14 +16,16 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest import nodes
 
 from tests.kernel.guest import GuestRun, run_in_guest
 from tests.kernel.image import image
-from tests.kernel.report import REPORT, Outcome, outcomes
+from tests.kernel.report import REPORT, Outcome, accounted, outcomes
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -45,9 +47,14 @@ class GuestTest(pytest.Item):
         super().__init__(**kwargs)
         self.original = original
         for mark in original.own_markers:
+            self.own_markers.append(mark)
+            self.keywords[mark.name] = mark
+
+    def iter_markers_with_node(self, name: str | None = None) -> Iterator[tuple[nodes.Node, pytest.Mark]]:
+        """The markers, the module's and class's too, but for those the guest evaluates."""
+        for node, mark in super().iter_markers_with_node(name):
             if mark.name not in GUEST_ONLY_MARKS:
-                self.own_markers.append(mark)
-                self.keywords[mark.name] = mark
+                yield node, mark
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         path, line, name = self.original.reportinfo()
@@ -108,7 +115,8 @@ class Tier:
             env={"AUTHD_GUEST": "1", "AUTHD_REQUIRE_PRIVILEGED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
             timeout=TIER_TIMEOUT - (time.monotonic() - started),
         )
-        self._outcomes = outcomes(self._run.files.get(REPORT, b"").decode())
+        found = outcomes(self._run.files.get(REPORT, b"").decode())
+        self._outcomes = accounted(found, self._run.returncode, self._run.describe())
         built_note = "cached" if build_seconds is None else f"built in {build_seconds:.0f} s"
         print(  # noqa: T201 - the tier's figures, for the report (pytest -s shows them)
             f"\n[kernel tier] {len(nodeids)} tests in the guest ({built.release}, image {built_note}): "

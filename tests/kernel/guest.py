@@ -2,12 +2,13 @@
 
 QEMU emulates the CPU (TCG, one vCPU: KVM fails on these machines and multi-threaded TCG panics the
 guest's boot; shared/notes/platform.md section 5). The guest's root is this machine's root, shared
-read-only over virtio 9p, so the project, its venv and the Debian tools are the host's own; init.sh gives
-it fresh /tmp, /run, /proc, /sys, /dev and bpffs. A second, writable 9p share, the job directory, carries
+read-only over virtio 9p, so the project, its venv and the Debian tools are the host's own; init.sh puts
+an overlay over it that keeps the guest's writes in the guest's memory, and fresh /tmp, /run, /proc,
+/sys, /dev and bpffs. A second, writable 9p share, the job directory, carries
 ``run.sh`` in and the command's output, exit status and reports out (guest path ``/tmp/authd-guest``).
 
-QEMU is killed when the run exceeds its deadline and when the calling process dies (``PR_SET_PDEATHSIG``),
-and the scratch directory is removed whatever happens.
+QEMU is killed when the run exceeds its deadline and when the calling process dies (``PR_SET_PDEATHSIG``).
+The scratch directory is removed at the end, or by the next run if the caller was killed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import shlex
 import shutil
 import signal
@@ -30,6 +32,7 @@ GUEST_JOB = "/tmp/authd-guest"  # noqa: S108 - the guest's own tmpfs, see init.s
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_PDEATHSIG = 1
 TAIL = 4000
+SCRATCH_PREFIX = "authd-qemu-"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -66,7 +69,8 @@ def run_in_guest(
     ``env`` may name ``$AUTHD_GUEST_JOB`` (the job directory as the guest sees it) for files the command
     leaves for the caller: :attr:`GuestRun.files` holds every file the job directory has at the end.
     """
-    scratch = Path(tempfile.mkdtemp(prefix="authd-qemu-"))
+    _remove_stale_scratch()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     job = scratch / "job"
     job.mkdir()
     console = scratch / "console.log"
@@ -111,6 +115,14 @@ def _stop(qemu: subprocess.Popen[bytes]) -> None:
     if qemu.poll() is None:
         qemu.kill()
         qemu.wait()
+
+
+def _remove_stale_scratch() -> None:
+    """Scratch directories of runs whose process died before it could remove them (SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+        if pid.isdigit() and not Path("/proc", pid).exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _collect(scratch: Path, job: Path, console: Path, seconds: float) -> GuestRun:

@@ -36,6 +36,7 @@ BUILD_TIMEOUT = 600.0
 MODULES = (
     "9pnet_virtio",  # the guest's root is the host's, shared over virtio 9p
     "9p",
+    "overlay",  # over it, the guest's writes stay in the guest
     "tls",  # kernel TLS, and the AEAD it instantiates for AES-GCM records
     "gcm",
     "ghash-generic",

@@ -65,3 +65,17 @@ def outcomes(lines: str) -> dict[str, Outcome]:
         elif line["when"] == "call":
             folded[nodeid] = Outcome("passed")
     return folded
+
+
+def accounted(found: dict[str, Outcome], returncode: int | None, why: str) -> dict[str, Outcome]:
+    """``found``, each test failed with ``why`` if pytest's exit status contradicts the outcomes.
+
+    pytest exits 1 when a test failed and 0 when none did; any other status (an internal error, an
+    interrupted session) means the outcomes are not the whole story. ``None``: the run never finished,
+    and the tests without an outcome say so themselves.
+    """
+    failed = any(outcome.result == "failed" for outcome in found.values())
+    if returncode is None or returncode == (1 if failed else 0):
+        return found
+    note = Outcome("failed", f"the guest's pytest exited {returncode}\n{why}")
+    return {nodeid: outcome if outcome.result == "failed" else note for nodeid, outcome in found.items()}
