@@ -40,6 +40,7 @@ from authd.httpapi import HttpServer
 from authd.hubble.history import HISTORY_DIR, FlowHistory
 from authd.hubble.server import ObserverServer
 from authd.jobs import Job, Supervisor
+from authd.ktls.support import KtlsGate, probe
 from authd.logbook import Logbook
 from authd.sdnotify import Notifier
 from authd.spire.agent import IdentityPlane
@@ -130,6 +131,7 @@ class Daemon:
             channels=self.channels if attestation else None,
             attestations=self.attestations if attestation else None,
             cluster=self.cluster if attestation else None,
+            ktls=self.ktls if attestation else None,
             auth=lambda: self.manager.stats if self.manager is not None else None,
             fail_closed_at=lambda: self.manager.fail_closed_at() if self.manager is not None else None,
             datapath=enforcement.snapshot if enforcement is not None else lambda: None,
@@ -192,6 +194,9 @@ class Daemon:
         config = self.config
         self.cluster = open_source(config.cluster, self.node_name, self.health.register("cluster"))
         self._jobs.append(Job(f"cluster-{config.cluster.source}", self.cluster.run, critical=False))
+        # Fails closed on its own (the datapath drops kTLS pairs); the gate says why, so it never gates READY.
+        self.ktls = KtlsGate(self.node_name, self.health.register("ktls", gates_ready=False), probe())
+        self._jobs.append(Job("ktls", lambda: self.ktls.follow(self.cluster.snapshots()), critical=False))
         self.control.register("cluster-accept", lambda request: serve_accept(self.cluster, request))
         self.attestations = Attestations(on_change=self._attestations_changed)
         self.channels = Channels(

@@ -20,6 +20,7 @@ from authd.authmanager import ManagerStats
 from authd.cluster.source import SourceStats
 from authd.health import ComponentStatus, State
 from authd.identity import SpiffeId
+from authd.ktls.support import KtlsStats
 from authd.logbook import Entry
 from authd.svids import StoreStats
 from authd.x509svid import BundleSet, X509Svid
@@ -121,6 +122,15 @@ class ClusterStatsSource(Protocol):
         ...
 
 
+class KtlsSource(Protocol):
+    """The kTLS gate."""
+
+    @property
+    def stats(self) -> KtlsStats:
+        """Whether the kernel has TLS, and the kTLS rules whose pairs are denied here."""
+        ...
+
+
 def _none() -> None:
     return None
 
@@ -140,6 +150,7 @@ class DaemonView:
     channels: ChannelSource | None = None
     attestations: AttestationSource | None = None
     cluster: ClusterStatsSource | None = None
+    ktls: KtlsSource | None = None
     auth: Callable[[], ManagerStats | None] = _none
     """The auth manager's stats while it runs (it runs once the datapath is loaded)."""
     fail_closed_at: Callable[[], datetime | None] = _none

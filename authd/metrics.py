@@ -50,6 +50,7 @@ _VERDICTS = {
     "denied_source_wrong_interface": ("DROPPED", DROP_REASONS["SOURCE_WRONG_INTERFACE"].name),
     "denied_destination_not_owned": ("DROPPED", DROP_REASONS["DESTINATION_NOT_OWNED"].name),
     "denied_router_message": ("DROPPED", DROP_REASONS["ROUTER_MESSAGE"].name),
+    "denied_encryption_unavailable": ("DROPPED", DROP_REASONS["ENCRYPTION_UNAVAILABLE"].name),
 }
 # Label values whose series exist from the start at 0, so that rates and alerts see them at once.
 ALWAYS: Mapping[str, tuple[str, ...]] = {
@@ -76,6 +77,7 @@ class AuthdCollector(Collector):
         yield from self._spire()
         yield from self._attestation()
         yield from self._cluster()
+        yield from self._ktls()
         yield from self._auth()
         yield from self._datapath()
 
@@ -108,6 +110,22 @@ class AuthdCollector(Collector):
         for job, count in sorted(view.restarts.items()):
             restarts.add_metric([job], count)
         yield restarts
+
+    def _ktls(self) -> Iterator[Metric]:
+        gate = self._view.ktls
+        if gate is None:
+            return
+        stats = gate.stats
+        yield GaugeMetricFamily(
+            "authd_ktls_kernel_support",
+            '1 if the kernel has TLS (TCP_ULP "tls")',
+            value=_flag(stats.kernel_tls),
+        )
+        yield GaugeMetricFamily(
+            "authd_ktls_denied_rules",
+            "encrypt = ktls rules this node enforces, whose pairs it denies (it cannot carry them in kTLS)",
+            value=stats.denied_rules,
+        )
 
     def _svids(self) -> Iterator[Metric]:
         store = self._view.svids

@@ -696,6 +696,11 @@ static __always_inline void decide(struct decision *d, __u8 direction)
 		return;
 	}
 	d->match = AUTHD_MATCH_AUTH;
+	if (pol->auth_type == AUTHD_AUTH_KTLS) {
+		/* Never in clear, whatever the auth map holds (see enum authd_auth_type). */
+		deny(d, AUTHD_DROP_ENCRYPTION_UNAVAILABLE, AUTHD_CNT_DENIED_ENCRYPTION_UNAVAILABLE);
+		return;
+	}
 	auth_key_of(d, &key);
 	entry = bpf_map_lookup_elem(&auth, &key);
 	if (!entry) {
@@ -1063,8 +1068,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		origin = f->origin;
 	}
 	decide(&d, origin);
-	if (d.verdict == AUTHD_VERDICT_DENIED)
-		report_auth_required(&p, &d, cfg);
+	if (d.verdict == AUTHD_VERDICT_DENIED && d.drop_reason != AUTHD_DROP_ENCRYPTION_UNAVAILABLE)
+		report_auth_required(&p, &d, cfg); /* an attestation cannot help a kTLS pair */
 
 	news = 1;
 	if (tabled) {

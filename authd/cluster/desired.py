@@ -9,7 +9,9 @@ Three outputs, each a plain value the auth manager diffs against what the pinned
   egress rules whose source matches it). A remote side of ``*`` is one wildcard entry (remote :data:`ANY`),
   never one entry per identity; narrower patterns expand to the known identities they match, and
   specific entries that a wildcard entry of the same local identity and direction already covers are left
-  out;
+  out. The auth type is SPIRE, or KTLS for a rule with ``encrypt = "ktls"``; where several rules cover a
+  key the strictest wins, and a specific entry is never weaker than the wildcard entry it shadows (the
+  datapath looks up the specific key first, so a weaker one would let a kTLS pair through in clear);
 - the **auth pairs**: every (local identity, remote identity, remote node) that policy needs an auth entry
   for, with each node that hosts the remote identity. A pair whose remote identity runs on this node needs
   no handshake (this node holds both SVIDs) and is marked ``on_local_node``. ``*`` expands here to every
@@ -104,22 +106,31 @@ def ipcache(state: ClusterState, local_node: str, handles: HandleLookup) -> dict
 
 def policy(state: ClusterState, local_node: str, handles: HandleLookup) -> dict[PolicyKey, AuthType]:
     """The policy map entries of ``local_node`` (see the module docstring)."""
-    wanted: set[tuple[int, int, Direction]] = set()
+    wanted: dict[tuple[int, int, Direction], AuthType] = {}
+
+    def want(key: tuple[int, int, Direction], auth_type: AuthType) -> None:
+        wanted[key] = max(wanted.get(key, AuthType.NONE), auth_type, key=_STRICTNESS.index)
+
     matching = _Matcher(state)
-    for local, remote_pattern, direction in _local_sides(state, local_node):
+    for local, remote_pattern, direction, auth_type in _local_sides(state, local_node):
         local_handle = _identity(handles, local)
         if remote_pattern.is_any:
-            wanted.add((local_handle, ANY, direction))
+            want((local_handle, ANY, direction), auth_type)
         else:
-            wanted.update(
-                (local_handle, _identity(handles, remote), direction) for remote in matching(remote_pattern)
-            )
-    wildcards = {(local, direction) for local, remote, direction in wanted if remote == ANY}
-    return {
-        PolicyKey(local, remote, direction): AuthType.SPIRE
-        for local, remote, direction in sorted(wanted)
-        if remote == ANY or (local, direction) not in wildcards
-    }
+            for remote in matching(remote_pattern):
+                want((local_handle, _identity(handles, remote), direction), auth_type)
+    wildcards = {(key[0], key[2]): value for key, value in wanted.items() if key[1] == ANY}
+    entries: dict[PolicyKey, AuthType] = {}
+    for (local_handle, remote_handle, direction), auth_type in sorted(wanted.items()):
+        shadowed = wildcards.get((local_handle, direction))
+        if (
+            remote_handle != ANY
+            and shadowed is not None
+            and _STRICTNESS.index(shadowed) >= _STRICTNESS.index(auth_type)
+        ):
+            continue  # the wildcard entry already asks as much
+        entries[PolicyKey(local_handle, remote_handle, direction)] = auth_type
+    return entries
 
 
 def auth_pairs(state: ClusterState, local_node: str, handles: HandleLookup) -> frozenset[AuthPair]:
@@ -127,7 +138,7 @@ def auth_pairs(state: ClusterState, local_node: str, handles: HandleLookup) -> f
     pairs: set[AuthPair] = set()
     remotes_of: dict[SpiffeId, set[SpiffeId]] = {}
     matching = _Matcher(state)
-    for local, remote_pattern, _ in _local_sides(state, local_node):
+    for local, remote_pattern, _, _ in _local_sides(state, local_node):
         remotes_of.setdefault(local, set()).update(matching(remote_pattern))
     # Where each remote runs, with its handles, is the same for every local identity: look it up once.
     hosts: dict[SpiffeId, list[tuple[int, str, int]]] = {}
@@ -150,16 +161,23 @@ def attestations(pairs: Iterable[AuthPair]) -> frozenset[tuple[SpiffeId, str]]:
     return frozenset((pair.remote, pair.node) for pair in pairs if not pair.on_local_node)
 
 
-def _local_sides(state: ClusterState, local_node: str) -> list[tuple[SpiffeId, IdentityPattern, Direction]]:
-    """(local identity, pattern of the remote side, direction) for each rule this node enforces."""
+_STRICTNESS = (AuthType.NONE, AuthType.SPIRE, AuthType.KTLS)
+"""Auth types from the least to the most demanding."""
+
+_Side = tuple[SpiffeId, IdentityPattern, Direction, AuthType]
+
+
+def _local_sides(state: ClusterState, local_node: str) -> list[_Side]:
+    """(local identity, pattern of the remote side, direction, auth type) for each rule this node enforces."""
     local_ids = sorted({endpoint.spiffe_id for endpoint in state.endpoints_on(local_node)})
-    sides: list[tuple[SpiffeId, IdentityPattern, Direction]] = []
+    sides: list[_Side] = []
     for rule in state.rules:
+        auth_type = AuthType.KTLS if rule.encrypt == "ktls" else AuthType.SPIRE
         for local in local_ids:
             if rule.at_ingress and rule.destination.matches(local):
-                sides.append((local, rule.source, Direction.INGRESS))
+                sides.append((local, rule.source, Direction.INGRESS, auth_type))
             if rule.at_egress and rule.source.matches(local):
-                sides.append((local, rule.destination, Direction.EGRESS))
+                sides.append((local, rule.destination, Direction.EGRESS, auth_type))
     return sides
 
 

@@ -136,8 +136,15 @@ def endpoint_table(endpoint: Endpoint) -> dict[str, Any]:
 
 
 def policy_table(rule: PolicyRule) -> dict[str, Any]:
-    """A rule as the cluster file's [[policy]] table."""
-    return {"source": str(rule.source), "destination": str(rule.destination), "enforce": rule.enforce}
+    """A rule as the cluster file's [[policy]] table (``encrypt`` only when it asks for something)."""
+    table: dict[str, Any] = {
+        "source": str(rule.source),
+        "destination": str(rule.destination),
+        "enforce": rule.enforce,
+    }
+    if rule.encrypt != "none":
+        table["encrypt"] = rule.encrypt
+    return table
 
 
 def _prefix(prefix: Any) -> str:  # noqa: ANN401 - an IPv4Network or IPv6Network

@@ -38,7 +38,15 @@ from typing import Any
 import structlog
 
 from authd.cluster.guard import GuardedFeed
-from authd.cluster.model import ClusterState, Endpoint, Enforce, IdentityPattern, Node, PolicyRule
+from authd.cluster.model import (
+    ClusterState,
+    Encrypt,
+    Endpoint,
+    Enforce,
+    IdentityPattern,
+    Node,
+    PolicyRule,
+)
 from authd.cluster.source import SourceStats
 from authd.cluster.validation import build_state
 from authd.config.model import node_name
@@ -112,6 +120,9 @@ class PolicyTable:
     source: IdentityPattern = required("who sends: an identity pattern")
     destination: IdentityPattern = required("who receives: an identity pattern")
     enforce: Enforce = setting("ingress", "where it is checked: ingress, egress or both")
+    encrypt: Encrypt = setting(
+        "none", 'what else it needs: "none", or "ktls" (kernel TLS per TCP connection)'
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +165,7 @@ def state_from_tables(data: Mapping[str, Any], *, source: str) -> ClusterState:
     if problems:
         raise ClusterStateError(f"cluster: {len(problems)} problem(s) in {source}", problems)
     endpoints = [Endpoint(e.spiffe_id, e.node, e.prefixes, e.selectors) for e in decoded.endpoint]
-    rules = [PolicyRule(p.source, p.destination, p.enforce) for p in decoded.policy]
+    rules = [PolicyRule(p.source, p.destination, p.enforce, p.encrypt) for p in decoded.policy]
     try:
         return build_state(nodes, endpoints, rules)
     except ClusterStateError as err:

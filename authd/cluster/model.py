@@ -25,9 +25,15 @@ refused: it would match nothing, and the operator almost certainly meant ``spiff
 
 Policy rules
 ------------
-``PolicyRule(source, destination, enforce)`` says that traffic from an identity matching ``source`` to an
-identity matching ``destination`` requires authentication, checked at the destination's ingress
+``PolicyRule(source, destination, enforce, encrypt)`` says that traffic from an identity matching ``source``
+to an identity matching ``destination`` requires authentication, checked at the destination's ingress
 (``"ingress"``), at the source's egress (``"egress"``) or at both.
+
+``encrypt = "ktls"`` asks more: each TCP connection of the pair runs in a TLS 1.3 session of its own,
+keyed from the two workloads' SVIDs, with the record crypto in kernel TLS. Both ends need an SVID, so
+neither side may be ``*`` (the world has none). The datapath never passes such a pair in clear: until
+this node can carry it in kTLS (kernel TLS and the transparent capture), its packets are dropped with
+their own reason (:mod:`authd.ktls`). Where two rules cover the same pair, ``ktls`` wins.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ IpNetwork = IPv4Network | IPv6Network
 
 Enforce = Literal["ingress", "egress", "both"]
 """Where a rule is enforced: the destination's ingress, the source's egress, or both."""
+
+Encrypt = Literal["none", "ktls"]
+"""What a rule asks beyond authentication: nothing, or kernel TLS per TCP connection."""
 
 WILDCARD = "*"
 
@@ -156,11 +165,15 @@ class IdentityPattern:
 
 @dataclass(frozen=True, slots=True)
 class PolicyRule:
-    """Traffic from ``source`` to ``destination`` requires authentication, enforced where ``enforce`` says."""
+    """Traffic from ``source`` to ``destination`` requires authentication, enforced where ``enforce`` says.
+
+    ``encrypt``: ``"ktls"`` also requires kernel TLS for the pair's TCP connections (module docstring).
+    """
 
     source: IdentityPattern
     destination: IdentityPattern
     enforce: Enforce = "ingress"
+    encrypt: Encrypt = "none"
 
     @property
     def at_ingress(self) -> bool:
@@ -293,6 +306,6 @@ def _digest(nodes: Iterable[Node], endpoints: Iterable[Endpoint], rules: Iterabl
             ]
             for e in endpoints
         ),
-        "rules": sorted({(str(r.source), str(r.destination), r.enforce) for r in rules}),
+        "rules": sorted({(str(r.source), str(r.destination), r.enforce, r.encrypt) for r in rules}),
     }
     return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()

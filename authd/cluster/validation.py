@@ -14,7 +14,9 @@ ordered lists. What is checked, and why an operator gets it wrong:
 - an endpoint prefix contains no node address, or node-to-node traffic (attestation itself) would be
   classified as that workload and could be blocked by its policy;
 - an endpoint prefix is not IPv4-mapped IPv6 (``::ffff:10.1.0.5``): packets carry the IPv4 form;
-- an endpoint lists each selector once, and the same (identity, node, selectors) appears only once.
+- an endpoint lists each selector once, and the same (identity, node, selectors) appears only once;
+- a rule with ``encrypt = "ktls"`` names no ``*`` side: a kTLS session is keyed from the SVIDs of both
+  workloads, and the world (an address not in cluster state) has none.
 """
 
 from __future__ import annotations
@@ -43,12 +45,25 @@ def build_state(
 
 def problems(nodes: Sequence[Node], endpoints: Sequence[Endpoint], rules: Sequence[PolicyRule]) -> list[str]:
     """Every inconsistency in the content: grouped by check, each group in document order."""
-    del rules  # patterns are validated when parsed; a rule matching nothing yet is legitimate
     found: list[str] = []
     _check_nodes(nodes, found)
     _check_endpoints(nodes, endpoints, found)
     _check_prefixes(nodes, endpoints, found)
+    _check_rules(rules, found)
     return found
+
+
+def _check_rules(rules: Sequence[PolicyRule], found: list[str]) -> None:
+    """Patterns are validated when parsed, and a rule matching nothing yet is legitimate; kTLS needs SVIDs."""
+    for index, rule in enumerate(rules):
+        if rule.encrypt != "ktls":
+            continue
+        for side, pattern in (("source", rule.source), ("destination", rule.destination)):
+            if pattern.is_any:
+                found.append(
+                    f'policy[{index}].encrypt: "ktls" needs an SVID at both ends, but {side} "*" includes '
+                    "addresses not in cluster state; name the workloads (spiffe://<trust domain>/* for all)"
+                )
 
 
 def _check_nodes(nodes: Sequence[Node], found: list[str]) -> None:

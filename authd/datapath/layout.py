@@ -24,6 +24,7 @@ class AuthType(enum.IntEnum):
 
     NONE = 0
     SPIRE = 1
+    KTLS = 2
 
 
 class Direction(enum.IntEnum):
@@ -68,6 +69,7 @@ class DropReason(enum.IntEnum):
     DESTINATION_NOT_OWNED = 6
     UNSUPPORTED = 7
     ROUTER_MESSAGE = 8
+    ENCRYPTION_UNAVAILABLE = 9
 
 
 class PolicyMatch(enum.IntEnum):
@@ -112,6 +114,7 @@ class Counter(enum.IntEnum):
     DENIED_UNSUPPORTED = 14
     ESTABLISHED = 15
     DENIED_ROUTER_MESSAGE = 16
+    DENIED_ENCRYPTION_UNAVAILABLE = 17
 
 
 COUNTER_SLOTS = 32  # must match AUTHD_COUNTER_SLOTS

@@ -60,6 +60,7 @@ class Rule:
     source: str
     destination: str
     enforce: str = "ingress"
+    encrypt: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,7 @@ class DevCluster:
                 f'source = "{source}"',
                 f'destination = "{destination}"',
                 f'enforce = "{rule.enforce}"',
+                f'encrypt = "{rule.encrypt}"',
                 "",
             ]
         path = self.cluster_file

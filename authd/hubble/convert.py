@@ -71,7 +71,7 @@ def flow_from_event(event: FlowEvent, names: IdentityNames) -> flow_pb2.Flow:
     flow = flow_pb2.Flow(
         time=time,
         uuid=str(uuid.uuid4()),
-        auth_type=flow_pb2.SPIRE if event.auth_type is AuthType.SPIRE else flow_pb2.DISABLED,
+        auth_type=flow_pb2.SPIRE if event.auth_type in (AuthType.SPIRE, AuthType.KTLS) else flow_pb2.DISABLED,
         IP=flow_pb2.IP(
             source=str(event.src),
             destination=str(event.dst),

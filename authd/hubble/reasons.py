@@ -46,6 +46,8 @@ DROP_REASONS: Mapping[str, HubbleDrop] = MappingProxyType(
         "DESTINATION_NOT_OWNED": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
         # A workload that sends router advertisements or redirects claims to be a router: refused.
         "ROUTER_MESSAGE": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
+        # Policy asks for kTLS and this node cannot carry the pair in it: refused rather than sent in clear.
+        "ENCRYPTION_UNAVAILABLE": HubbleDrop(flow_pb2.UNENCRYPTED_TRAFFIC, "Traffic is unencrypted"),
     }
 )
 

@@ -22,6 +22,9 @@
 enum authd_auth_type {
 	AUTHD_AUTH_NONE = 0,
 	AUTHD_AUTH_SPIRE = 1,
+	AUTHD_AUTH_KTLS = 2, /* policy only: the pair's TCP must run in kernel TLS. This datapath cannot
+			      * carry a connection into kTLS yet, so it drops such packets (ENCRYPTION_UNAVAILABLE)
+			      * and never looks for an auth entry: none can let them pass in clear. */
 };
 
 enum authd_direction {
@@ -185,7 +188,8 @@ enum authd_counter {
 	AUTHD_CNT_DENIED_UNSUPPORTED = 14,   /* dropped: not ARP, IPv4 or IPv6 (on Ethernet interfaces) */
 	AUTHD_CNT_ESTABLISHED = 15,          /* passed by an allowed flow (its packets, replies, ICMP errors) */
 	AUTHD_CNT_DENIED_ROUTER_MESSAGE = 16, /* dropped: a router advertisement or redirect from a workload */
-	AUTHD_CNT_COUNT = 17,
+	AUTHD_CNT_DENIED_ENCRYPTION_UNAVAILABLE = 17, /* dropped: policy asks for kTLS, not available here */
+	AUTHD_CNT_COUNT = 18,
 };
 
 #define AUTHD_COUNTER_SLOTS 32 /* map size: room for counters added later without resizing the pin */
@@ -214,6 +218,7 @@ enum authd_drop_reason {
 	AUTHD_DROP_UNSUPPORTED = 7,            /* not ARP, IPv4 or IPv6 */
 	AUTHD_DROP_ROUTER_MESSAGE = 8,         /* from a workload: a router advertisement or an ICMP(v6)
 						* redirect, which only the node's routers may send */
+	AUTHD_DROP_ENCRYPTION_UNAVAILABLE = 9, /* policy asks for kTLS, which this node cannot provide */
 };
 
 /* What decided the verdict. */

@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Iterable
 
-from authd.cluster.model import ClusterState, Endpoint, Enforce, IdentityPattern, Node, PolicyRule
+from authd.cluster.model import ClusterState, Encrypt, Endpoint, Enforce, IdentityPattern, Node, PolicyRule
 from authd.cluster.source import StateFeed
 from authd.cluster.validation import build_state
 from authd.identity import Selector, SpiffeId
@@ -37,9 +37,11 @@ def endpoint(path: str, on: str, *prefixes: str, selectors: Iterable[str] = ()) 
     )
 
 
-def rule(source: str, destination: str, enforce: Enforce = "ingress") -> PolicyRule:
+def rule(
+    source: str, destination: str, enforce: Enforce = "ingress", encrypt: Encrypt = "none"
+) -> PolicyRule:
     """A rule between two patterns written as in the cluster file."""
-    return PolicyRule(IdentityPattern.parse(source), IdentityPattern.parse(destination), enforce)
+    return PolicyRule(IdentityPattern.parse(source), IdentityPattern.parse(destination), enforce, encrypt)
 
 
 def state(

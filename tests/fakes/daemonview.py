@@ -20,6 +20,7 @@ from authd.datapath.enforcement import DatapathSnapshot
 from authd.datapath.layout import Direction
 from authd.health import Health
 from authd.identity import SpiffeId, TrustDomain
+from authd.ktls.support import KtlsStats
 from authd.logbook import Entry
 from authd.svids import BundleOrigin, SvidStore
 from tests.fakes.ca import NOW
@@ -70,6 +71,13 @@ class FakeClusterSource:
 
 
 @dataclass
+class FakeKtlsGate:
+    """The kTLS gate: its stats."""
+
+    stats: KtlsStats
+
+
+@dataclass
 class Parts:
     """The pieces a test may change before reading the view again."""
 
@@ -81,6 +89,7 @@ class Parts:
     cluster: SourceStats
     manager: ManagerStats
     snapshot: DatapathSnapshot
+    ktls: KtlsStats
     recent: list[Entry]
     restarts: dict[str, int]
 
@@ -114,12 +123,13 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
     manager = ManagerStats(reconciles=4, upserts=3, deletes=1, entries=3)
     manager.auth_required.update({"attesting": 2})
     snapshot = DatapathSnapshot(
-        counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "auth_events_lost": 1},
+        counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "auth_events_lost": 1, "denied_encryption_unavailable": 6},
         verdicts={
             ("allowed", Direction.EGRESS): 5,
             ("allowed_auth", Direction.INGRESS): 9,
             ("denied_auth_required", Direction.INGRESS): 3,
             ("denied_auth_required", Direction.EGRESS): 1,
+            ("denied_encryption_unavailable", Direction.INGRESS): 6,
         },
         auth_capacity=1024,
         interfaces=("lxc0", "lxc1"),
@@ -138,6 +148,7 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         cluster=cluster,
         manager=manager,
         snapshot=snapshot,
+        ktls=KtlsStats(kernel_tls=False, denied_rules=2),
         recent=[Entry("2026-11-25T12:00:00Z", "warning", "attestation failed", {"reason": "not-hosted"})],
         restarts={"http": 1},
     )
@@ -149,6 +160,7 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         channels=FakeChannels(channels, {"node-b": True, "node-c": False}),
         attestations=results,
         cluster=FakeClusterSource(cluster),
+        ktls=FakeKtlsGate(parts.ktls),
         auth=lambda: parts.manager,
         fail_closed_at=lambda: NOW + timedelta(seconds=90),
         datapath=lambda: parts.snapshot,

@@ -385,6 +385,32 @@ def test_expired_entry_reports_expired(
     assert (str(auth.src), str(auth.dst)) == (A6, B6)
 
 
+def test_a_ktls_pair_is_dropped_whatever_the_auth_map_holds(
+    datapath: Datapath, auth_ring: RingBuffer, ring: RingBuffer, cluster: PinnedMaps
+) -> None:
+    datapath.configure(RuntimeConfig(FlowLevel.DENIED, 1_000_000_000))
+    cluster.policy.update_many({PolicyKey(A, B, Direction.EGRESS): AuthType.KTLS})
+    cluster.auth.update_many(
+        {AuthKey(A, B, NODE_B, auth_type): future() for auth_type in (AuthType.SPIRE, AuthType.KTLS)}
+    )
+    syn = pk.tcp_frame(A4, B4, 40000, 443, pk.SYN)
+    assert run(datapath, syn, repeat=3) == DROP
+    assert run(datapath, pk.tcp_frame(A6, B6)) == DROP
+    assert events(auth_ring) == []  # no attestation can help: authd is not asked for one
+    first = flows(ring)[0]
+    assert (first.verdict, first.drop_reason, first.auth_type) == (
+        Verdict.DENIED,
+        DropReason.ENCRYPTION_UNAVAILABLE,
+        AuthType.KTLS,
+    )
+    counters = cluster.counters.read()
+    assert counters["denied_encryption_unavailable"] == 4
+    assert counters["allowed_auth"] == 0
+    # The same pair under a plain rule passes with its auth entry.
+    cluster.policy.update_many({PolicyKey(A, B, Direction.EGRESS): AuthType.SPIRE})
+    assert run(datapath, pk.tcp_frame(A4, B4, 40001, 443, pk.SYN)) == PASS
+
+
 def flows(ring: RingBuffer) -> list[FlowEvent]:
     return [e for e in events(ring) if isinstance(e, FlowEvent)]
 

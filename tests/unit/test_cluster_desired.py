@@ -74,7 +74,7 @@ def three_nodes(*endpoints_: object, rules: list[PolicyRule]) -> ClusterState:
 
 
 IN, OUT = Direction.INGRESS, Direction.EGRESS
-SPIRE = AuthType.SPIRE
+SPIRE, KTLS = AuthType.SPIRE, AuthType.KTLS
 
 
 def test_enum_values_match_the_datapath_contract() -> None:
@@ -160,6 +160,46 @@ def test_wildcard_covers_specific_entries_of_the_same_side(tmp_path: Path) -> No
     )
     # The specific ingress entry is covered by the wildcard; the egress one is a different direction.
     assert World(tmp_path, cluster).policy() == {("db", "*", IN): SPIRE, ("db", "web", OUT): SPIRE}
+
+
+def test_ktls_rules_compile_to_ktls_entries(tmp_path: Path) -> None:
+    cluster = three_nodes(
+        endpoint("db", "node-a", "10.1.0.1"),
+        endpoint("web", "node-b", "10.2.0.1"),
+        rules=[rule("spiffe://example.org/web", "spiffe://example.org/db", "both", "ktls")],
+    )
+    assert World(tmp_path, cluster).policy() == {("db", "web", IN): KTLS}
+    assert World(tmp_path, cluster, "node-b").policy() == {("web", "db", OUT): KTLS}
+
+
+def test_ktls_wins_where_rules_overlap(tmp_path: Path) -> None:
+    cluster = three_nodes(
+        endpoint("db", "node-a", "10.1.0.1"),
+        endpoint("web", "node-b", "10.2.0.1"),
+        endpoint("cache", "node-b", "10.2.0.2"),
+        rules=[
+            rule("spiffe://example.org/web", "spiffe://example.org/db", encrypt="ktls"),
+            rule("spiffe://example.org/*", "spiffe://example.org/db"),
+        ],
+    )
+    # The same key from a plain and a kTLS rule is kTLS, whichever comes first.
+    expected = {("db", "web", IN): KTLS, ("db", "cache", IN): SPIRE, ("db", "db", IN): SPIRE}
+    assert World(tmp_path, cluster).policy() == expected
+    swapped = state(list(cluster.nodes.values()), cluster.endpoints, reversed(cluster.rules))
+    assert World(tmp_path, swapped).policy() == expected
+
+
+def test_a_wildcard_entry_never_weakens_a_ktls_pair(tmp_path: Path) -> None:
+    cluster = three_nodes(
+        endpoint("db", "node-a", "10.1.0.1"),
+        endpoint("web", "node-b", "10.2.0.1"),
+        rules=[
+            rule("*", "spiffe://example.org/db"),
+            rule("spiffe://example.org/web", "spiffe://example.org/db", encrypt="ktls"),
+        ],
+    )
+    # The datapath looks up (db, web) before (db, *): the kTLS entry must stay next to the wildcard.
+    assert World(tmp_path, cluster).policy() == {("db", "*", IN): SPIRE, ("db", "web", IN): KTLS}
 
 
 def test_narrow_patterns_expand_to_known_identities(tmp_path: Path) -> None:

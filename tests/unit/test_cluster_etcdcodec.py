@@ -29,6 +29,19 @@ def test_encoding_round_trips() -> None:
     assert render_toml(parse_cluster(text)) == text
 
 
+def test_a_ktls_rule_round_trips() -> None:
+    text = (
+        (REPO / "config" / "cluster.example.toml").read_text().replace('encrypt = "none"', 'encrypt = "ktls"')
+    )
+    state = parse_cluster(text)
+    assert [rule.encrypt for rule in state.rules] == ["ktls", "none"]
+    assert state.version != EXAMPLE.version
+    assert decode_state(encode_state(state), origin="etcd").version == state.version
+    assert parse_cluster(render_toml(state)).version == state.version
+    assert 'encrypt = "ktls"' in render_toml(state)
+    assert "encrypt" not in render_toml(EXAMPLE)  # the default is left out, as before
+
+
 def test_keys_of_other_versions_are_ignored() -> None:
     items = {**encode_state(EXAMPLE), "v2/anything": b"\x00not json"}
     assert decode_state(items, origin="etcd").version == EXAMPLE.version

@@ -172,6 +172,10 @@ def test_invalid_toml_is_one_clear_problem() -> None:
             '[[policy]]\nsource = "*"\ndestination = "*"\nenforce = "inbound"\n',
             'policy[0].enforce: must be one of "ingress", "egress", "both", got "inbound"',
         ),
+        (
+            '[[policy]]\nsource = "*"\ndestination = "*"\nencrypt = "tls"\n',
+            'policy[0].encrypt: must be one of "none", "ktls", got "tls"',
+        ),
     ],
 )
 def test_decoding_problems_name_key_path(text: str, expected: str) -> None:
@@ -305,6 +309,28 @@ def with_nodes(extra: str) -> str:
 )
 def test_cross_checks(text: str, expected: list[str]) -> None:
     assert problems_of(text) == expected
+
+
+def test_a_rule_can_ask_for_ktls() -> None:
+    state = parse_cluster(GOOD + RULE.replace("[[policy]]", '[[policy]]\nencrypt = "ktls"'))
+    assert [rule.encrypt for rule in state.rules] == ["none", "ktls"]
+    assert state.version != parse_cluster(GOOD + RULE).version
+
+
+@pytest.mark.parametrize(
+    ("side", "rule"),
+    [
+        ("source", RULE.replace('source = "spiffe://example.org/web"', 'source = "*"')),
+        ("destination", RULE.replace('destination = "spiffe://example.org/db"', 'destination = "*"')),
+    ],
+)
+def test_ktls_needs_an_svid_at_both_ends(side: str, rule: str) -> None:
+    problems = problems_of(GOOD + rule.replace("[[policy]]", '[[policy]]\nencrypt = "ktls"'))
+    expected = (
+        f'policy[1].encrypt: "ktls" needs an SVID at both ends, but {side} "*" includes addresses not in '
+        "cluster state; name the workloads (spiffe://<trust domain>/* for all)"
+    )
+    assert problems == [expected]
 
 
 def test_same_identity_on_two_nodes_or_with_other_selectors_is_fine() -> None:

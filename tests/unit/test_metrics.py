@@ -76,6 +76,9 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
             value(found, verdicts, verdict="DROPPED", reason="INVALID_PACKET_DROPPED", direction=direction)
             == 0
         )
+    assert value(found, verdicts, verdict="DROPPED", reason="UNENCRYPTED_TRAFFIC", direction="INGRESS") == 6
+    assert value(found, "authd_ktls_kernel_support") == 0
+    assert value(found, "authd_ktls_denied_rules") == 2
     # Series alerts read exist before their first event.
     assert value(found, "authd_auth_required_events_total", outcome="unknown-identity") == 0
     assert value(found, "authd_spire_stream_failures_total", stream="workload-api") == 0
@@ -143,7 +146,9 @@ def test_a_daemon_without_spire_or_datapath_exports_only_what_it_has() -> None:
     names = {name for name, _ in found}
     assert value(found, "authd_ready") == 1
     assert not {
-        n for n in names if n.startswith(("authd_svid", "authd_attest", "authd_datapath", "authd_auth_"))
+        n
+        for n in names
+        if n.startswith(("authd_svid", "authd_attest", "authd_datapath", "authd_auth_", "authd_ktls"))
     }
 
 

@@ -45,7 +45,7 @@ def test_report_names_svids_peers_and_usage(ca: FakeCA) -> None:
     }
     assert status["auth_map"] == {"entries": 3, "capacity": 1024, "reconciles": 4, "fail_closed_in_s": 90}
     assert status["datapath"]["interfaces"] == ["lxc0", "lxc1"]
-    assert (status["datapath"]["allowed"], status["datapath"]["denied"]) == (14, 4)
+    assert (status["datapath"]["allowed"], status["datapath"]["denied"]) == (14, 10)  # 6 want kTLS
     assert status["spire"]["connected"] is False  # a workload stream is down
     assert status["spire"]["streams_down"] == {"delegated-svids[unix:uid:1000]": "UNAVAILABLE"}
     assert status["cluster"]["version"] == "abababababab"
