@@ -123,7 +123,13 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
     manager = ManagerStats(reconciles=4, upserts=3, deletes=1, entries=3)
     manager.auth_required.update({"attesting": 2})
     snapshot = DatapathSnapshot(
-        counters={"allowed": 5, "allowed_auth": 9, "denied_auth_required": 4, "auth_events_lost": 1, "denied_encryption_unavailable": 6},
+        counters={
+            "allowed": 5,
+            "allowed_auth": 9,
+            "denied_auth_required": 4,
+            "auth_events_lost": 1,
+            "denied_encryption_unavailable": 6,
+        },
         verdicts={
             ("allowed", Direction.EGRESS): 5,
             ("allowed_auth", Direction.INGRESS): 9,

@@ -77,8 +77,6 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
             == 0
         )
     assert value(found, verdicts, verdict="DROPPED", reason="UNENCRYPTED_TRAFFIC", direction="INGRESS") == 6
-    assert value(found, "authd_ktls_kernel_support") == 0
-    assert value(found, "authd_ktls_denied_rules") == 2
     # Series alerts read exist before their first event.
     assert value(found, "authd_auth_required_events_total", outcome="unknown-identity") == 0
     assert value(found, "authd_spire_stream_failures_total", stream="workload-api") == 0
@@ -93,6 +91,12 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_component_state", component="datapath", state="degraded") == 1
     assert value(found, "authd_component_state", component="datapath", state="ready") == 0
     assert value(found, "authd_ready") == 0  # datapath was never ready
+
+
+def test_ktls_families_say_why_pairs_are_denied(ca: FakeCA) -> None:
+    found = samples(build(ca)[0])
+    assert value(found, "authd_ktls_kernel_support") == 0
+    assert value(found, "authd_ktls_denied_rules") == 2
 
 
 def test_values_are_read_at_scrape_time(ca: FakeCA) -> None:
