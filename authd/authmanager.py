@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -287,6 +288,14 @@ class AuthManager:
             return
         self._full = False
         self._changed_peers.clear()
+        if self._desired is None or self._desired.version != state.version:
+            with _long_lived_objects():
+                await self._reconcile(state)
+        else:
+            await self._reconcile(state)
+        self.stats.reconciles += 1
+
+    async def _reconcile(self, state: ClusterState) -> None:
         desired = await self._desired_state(state)
         if self._tables_version != desired.version:
             changed = await asyncio.to_thread(self._sync_tables, desired)
@@ -297,7 +306,6 @@ class AuthManager:
         await self._write_auth(desired.pairs)
         if self._svids.synced:
             await self._collect_garbage(state)
-        self.stats.reconciles += 1
 
     def _sync_tables(self, desired: DesiredState) -> int:
         return self._tables.sync_ipcache(desired.ipcache) + self._tables.sync_policy(desired.policy)
@@ -479,6 +487,31 @@ class AuthManager:
 
 
 _Plan = list[tuple[AuthPair, Peer | None]]
+
+
+@contextlib.contextmanager
+def _long_lived_objects() -> Iterator[None]:
+    """Make long-lived objects with the cyclic garbage collector paused, then keep them out of it.
+
+    A full collection walks every tracked object with the GIL held, so it stalls the event loop even
+    while the work that set it off runs in a worker thread: with 200k auth pairs (each pair, its place
+    in the plan, the pairs read back from the map) one takes about 200 ms, and building a plan that big
+    sets off several. So the collector runs once first (on what is not frozen: little, after the first
+    time), is paused while the reconcile that builds a new plan runs, and everything alive afterwards
+    is frozen (:func:`gc.freeze`): later collections skip it. Plans and pairs hold no reference cycles,
+    so reference counting still frees a plan that a newer one replaces. The cost is the cyclic garbage
+    made while the collector was paused, during that one reconcile: it stays allocated.
+    """
+    if not gc.isenabled():  # another manager's reconcile (tests, the bench) already paused it
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _referenced(entries: Collection[AuthPair]) -> tuple[set[SpiffeId], set[str]]:

@@ -117,7 +117,7 @@ def policy(state: ClusterState, local_node: str, handles: HandleLookup) -> dict[
     wildcards = {(local, direction) for local, remote, direction in wanted if remote == ANY}
     return {
         PolicyKey(local, remote, direction): AuthType.SPIRE
-        for local, remote, direction in sorted(wanted)
+        for local, remote, direction in wanted
         if remote == ANY or (local, direction) not in wildcards
     }
 
