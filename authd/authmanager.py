@@ -319,10 +319,9 @@ class AuthManager:
         """
         self.stats.deletes += await asyncio.to_thread(self._table.purge_unresolved)
         in_map_ids, in_map_nodes = await asyncio.to_thread(_referenced, self._mirror)
-        identities = [
-            i for i in self._handles.identities if i not in state.identities and i not in in_map_ids
-        ]
-        nodes = [n for n in self._handles.nodes if n not in state.nodes and n not in in_map_nodes]
+        known_ids, known_nodes = state.identities, state.nodes  # each built on every access
+        identities = [i for i in self._handles.identities if i not in known_ids and i not in in_map_ids]
+        nodes = [n for n in self._handles.nodes if n not in known_nodes and n not in in_map_nodes]
         if identities or nodes:
             self._handles.release(identities, nodes)
             log.info("identity handles released", identities=len(identities), nodes=len(nodes))
