@@ -24,7 +24,10 @@ at a time, and a full pass for each would make converging on N remote identities
 A full reconcile does not block the event loop: the desired-state computation, the map dump, the diff
 over every pair and the bulk writes run in a worker thread (with 200k entries they take seconds of CPU).
 Its inputs are snapshots taken on the loop, and only this manager's loop writes the auth map, waiting for
-the worker before it does anything else, so writes stay ordered and nothing writes in between.
+the worker before it does anything else, so writes stay ordered and nothing writes in between. A
+worker thread still holds the GIL for whatever runs in C, so the pass makes no object per entry that
+would live through it, and the reconcile that builds a new plan freezes it out of the cyclic garbage
+collector (:func:`_long_lived_objects`): a full collection over 200k pairs is one stall of ~200 ms.
 
 Handshakes are the attestation schedule's business (one per remote identity and node); a local SVID
 rotation only moves expiries.
