@@ -24,7 +24,10 @@ at a time, and a full pass for each would make converging on N remote identities
 A full reconcile does not block the event loop: the desired-state computation, the map dump, the diff
 over every pair and the bulk writes run in a worker thread (with 200k entries they take seconds of CPU).
 Its inputs are snapshots taken on the loop, and only this manager's loop writes the auth map, waiting for
-the worker before it does anything else, so writes stay ordered and nothing writes in between.
+the worker before it does anything else, so writes stay ordered and nothing writes in between. A
+worker thread still holds the GIL for whatever runs in C, so the pass makes no object per entry that
+would live through it, and the reconcile that builds a new plan freezes it out of the cyclic garbage
+collector (:func:`_long_lived_objects`): a full collection over 200k pairs is one stall of ~200 ms.
 
 Handshakes are the attestation schedule's business (one per remote identity and node); a local SVID
 rotation only moves expiries.
@@ -34,8 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -287,6 +291,14 @@ class AuthManager:
             return
         self._full = False
         self._changed_peers.clear()
+        if self._desired is None or self._desired.version != state.version:
+            with _long_lived_objects():
+                await self._reconcile(state)
+        else:
+            await self._reconcile(state)
+        self.stats.reconciles += 1
+
+    async def _reconcile(self, state: ClusterState) -> None:
         desired = await self._desired_state(state)
         if self._tables_version != desired.version:
             changed = await asyncio.to_thread(self._sync_tables, desired)
@@ -297,7 +309,6 @@ class AuthManager:
         await self._write_auth(desired.pairs)
         if self._svids.synced:
             await self._collect_garbage(state)
-        self.stats.reconciles += 1
 
     def _sync_tables(self, desired: DesiredState) -> int:
         return self._tables.sync_ipcache(desired.ipcache) + self._tables.sync_policy(desired.policy)
@@ -311,10 +322,9 @@ class AuthManager:
         """
         self.stats.deletes += await asyncio.to_thread(self._table.purge_unresolved)
         in_map_ids, in_map_nodes = await asyncio.to_thread(_referenced, self._mirror)
-        identities = [
-            i for i in self._handles.identities if i not in state.identities and i not in in_map_ids
-        ]
-        nodes = [n for n in self._handles.nodes if n not in state.nodes and n not in in_map_nodes]
+        known_ids, known_nodes = state.identities, state.nodes  # each built on every access
+        identities = [i for i in self._handles.identities if i not in known_ids and i not in in_map_ids]
+        nodes = [n for n in self._handles.nodes if n not in known_nodes and n not in in_map_nodes]
         if identities or nodes:
             self._handles.release(identities, nodes)
             log.info("identity handles released", identities=len(identities), nodes=len(nodes))
@@ -479,6 +489,31 @@ class AuthManager:
 
 
 _Plan = list[tuple[AuthPair, Peer | None]]
+
+
+@contextlib.contextmanager
+def _long_lived_objects() -> Iterator[None]:
+    """Make long-lived objects with the cyclic garbage collector paused, then keep them out of it.
+
+    A full collection walks every tracked object with the GIL held, so it stalls the event loop even
+    while the work that set it off runs in a worker thread: with 200k auth pairs (each pair, its place
+    in the plan, the pairs read back from the map) one takes about 200 ms, and building a plan that big
+    sets off several. So the collector runs once first (on what is not frozen: little, after the first
+    time), is paused while the reconcile that builds a new plan runs, and everything alive afterwards
+    is frozen (:func:`gc.freeze`): later collections skip it. Plans and pairs hold no reference cycles,
+    so reference counting still frees a plan that a newer one replaces. The cost is the cyclic garbage
+    made while the collector was paused, during that one reconcile: it stays allocated.
+    """
+    if not gc.isenabled():  # another manager's reconcile (tests, the bench) already paused it
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _referenced(entries: Collection[AuthPair]) -> tuple[set[SpiffeId], set[str]]:

@@ -152,6 +152,25 @@ def verify_chain(
     chain: Sequence[x509.Certificate], bundles: BundleSource, *, at: datetime, authorize: Authorizer
 ) -> SpiffeId:
     """Verify a peer's presented chain (leaf first) at time ``at``; return its authorized SPIFFE ID."""
+    return verify_path(chain, bundles, at=at, authorize=authorize)[0]
+
+
+def verify_path(
+    chain: Sequence[x509.Certificate],
+    bundles: BundleSource,
+    *,
+    at: datetime,
+    authorize: Authorizer,
+    issuer_verified: bool = False,
+) -> tuple[SpiffeId, list[x509.Certificate]]:
+    """Verify a chain as :func:`verify_chain` does; return the ID and the path built (leaf to anchor).
+
+    ``issuer_verified`` says the caller saw ``chain[1:]`` verified under these same bundles, as the path
+    from the leaf's issuer up to an authority, and it is still valid at ``at``: then the leaf is checked
+    against ``chain[1]`` as the only anchor, which saves checking the rest of the path again. The shortcut
+    is skipped where it would not be exact: when any certificate in the bundle or above the leaf carries
+    name constraints (they apply to the leaf too).
+    """
     spiffe_id = check_shape(chain)
     leaf = chain[0]
     # cryptography checks validity too, but reports it as a failed path; checking first names the rule.
@@ -164,15 +183,18 @@ def verify_chain(
         )
     if not bundle.authorities:
         raise SvidError("untrusted-chain", f'bundle of "{spiffe_id.trust_domain}" has no authorities')
+    anchors, intermediates = list(bundle.authorities), list(chain[1:])
+    if issuer_verified and len(chain) > 1 and not _name_constrained([*anchors, *intermediates]):
+        anchors, intermediates = [chain[1]], []
     verifier = (
         PolicyBuilder()
-        .store(Store(list(bundle.authorities)))
+        .store(Store(anchors))
         .time(at)
         .extension_policies(ca_policy=_CA_POLICY, ee_policy=ExtensionPolicy.permit_all())
         .build_client_verifier()
     )
     try:
-        verifier.verify(leaf, list(chain[1:]))
+        path = verifier.verify(leaf, intermediates).chain
     except VerificationError as err:
         raise SvidError(
             "untrusted-chain", f'does not chain to the bundle of "{spiffe_id.trust_domain}": {err}'
@@ -180,7 +202,11 @@ def verify_chain(
     except ValueError as err:  # a part decoded lazily by the path builder, such as a Name, is malformed
         raise SvidError("malformed-certificate", f"cannot verify the chain: {err}") from err
     authorize(spiffe_id)
-    return spiffe_id
+    return spiffe_id, path
+
+
+def _name_constrained(certs: Sequence[x509.Certificate]) -> bool:
+    return any(_extension(cert, x509.NameConstraints) is not None for cert in certs)
 
 
 def check_shape(chain: Sequence[x509.Certificate]) -> SpiffeId:

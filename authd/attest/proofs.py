@@ -8,8 +8,10 @@ nodes (a node that also hosts R cannot pass its proof off as P's), and R's ID to
 :class:`ProofChecker` verifies the chain against the bundle of R's trust domain with the exact ID R, then
 the signature. Chains verified under the bundle set in force are remembered (by their DER digest) until
 the first certificate expires or the bundles change, so a re-sent or rotated-back proof costs one
-signature check. A chain that breaks an SVID rule is an answer (:func:`authd.attest.outcomes.chain_rule`);
-certificates or signatures that do not parse or verify are a :class:`~authd.attest.outcomes.ViolationError`.
+signature check; so are issuer paths (the certificates above the leaf), so that a new leaf under an
+intermediate already verified is checked against that intermediate alone. A chain that breaks an SVID
+rule is an answer (:func:`authd.attest.outcomes.chain_rule`); certificates or signatures that do not
+parse or verify are a :class:`~authd.attest.outcomes.ViolationError`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from authd.attest.outcomes import ViolationError
 from authd.identity import SpiffeId
-from authd.x509svid import BundleSet, PrivateKey, X509Svid, authorize_id, verify_chain
+from authd.x509svid import BundleSet, PrivateKey, X509Svid, authorize_id, verify_path
 
 _CONTEXT = b"authd-channel-proof/1\0"
 
@@ -79,13 +81,15 @@ def load_chain(ders: Sequence[bytes]) -> tuple[x509.Certificate, ...]:
 
 
 class ProofChecker:
-    """Checks proofs against the bundles in force, remembering chains already verified."""
+    """Checks proofs against the bundles in force, remembering chains and issuer paths already verified."""
 
     def __init__(self, max_entries: int = 16384) -> None:
-        """Remember at most ``max_entries`` verified chains (the least recently used go first)."""
+        """Remember at most ``max_entries`` verified chains and as many issuer paths (LRU)."""
         self._max_entries = max_entries
         self._verified: OrderedDict[bytes, tuple[BundleSet, SpiffeId, datetime]] = OrderedDict()
+        self._issuers: OrderedDict[bytes, tuple[BundleSet, datetime]] = OrderedDict()
         self.cache_hits = 0
+        self.issuer_hits = 0
 
     def check(
         self,
@@ -98,18 +102,53 @@ class ProofChecker:
     ) -> tuple[x509.Certificate, ...]:
         """The verified chain of a proof of ``identity``; SvidError for a rule, else ViolationError."""
         chain = load_chain(ders)
-        key = hashlib.sha256(b"".join(len(d).to_bytes(4, "big") + d for d in ders)).digest()
+        key = _digest(ders)
         known = self._verified.get(key)
         if known is not None and known[0] is bundles and known[1] == identity and at < known[2]:
             self._verified.move_to_end(key)
             self.cache_hits += 1
         else:
-            try:
-                verify_chain(chain, bundles, at=at, authorize=authorize_id(identity))
-            except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as err:
-                raise ViolationError("malformed-certificate", f"cannot read a proved chain: {err}") from err
+            self._verify(chain, ders, identity, bundles, at)
             self._verified[key] = (bundles, identity, min(c.not_valid_after_utc for c in chain))
             if len(self._verified) > self._max_entries:
                 self._verified.popitem(last=False)
         check_signature(chain[0], signature, message)
         return chain
+
+    def _verify(
+        self,
+        chain: tuple[x509.Certificate, ...],
+        ders: Sequence[bytes],
+        identity: SpiffeId,
+        bundles: BundleSet,
+        at: datetime,
+    ) -> None:
+        """Verify a chain, against the leaf's issuer alone when the path above it was verified before.
+
+        Many SVIDs share one intermediate: once a full path through ``chain[1:]`` verified under these
+        bundles, later leaves under it are checked against ``chain[1]`` (see
+        :func:`authd.x509svid.verify_path`), until a certificate of that path expires or the bundles change.
+        """
+        upper = _digest(ders[1:]) if len(ders) > 1 else None
+        known = self._issuers.get(upper) if upper is not None else None
+        shortcut = known is not None and known[0] is bundles and at < known[1]
+        if shortcut:
+            self.issuer_hits += 1
+        try:
+            _, path = verify_path(
+                chain, bundles, at=at, authorize=authorize_id(identity), issuer_verified=shortcut
+            )
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as err:
+            raise ViolationError("malformed-certificate", f"cannot read a proved chain: {err}") from err
+        if upper is None:
+            return
+        if shortcut:
+            self._issuers.move_to_end(upper)
+        elif list(path[1 : len(chain)]) == list(chain[1:]):  # the path built used every certificate given
+            self._issuers[upper] = (bundles, min(c.not_valid_after_utc for c in path[1:]))
+            if len(self._issuers) > self._max_entries:
+                self._issuers.popitem(last=False)
+
+
+def _digest(ders: Sequence[bytes]) -> bytes:
+    return hashlib.sha256(b"".join(len(d).to_bytes(4, "big") + d for d in ders)).digest()

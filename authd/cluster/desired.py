@@ -121,7 +121,7 @@ def policy(state: ClusterState, local_node: str, handles: HandleLookup) -> dict[
                 want((local_handle, _identity(handles, remote), direction), auth_type)
     wildcards = {(key[0], key[2]): value for key, value in wanted.items() if key[1] == ANY}
     entries: dict[PolicyKey, AuthType] = {}
-    for (local_handle, remote_handle, direction), auth_type in sorted(wanted.items()):
+    for (local_handle, remote_handle, direction), auth_type in wanted.items():
         shadowed = wildcards.get((local_handle, direction))
         if (
             remote_handle != ANY

@@ -271,7 +271,8 @@ class ClusterState:
     def matching(self, pattern: IdentityPattern) -> frozenset[SpiffeId]:
         """The known identities ``pattern`` matches (``*`` gives all of them; the world is not listed)."""
         if pattern.kind is PatternKind.EXACT:
-            return frozenset({pattern.base}) & self.identities if pattern.base else frozenset()
+            base = pattern.base
+            return frozenset({base}) if base is not None and base in self._endpoints_by_id else frozenset()
         return frozenset(spiffe_id for spiffe_id in self._endpoints_by_id if pattern.matches(spiffe_id))
 
     def __eq__(self, other: object) -> bool:

@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -417,20 +418,39 @@ class MapHandle:
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every element: one batch syscall per few thousand entries where the map supports it."""
+        ks, vs = self.key_size, self.value_size
+        return [
+            (keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs])
+            for keys, values, count in self.blocks()
+            for i in range(count)
+        ]
+
+    def blocks(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """Every element, as blocks of ``count`` keys and ``count`` values laid end to end.
+
+        One batch syscall per block where the map supports it, else one block of single lookups. For
+        reads of a whole large map: it makes no object per element (the caller slices what it needs).
+        """
+        batches = self._lookup_batch()
         try:
-            return self._lookup_batch()
+            first = next(batches, None)
         except OSError as err:
             if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
                 raise
-        result = []
+        else:
+            if first is not None:
+                yield first
+                yield from batches
+            return
+        keys, values = [], []
         for key in self.keys():
             value = self.lookup(key)
             if value is not None:  # deleted between the two calls
-                result.append((key, value))
-        return result
+                keys.append(key)
+                values.append(value)
+        yield b"".join(keys), b"".join(values), len(keys)
 
-    def _lookup_batch(self, chunk: int = 4096) -> list[tuple[bytes, bytes]]:
-        result: list[tuple[bytes, bytes]] = []
+    def _lookup_batch(self, chunk: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
         token_size = max(self.key_size, 8)
         in_token = ctypes.create_string_buffer(token_size)
         out_token = ctypes.create_string_buffer(token_size)
@@ -456,14 +476,9 @@ class MapHandle:
                     chunk *= 2  # one hash bucket holds more entries than the chunk
                     continue
                 raise
-            raw_keys, raw_values = keys.raw, values.raw
-            ks, vs = self.key_size, self.value_size
-            result.extend(
-                (raw_keys[i * ks : (i + 1) * ks], raw_values[i * vs : (i + 1) * vs])
-                for i in range(attr.count)
-            )
+            yield keys.raw, values.raw, attr.count
             if done:
-                return result
+                return
             ctypes.memmove(in_token, out_token, token_size)
             first = False
 

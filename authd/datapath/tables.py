@@ -7,6 +7,7 @@ handles) to map keys, and write only differences, in batches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Protocol
@@ -15,12 +16,16 @@ import structlog
 
 from authd.cluster.desired import AuthPair
 from authd.cluster.model import IpNetwork
+from authd.datapath import clock
 from authd.datapath.layout import AuthType
-from authd.datapath.maps import AuthKey, AuthMap, IpcacheEntry, IpcacheMap, PolicyKey, PolicyMap
+from authd.datapath.maps import AUTH_KEY, AuthMap, IpcacheEntry, IpcacheMap, PolicyKey, PolicyMap
 from authd.errors import SpiffeIdError
 from authd.identity import SpiffeId
 
 log = structlog.get_logger(__name__)
+
+WRITE_CHUNK = 8192
+"""Upserts per batch syscall, by default."""
 
 
 class HandleNames(Protocol):
@@ -35,37 +40,51 @@ class HandleNames(Protocol):
         ...
 
 
-def _auth_key(pair: AuthPair) -> AuthKey:
-    return AuthKey(pair.local_handle, pair.remote_handle, pair.node_handle, AuthType.SPIRE)
+def _packed_key(pair: AuthPair) -> bytes:
+    return AUTH_KEY.pack(pair.local_handle, pair.remote_handle, pair.node_handle, AuthType.SPIRE)
 
 
 class PinnedAuthTable:
     """The auth map in terms of :class:`~authd.cluster.desired.AuthPair`."""
 
-    def __init__(self, auth: AuthMap, names: HandleNames) -> None:
-        """Read and write ``auth``, naming handles through ``names``."""
+    def __init__(self, auth: AuthMap, names: HandleNames, write_chunk: int = WRITE_CHUNK) -> None:
+        """Read and write ``auth``, naming handles through ``names``; ``write_chunk`` upserts per syscall."""
         self._auth = auth
+        self._write_chunk = write_chunk
         self._names = names
         self.unresolved = 0
         # Parsed SPIFFE IDs by handle, kept across reads (the map is read on every reconcile) and checked
         # against the registry's name each time, since a released handle may come back for another ID.
         self._parsed: dict[int, tuple[str, SpiffeId | None]] = {}
+        # The pair behind each packed key as of the last read and the writes since, so that a read of
+        # 200k entries hands back the pair objects that already exist instead of 200k new ones (whose
+        # allocation sets off full garbage collections: stalls of the whole process). Each is checked
+        # against what its handles name now.
+        self._pairs: dict[bytes, AuthPair] = {}
 
     def read(self) -> dict[AuthPair, datetime]:
         """Every SPIRE entry whose handles resolve, read from the map; the others are counted and skipped."""
         ids: dict[int, SpiffeId | None] = {}
+        offset = clock.tai_offset_ns()
         pairs: dict[AuthPair, datetime] = {}
+        known: dict[bytes, AuthPair] = {}
         unresolved = 0
-        for key, expires in self._auth.items():
-            if key.auth_type is not AuthType.SPIRE:
+        for key, expires in self._auth.packed_items().items():
+            local, remote, node_handle, auth_type = AUTH_KEY.unpack(key)
+            if auth_type != AuthType.SPIRE:
                 continue
-            local = self._identity(key.local, ids)
-            remote = self._identity(key.remote, ids)
-            node = self._names.node_name(key.remote_node)
-            if local is None or remote is None or node is None:
+            local_id = self._identity(local, ids)
+            remote_id = self._identity(remote, ids)
+            node = self._names.node_name(node_handle)
+            if local_id is None or remote_id is None or node is None:
                 unresolved += 1
                 continue
-            pairs[AuthPair(local, remote, node, key.local, key.remote, key.remote_node)] = expires
+            pair = self._pairs.get(key)
+            if pair is None or pair.local != local_id or pair.remote != remote_id or pair.node != node:
+                pair = AuthPair(local_id, remote_id, node, local, remote, node_handle)
+            known[key] = pair
+            pairs[pair] = clock.from_tai_ns(expires, offset)
+        self._pairs = known
         if unresolved != self.unresolved:
             log.info("auth map entries with unknown handles", count=unresolved)
         self.unresolved = unresolved
@@ -91,25 +110,39 @@ class PinnedAuthTable:
     def purge_unresolved(self) -> int:
         """Delete entries whose handles name no identity or node: no reconcile could ever match them."""
         ids: dict[int, SpiffeId | None] = {}
-        stale = [
-            key
-            for key, _expires in self._auth.items()
-            if self._identity(key.local, ids) is None
-            or self._identity(key.remote, ids) is None
-            or self._names.node_name(key.remote_node) is None
-        ]
+        stale = []
+        for key in self._auth.packed_items():
+            local, remote, node, _auth_type = AUTH_KEY.unpack(key)
+            if (
+                self._identity(local, ids) is None
+                or self._identity(remote, ids) is None
+                or self._names.node_name(node) is None
+            ):
+                stale.append(key)
         if stale:
-            self._auth.delete_many(stale)
+            self._auth.delete_packed(stale)
+            for key in stale:
+                self._pairs.pop(key, None)
             log.info("auth map entries with unknown handles deleted", count=len(stale))
         self.unresolved = 0
         return len(stale)
 
     def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:
-        """Delete, then write, each in one pass (upserts in one batch syscall)."""
+        """Delete, then write; upserts in batch syscalls of ``write_chunk`` entries.
+
+        Chunks keep each step that runs in C with the GIL held (joining keys, filling the pair cache,
+        freeing the buffers) short, for writes from a worker thread while the event loop runs.
+        """
         if deletes:
-            self._auth.delete_many(_auth_key(pair) for pair in deletes)
-        if upserts:
-            self._auth.update_many({_auth_key(pair): expires for pair, expires in upserts.items()})
+            keys = [_packed_key(pair) for pair in deletes]
+            self._auth.delete_packed(keys)
+            for key in keys:
+                self._pairs.pop(key, None)
+        pending = iter(upserts.items())
+        while chunk := list(itertools.islice(pending, self._write_chunk)):
+            packed = {_packed_key(pair): expires for pair, expires in chunk}
+            self._auth.update_packed(packed)
+            self._pairs.update(zip(packed, (pair for pair, _ in chunk), strict=True))
 
 
 class PinnedTables:

@@ -50,6 +50,7 @@ class CAOptions:
     path_length: int | None = None
     not_before: dt.datetime | None = None  # None: the parent's validity
     not_after: dt.datetime | None = None
+    name_constraints: x509.NameConstraints | None = None
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _ca_certificate(
             x509.NameAttribute(NameOID.SERIAL_NUMBER, str(x509.random_serial_number())),
         ]
     )
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(signer[1].subject if signer else subject)
@@ -202,5 +203,7 @@ def _ca_certificate(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain.id_string())]),
             critical=False,
         )
-        .sign(signing_key, hashes.SHA256())
     )
+    if options.name_constraints is not None:
+        builder = builder.add_extension(options.name_constraints, critical=True)
+    return builder.sign(signing_key, hashes.SHA256())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 
@@ -72,3 +73,45 @@ def test_sync_writes_only_differences(maps: PinnedMaps) -> None:
     assert tables.sync_policy({any_in: AuthType.SPIRE, web_out: AuthType.SPIRE}) == 2
     assert tables.sync_policy({any_in: AuthType.SPIRE}) == 1
     assert dict(maps.policy.items()) == {PolicyKey(256, 0xFFFFFFFF, Direction.INGRESS): AuthType.SPIRE}
+
+
+def test_a_large_write_and_read_reuse_the_pair_objects(maps: PinnedMaps) -> None:
+    ids = [SpiffeId.parse(f"spiffe://example.org/w{i}") for i in range(60)]
+    registry = HandleRegistry(None, "node-a")
+    registry.assign(ids, ["node-a"])
+    table = PinnedAuthTable(maps.auth, registry, write_chunk=1000)
+    soon = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    written = {pair(registry, local, remote, "node-a"): soon for local in ids for remote in ids}
+    assert len(written) > 3 * 1000  # four batch syscalls
+    table.write(written, [])
+    read = table.read()
+    assert read == written
+    mine = {id(p) for p in written}
+    assert all(id(p) in mine for p in read)  # no new pair per entry: the ones written come back
+    key, expiry = next(iter(maps.auth.packed_items().items()))
+    assert not gc.is_tracked(key)
+    assert not gc.is_tracked(expiry)
+
+
+class _Names:
+    """Handle names a test sets, as the registry would give them."""
+
+    def __init__(self, identities: dict[int, str]) -> None:
+        self.identities = identities
+
+    def identity_name(self, handle: int) -> str | None:
+        return self.identities.get(handle)
+
+    def node_name(self, handle: int) -> str | None:
+        return "node-a" if handle == 0 else None
+
+
+def test_a_handle_given_to_another_identity_reads_as_that_identity(maps: PinnedMaps) -> None:
+    names = _Names({1: str(WEB), 2: str(DB)})
+    table = PinnedAuthTable(maps.auth, names)
+    soon = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    web_db = desired.AuthPair(WEB, DB, "node-a", 1, 2, 0)
+    table.write({web_db: soon}, [])
+    assert table.read() == {web_db: soon}
+    names.identities[2] = str(API)  # handle 2 released, then assigned to another identity
+    assert table.read() == {desired.AuthPair(WEB, API, "node-a", 1, 2, 0): soon}

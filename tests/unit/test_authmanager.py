@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -360,3 +361,31 @@ async def test_a_bundle_change_that_unverifies_a_result_deletes_its_entries_at_o
         h.client.answers.clear()  # asked again, node-b has nothing that verifies under the new bundle
         h.attestations.bundles_changed(BundleSet.of([other.bundle()]))
         await eventually(lambda: not h.table.entries, within=1)
+
+
+class CollectorWatchingTable(FakeAuthTable):
+    """Notes, at each whole-map read, whether the cyclic garbage collector was running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collector_on: list[bool] = []
+
+    def read(self) -> dict[AuthPair, dt.datetime]:
+        self.collector_on.append(gc.isenabled())
+        return super().read()
+
+
+async def test_a_new_plan_is_built_with_the_collector_paused_then_frozen() -> None:
+    table = CollectorWatchingTable()
+    frozen = gc.get_freeze_count()
+    async with manager(table) as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: h.manager.stats.reconciles == 1)
+        assert table.collector_on == [False]  # the reconcile that built the plan
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > frozen  # the plan is out of later collections
+        h.manager.svids_changed()
+        await eventually(lambda: h.manager.stats.reconciles == 2)
+        assert table.collector_on == [False, True]  # the same plan: nothing long-lived is built

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from authd.attest import wire
@@ -13,8 +14,8 @@ from authd.attest.outcomes import NOT_HOSTED, ViolationError, chain_rule, not_ho
 from authd.attest.proofs import ProofChecker, binding, chain_der, sign
 from authd.errors import SvidError
 from authd.identity import SpiffeId
-from authd.x509svid import BundleSet
-from tests.fakes.ca import LeafOptions, TestCA
+from authd.x509svid import BundleSet, authorize_id, verify_path
+from tests.fakes.ca import CAOptions, LeafOptions, TestCA
 from tests.fuzz.channel import ASKER, NONCE, PROVER, fuzz
 
 NOW = dt.datetime.now(dt.UTC)
@@ -138,3 +139,54 @@ def test_fuzzed_frames_and_proofs_are_only_ever_refused() -> None:
 def test_a_pem_key_is_not_what_proofs_carry() -> None:
     svid = CA.mint(str(DB), LIVE)
     assert chain_der(svid)[0] == svid.leaf.public_bytes(serialization.Encoding.DER)
+
+
+def issued(ca: TestCA, path: str) -> tuple[list[bytes], bytes, SpiffeId]:
+    identity = SpiffeId.parse(f"spiffe://example.org/{path}")
+    svid = ca.mint(str(identity), LIVE)
+    return chain_der(svid), sign(svid, binding(NONCE, ASKER, PROVER, identity)), identity
+
+
+def test_a_second_leaf_under_a_verified_intermediate_is_checked_against_it_alone() -> None:
+    issuer = CA.intermediate()
+    checker = ProofChecker()
+    for path in ("a", "b", "c"):
+        ders, signature, identity = issued(issuer, path)
+        check(ders, signature, identity, checker)
+    assert checker.issuer_hits == 2
+    assert checker.cache_hits == 0
+
+
+def test_the_issuer_shortcut_refuses_what_the_full_path_refuses() -> None:
+    issuer, other = CA.intermediate(), CA.intermediate()
+    checker = ProofChecker()
+    ders, signature, identity = issued(issuer, "a")
+    check(ders, signature, identity, checker)
+    # A leaf of another intermediate, presented with the verified one: it does not chain to it.
+    other_ders, other_signature, other_id = issued(other, "b")
+    with pytest.raises(SvidError) as caught:
+        check([other_ders[0], *ders[1:]], other_signature, other_id, checker)
+    assert caught.value.rule == "untrusted-chain"
+    # Bundles without the root: the remembered path is not used.
+    ders, signature, identity = issued(issuer, "c")
+    root = TestCA.create(
+        "example.org", not_before=NOW - dt.timedelta(days=1), not_after=NOW + dt.timedelta(days=1)
+    )
+    elsewhere = BundleSet.of([root.bundle()])
+    with pytest.raises(SvidError):
+        checker.check(ders, signature, binding(NONCE, ASKER, PROVER, identity), identity, elsewhere, NOW)
+    assert checker.issuer_hits == 1  # only the leaf of the other intermediate took the shortcut
+
+
+def test_name_constraints_above_the_leaf_turn_the_shortcut_off() -> None:
+    # The verifier refuses URI name constraints; as the only anchor, the intermediate would escape them.
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(".example.org")], excluded_subtrees=None
+    )
+    svid = CA.intermediate(CAOptions(name_constraints=constraints)).mint(str(DB), LIVE)
+    with pytest.raises(SvidError) as caught:
+        verify_path(svid.chain, BUNDLES, at=NOW, authorize=authorize_id(DB), issuer_verified=True)
+    assert caught.value.rule == "untrusted-chain"
+    without = CA.intermediate().mint(str(DB), LIVE)
+    _, path = verify_path(without.chain, BUNDLES, at=NOW, authorize=authorize_id(DB), issuer_verified=True)
+    assert path == [without.chain[0], without.chain[1]]  # the issuer was the only anchor
