@@ -145,7 +145,18 @@ def parse_svid(chain_der: Sequence[bytes], key_der: bytes, hint: str = "") -> X5
         raise SvidError("malformed-key", f"unsupported private key type {type(key).__name__}")
     if _spki(key) != _spki(chain[0]):
         raise SvidError("key-mismatch", "leaf certificate does not match private key")
-    return X509Svid(spiffe_id, chain, key, hint)
+    return X509Svid(spiffe_id, tuple(_load_certificate(der) for der in chain_der), key, hint)
+
+
+def fresh_copy(chain: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The certificates parsed again from their DER, with nothing decoded yet.
+
+    Checking a certificate decodes its extensions, and cryptography keeps them on the object for its
+    lifetime (about 2.7 KiB a certificate). So what authd holds for as long as an SVID or a result
+    lives (:func:`parse_svid`'s SVIDs, attestation chains) is a copy that was never checked, and checks
+    of held chains run on a copy.
+    """
+    return tuple(_load_certificate(cert.public_bytes(serialization.Encoding.DER)) for cert in chain)
 
 
 def verify_chain(

@@ -22,7 +22,7 @@ from cryptography import x509
 from authd.attest.outcomes import Outcome
 from authd.errors import SvidError
 from authd.identity import SpiffeId
-from authd.x509svid import BundleSet, authorize_id, verify_chain
+from authd.x509svid import BundleSet, authorize_id, fresh_copy, verify_chain
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +68,7 @@ class Attestation:
 
     def reverify(self, bundles: BundleSet, at: datetime) -> None:
         """Check the remembered chain against new bundles (after a bundle change); raise SvidError."""
-        verify_chain(self.chain, bundles, at=at, authorize=authorize_id(self.remote_id))
+        verify_chain(fresh_copy(self.chain), bundles, at=at, authorize=authorize_id(self.remote_id))
 
 
 @dataclass(frozen=True, slots=True)
