@@ -19,7 +19,7 @@ Every refusal is an :class:`~authd.errors.SvidError` whose ``rule`` names the ru
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 
@@ -102,16 +102,17 @@ class X509Svid:
     chain: tuple[x509.Certificate, ...]
     private_key: PrivateKey
     hint: str = ""
+    not_after: datetime = field(init=False, repr=False, compare=False)
+    """When the leaf expires (UTC): one object, shared by every auth entry that expires with it."""
+
+    def __post_init__(self) -> None:
+        """Read the leaf's expiry once."""
+        object.__setattr__(self, "not_after", self.chain[0].not_valid_after_utc)
 
     @property
     def leaf(self) -> x509.Certificate:
         """The end-entity certificate."""
         return self.chain[0]
-
-    @property
-    def not_after(self) -> datetime:
-        """When the leaf expires (UTC)."""
-        return self.leaf.not_valid_after_utc
 
     @property
     def not_before(self) -> datetime:

@@ -55,11 +55,12 @@ class Attestation:
     address: str
     chain: tuple[x509.Certificate, ...]
     verified_at: datetime
+    not_after: datetime = field(init=False, repr=False, compare=False)
+    """When the remote leaf expires: one object, shared by every auth entry that expires with it."""
 
-    @property
-    def not_after(self) -> datetime:
-        """When the remote leaf expires."""
-        return self.chain[0].not_valid_after_utc
+    def __post_init__(self) -> None:
+        """Read the leaf's expiry once."""
+        object.__setattr__(self, "not_after", self.chain[0].not_valid_after_utc)
 
     @property
     def serial(self) -> int:
