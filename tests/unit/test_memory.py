@@ -1,6 +1,8 @@
-"""Issue 17: what authd holds per identity keeps none of the decoding its checks did.
+"""Issue 17: what authd loads and holds.
 
-Checked certificates keep their decoded extensions (Python objects, about 2.9 KiB traced per SVID
+The daemon module loads the HTTP server (aiohttp, prometheus_client), the Hubble server and the etcd
+client only when the config turns them on. What authd holds per identity keeps none of the decoding its
+checks did: checked certificates keep their decoded extensions (Python objects, about 2.9 KiB traced per SVID
 before the fix); held SVIDs, proved chains and re-verified results are copies that were never checked.
 Measured with tracemalloc over COUNT items: what stays allocated per item.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 
@@ -94,3 +98,10 @@ def test_reverifying_a_result_leaves_its_chain_undecoded() -> None:
         return list(results)
 
     assert held_per_item(reverify_all) < HELD_BYTES
+
+
+def test_the_daemon_module_loads_no_optional_server_or_client() -> None:
+    optional = ["aiohttp", "prometheus_client", "authd.hubble.server", "authd.cluster.etcd"]
+    probe = f"import sys, authd.daemon; print([m for m in {optional!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    assert loaded.stdout.strip() == "[]"
