@@ -1,10 +1,11 @@
 """Issue 17: what authd loads and holds.
 
 The daemon module loads the HTTP server (aiohttp, prometheus_client), the Hubble server and the etcd
-client only when the config turns them on. What authd holds per identity keeps none of the decoding its
-checks did: checked certificates keep their decoded extensions (Python objects, about 2.9 KiB traced per SVID
-before the fix); held SVIDs, proved chains and re-verified results are copies that were never checked.
-Measured with tracemalloc over COUNT items: what stays allocated per item.
+client only when the config turns them on. TLS contexts do not pile up with rotations. What authd holds
+per identity keeps none of the decoding its checks did: checked certificates keep their decoded
+extensions (Python objects, about 2.9 KiB traced per SVID before the fix); held SVIDs, proved chains and
+re-verified results are copies that were never checked. Measured with tracemalloc over COUNT items: what
+stays allocated per item.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from authd.attest.proofs import ProofChecker, binding, chain_der, sign
 from authd.attest.results import Attestation
+from authd.attest.tls import ContextCache
 from authd.identity import SpiffeId
 from authd.x509svid import BundleSet, X509Svid, parse_svid
 from tests.fakes.ca import LeafOptions, TestCA
@@ -105,3 +107,14 @@ def test_the_daemon_module_loads_no_optional_server_or_client() -> None:
     probe = f"import sys, authd.daemon; print([m for m in {optional!r} if m in sys.modules])"
     loaded = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_tls_contexts_do_not_pile_up_with_rotations() -> None:
+    # Issue 17: the cache kept every rotated node SVID's contexts (~130 KiB of OpenSSL memory each).
+    cache = ContextCache()
+    node_id = "spiffe://example.org/authd/node-a"
+    for _ in range(20):
+        rotated = CA.mint(node_id, LIVE)
+        cache.get(rotated, BUNDLES, server=True)
+        cache.get(rotated, BUNDLES, server=False)
+    assert len(cache) == 2  # one per side for the one identity
