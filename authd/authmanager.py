@@ -351,9 +351,16 @@ class AuthManager:
     ) -> tuple[DesiredState, _Plan, dict[Peer, list[AuthPair]], dict[Peer, Target]]:
         """The desired state of ``state``, each pair with the peer it needs, and the attestation targets."""
         desired = desired_state(state, self._node, self._handles)
-        plan = [
-            (pair, None if pair.on_local_node else Peer(pair.remote, pair.node)) for pair in desired.pairs
-        ]
+        peers: dict[tuple[SpiffeId, str], Peer] = {}  # one Peer per remote identity and node, not per pair
+
+        def peer_of(pair: AuthPair) -> Peer:
+            key = (pair.remote, pair.node)
+            found = peers.get(key)
+            if found is None:
+                found = peers[key] = Peer(pair.remote, pair.node)
+            return found
+
+        plan = [(pair, None if pair.on_local_node else peer_of(pair)) for pair in desired.pairs]
         pairs_of: dict[Peer, list[AuthPair]] = {}
         for pair, peer in plan:
             if peer is not None:

@@ -36,9 +36,7 @@ from authd.datapath.tables import PinnedAuthTable, PinnedTables
 from authd.errors import ConfigError, ControlError, DaemonError, SpireError
 from authd.flows import FlowLog
 from authd.health import Health
-from authd.httpapi import HttpServer
 from authd.hubble.history import HISTORY_DIR, FlowHistory
-from authd.hubble.server import ObserverServer
 from authd.jobs import Job, Supervisor
 from authd.ktls.support import KtlsGate, probe
 from authd.logbook import Logbook
@@ -150,6 +148,8 @@ class Daemon:
             runtime["pin_dir"] = str(self.config.datapath.pin_dir)
         hubble = self.config.hubble
         if hubble.enabled:
+            from authd.hubble.server import ObserverServer  # noqa: PLC0415 - its gRPC server only when on
+
             hubble_health = self.health.register("hubble", gates_ready=False)
             self.observer = ObserverServer(
                 self.flow_log,
@@ -162,6 +162,8 @@ class Daemon:
         self.control.register("status", StatusOp(self.view, runtime=runtime))
         self.control.register("reload", self._serve_reload)
         if http.enabled:
+            from authd.httpapi import HttpServer  # noqa: PLC0415 - aiohttp and prometheus_client only when on
+
             http_health = self.health.register("http", gates_ready=False)
             self.http = HttpServer(
                 http, self.view, on_listening=lambda where: http_health.ready(f"serving on {where}")

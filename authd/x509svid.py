@@ -19,7 +19,7 @@ Every refusal is an :class:`~authd.errors.SvidError` whose ``rule`` names the ru
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 
@@ -102,16 +102,17 @@ class X509Svid:
     chain: tuple[x509.Certificate, ...]
     private_key: PrivateKey
     hint: str = ""
+    not_after: datetime = field(init=False, repr=False, compare=False)
+    """When the leaf expires (UTC): one object, shared by every auth entry that expires with it."""
+
+    def __post_init__(self) -> None:
+        """Read the leaf's expiry once."""
+        object.__setattr__(self, "not_after", self.chain[0].not_valid_after_utc)
 
     @property
     def leaf(self) -> x509.Certificate:
         """The end-entity certificate."""
         return self.chain[0]
-
-    @property
-    def not_after(self) -> datetime:
-        """When the leaf expires (UTC)."""
-        return self.leaf.not_valid_after_utc
 
     @property
     def not_before(self) -> datetime:
@@ -145,7 +146,18 @@ def parse_svid(chain_der: Sequence[bytes], key_der: bytes, hint: str = "") -> X5
         raise SvidError("malformed-key", f"unsupported private key type {type(key).__name__}")
     if _spki(key) != _spki(chain[0]):
         raise SvidError("key-mismatch", "leaf certificate does not match private key")
-    return X509Svid(spiffe_id, chain, key, hint)
+    return X509Svid(spiffe_id, tuple(_load_certificate(der) for der in chain_der), key, hint)
+
+
+def fresh_copy(chain: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The certificates parsed again from their DER, with nothing decoded yet.
+
+    Checking a certificate decodes its extensions, and cryptography keeps them on the object for its
+    lifetime (about 2.7 KiB a certificate). So what authd holds for as long as an SVID or a result
+    lives (:func:`parse_svid`'s SVIDs, attestation chains) is a copy that was never checked, and checks
+    of held chains run on a copy.
+    """
+    return tuple(_load_certificate(cert.public_bytes(serialization.Encoding.DER)) for cert in chain)
 
 
 def verify_chain(

@@ -7,7 +7,19 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import attest, cluster, datapath, e2e, etcd, identity, lifecycle, operations, reconcile, soak
+from bench import (
+    attest,
+    cluster,
+    datapath,
+    e2e,
+    etcd,
+    identity,
+    lifecycle,
+    memory,
+    operations,
+    reconcile,
+    soak,
+)
 from bench.figures import Figures
 
 SUITES: dict[str, Callable[[], Figures]] = {
@@ -20,6 +32,7 @@ SUITES: dict[str, Callable[[], Figures]] = {
     "reconcile": reconcile.run,
     "operations": operations.run,
     "e2e": e2e.run,
+    "memory": memory.run,
     "soak": soak.run,
 }
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from authd.attest.outcomes import ViolationError
 from authd.identity import SpiffeId
-from authd.x509svid import BundleSet, PrivateKey, X509Svid, authorize_id, verify_path
+from authd.x509svid import BundleSet, PrivateKey, X509Svid, authorize_id, fresh_copy, verify_path
 
 _CONTEXT = b"authd-channel-proof/1\0"
 
@@ -113,7 +113,7 @@ class ProofChecker:
             if len(self._verified) > self._max_entries:
                 self._verified.popitem(last=False)
         check_signature(chain[0], signature, message)
-        return chain
+        return fresh_copy(chain)  # held for as long as the result lives: none of the checks' decoding
 
     def _verify(
         self,

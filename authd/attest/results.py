@@ -22,7 +22,7 @@ from cryptography import x509
 from authd.attest.outcomes import Outcome
 from authd.errors import SvidError
 from authd.identity import SpiffeId
-from authd.x509svid import BundleSet, authorize_id, verify_chain
+from authd.x509svid import BundleSet, authorize_id, fresh_copy, verify_chain
 
 log = structlog.get_logger(__name__)
 
@@ -55,11 +55,12 @@ class Attestation:
     address: str
     chain: tuple[x509.Certificate, ...]
     verified_at: datetime
+    not_after: datetime = field(init=False, repr=False, compare=False)
+    """When the remote leaf expires: one object, shared by every auth entry that expires with it."""
 
-    @property
-    def not_after(self) -> datetime:
-        """When the remote leaf expires."""
-        return self.chain[0].not_valid_after_utc
+    def __post_init__(self) -> None:
+        """Read the leaf's expiry once."""
+        object.__setattr__(self, "not_after", self.chain[0].not_valid_after_utc)
 
     @property
     def serial(self) -> int:
@@ -68,7 +69,7 @@ class Attestation:
 
     def reverify(self, bundles: BundleSet, at: datetime) -> None:
         """Check the remembered chain against new bundles (after a bundle change); raise SvidError."""
-        verify_chain(self.chain, bundles, at=at, authorize=authorize_id(self.remote_id))
+        verify_chain(fresh_copy(self.chain), bundles, at=at, authorize=authorize_id(self.remote_id))
 
 
 @dataclass(frozen=True, slots=True)

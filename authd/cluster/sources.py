@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from authd.backoff import BackoffPolicy
-from authd.cluster.etcd import EtcdClient
-from authd.cluster.etcdsource import EtcdClusterSource
 from authd.cluster.file import FileClusterSource
 from authd.config.model import ClusterConfig
 from authd.health import Component
 
-ConfiguredSource = FileClusterSource | EtcdClusterSource
+if TYPE_CHECKING:
+    from authd.cluster.etcdsource import EtcdClusterSource
 
 
-def open_source(config: ClusterConfig, local_node: str, health: Component) -> ConfiguredSource:
+def open_source(
+    config: ClusterConfig, local_node: str, health: Component
+) -> FileClusterSource | EtcdClusterSource:
     """Build the configured source; it connects or reads once its ``run`` starts."""
     if config.source == "etcd":
+        from authd.cluster.etcd import EtcdClient  # noqa: PLC0415 - etcd's client only with etcd
+        from authd.cluster.etcdsource import EtcdClusterSource  # noqa: PLC0415
+
         etcd = config.etcd
         return EtcdClusterSource(
             EtcdClient(etcd),

@@ -120,6 +120,24 @@ async def test_known_pair_is_authenticated_before_traffic_with_the_earlier_expir
         assert h.tables.policy
 
 
+async def test_entries_that_expire_together_share_one_expiry_and_one_peer() -> None:
+    # Issue 17: with 100k entries, a datetime and a Peer per entry were ~10 MiB the pairs did not need.
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db", hours=1))
+        h.svids.local[sid("web")] = svid("web", hours=2)
+        h.svids.local[sid("cache")] = svid("cache", hours=2)
+        h.manager.cluster_changed(two_nodes(("web", "db"), ("cache", "db")))
+        await eventually(lambda: len(h.table.entries) == 2)
+        web, cache = (
+            h.table.entries[h.pair("web", "db", "node-b")],
+            h.table.entries[h.pair("cache", "db", "node-b")],
+        )
+        assert web is cache
+        assert web is h.attestations.results()[Peer(sid("db"), "node-b")].not_after
+        peers = {id(peer) for _, peer in h.manager._plan if peer is not None}
+        assert len(peers) == 1
+
+
 async def test_local_rotation_moves_the_expiry_without_a_handshake() -> None:
     async with manager() as h:
         h.client.script(str(sid("db")), "node-b", svid("db", hours=3))
