@@ -126,10 +126,13 @@ class ProofChecker:
         """Verify a chain, against the leaf's issuer alone when the path above it was verified before.
 
         Many SVIDs share one intermediate: once a full path through ``chain[1:]`` verified under these
-        bundles, later leaves under it are checked against ``chain[1]`` (see
-        :func:`authd.x509svid.verify_path`), until a certificate of that path expires or the bundles change.
+        bundles for a trust domain, later leaves of that trust domain under it are checked against
+        ``chain[1]`` (see :func:`authd.x509svid.verify_path`), until a certificate of that path expires or
+        the bundles change.
         """
-        upper = _digest(ders[1:]) if len(ders) > 1 else None
+        # Keyed by the trust domain too: a path verified under one trust domain's bundle says nothing of
+        # a leaf that claims another (each trust domain's SVIDs chain to its own bundle only).
+        upper = _digest([identity.trust_domain.name.encode(), *ders[1:]]) if len(ders) > 1 else None
         known = self._issuers.get(upper) if upper is not None else None
         shortcut = known is not None and known[0] is bundles and at < known[1]
         if shortcut:

@@ -178,6 +178,30 @@ def test_the_issuer_shortcut_refuses_what_the_full_path_refuses() -> None:
     assert checker.issuer_hits == 1  # only the leaf of the other intermediate took the shortcut
 
 
+def test_an_intermediate_verified_for_one_trust_domain_never_vouches_for_another() -> None:
+    other = TestCA.create(
+        "other.org", not_before=NOW - dt.timedelta(days=1), not_after=NOW + dt.timedelta(days=1)
+    )
+    federated = BundleSet.of([CA.bundle(), other.bundle()])
+    issuer, checker = CA.intermediate(), ProofChecker()
+    ders, signature, identity = issued(issuer, "a")
+    checker.check(ders, signature, binding(NONCE, ASKER, PROVER, identity), identity, federated, NOW)
+    # The same example.org intermediate signs a leaf that claims other.org: only other.org's bundle counts.
+    foreign = SpiffeId.parse("spiffe://other.org/db")
+    svid = issuer.mint(str(foreign), LIVE)
+    with pytest.raises(SvidError) as caught:
+        checker.check(
+            chain_der(svid),
+            sign(svid, binding(NONCE, ASKER, PROVER, foreign)),
+            binding(NONCE, ASKER, PROVER, foreign),
+            foreign,
+            federated,
+            NOW,
+        )
+    assert caught.value.rule == "untrusted-chain"
+    assert checker.issuer_hits == 0
+
+
 def test_name_constraints_above_the_leaf_turn_the_shortcut_off() -> None:
     # The verifier refuses URI name constraints; as the only anchor, the intermediate would escape them.
     constraints = x509.NameConstraints(
