@@ -14,6 +14,7 @@ one family, and the message says which subsystem failed and what it was doing::
     │   └── EtcdCompactedError a watch asked for history etcd has compacted away; read a fresh snapshot
     ├── DatapathError        BPF object, map, program or tc attachment failure
     ├── AttestError          an attestation handshake failed; ``reason`` is its low-cardinality label
+    ├── EncryptionError      the WireGuard interface, its keys or its backend failed
     ├── ControlError         the daemon's local control socket cannot be reached or answered badly
     └── DaemonError          a critical job failed, or shutdown did not finish in time
 """
@@ -94,6 +95,10 @@ class AttestError(AuthdError):
         """Name the failure class and explain it."""
         self.reason = reason
         super().__init__(f"attest: {reason}: {detail}")
+
+
+class EncryptionError(AuthdError):
+    """Creating, configuring or reading the WireGuard interface, or its key file, failed."""
 
 
 class ControlError(AuthdError):
