@@ -1,15 +1,21 @@
-"""WireGuard through wireguard-go between nodes in network namespaces: what crosses the underlay, who
-may send as whom, and peer removal."""
+"""WireGuard between nodes in network namespaces, with wireguard-go and, where the kernel can create a
+wireguard link (the QEMU guest tier), kernel WireGuard: what crosses the underlay, who may send as whom,
+and peer removal."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from authd.datapath.netns import run_in_netns
+from authd.encryption import kernel
 from tests.fakes.cluster import endpoint, node, state
 from tests.privileged.wgmesh import NAMES, PORT, Capture, Mesh, underlay, workload
 
@@ -18,9 +24,23 @@ A, B, C = NAMES
 APP = 7777
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    made = Mesh("userspace", tmp_path)
+def kernel_wireguard() -> bool:
+    """Whether this kernel can create a wireguard link (asked in a namespace of its own)."""
+    probe = f"awg-probe-{secrets.token_hex(2)}"
+    subprocess.run(["ip", "netns", "add", probe], check=True)
+    try:
+        return run_in_netns(Path("/run/netns") / probe, kernel.available)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], check=True)
+
+
+@pytest.fixture(params=["userspace", "kernel"])
+def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mesh]:
+    if request.param == "kernel" and not kernel_wireguard():
+        if os.environ.get("AUTHD_REQUIRE_KERNEL_WIREGUARD") == "1":  # set by the guest tier
+            pytest.fail("kernel WireGuard is required here, and this kernel cannot create its link")
+        pytest.skip("this kernel cannot create a wireguard link (the QEMU guest tier runs these)")
+    made = Mesh(request.param, tmp_path)
     try:
         yield made
     finally:
