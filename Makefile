@@ -7,7 +7,7 @@ BUILD  := build
 
 # Debian packages the tests, the demo and the build need; installed only when missing.
 APT_PACKAGES := iproute2 clang-14 llvm-14 libbpf-dev libbpf1 bpftool linux-libc-dev iperf3 containernetworking-plugins \
-	systemd systemd-container debootstrap prometheus etcd-server qemu-system-x86 busybox-static cpio kmod wireguard-tools
+	systemd systemd-container debootstrap prometheus etcd-server qemu-system-x86 busybox-static cpio kmod wireguard-tools wireguard-go
 
 .PHONY: all test lint typecheck bench demo clean distclean system-deps venv artifacts wheel-check
 

@@ -15,6 +15,7 @@ one family, and the message says which subsystem failed and what it was doing::
     ├── DatapathError        BPF object, map, program or tc attachment failure
     ├── AttestError          an attestation handshake failed; ``reason`` is its low-cardinality label
     ├── KtlsError            a kTLS session handshake, key derivation or kernel TLS setup failed
+    ├── EncryptionError      the WireGuard interface, its keys or its backend failed
     ├── ControlError         the daemon's local control socket cannot be reached or answered badly
     └── DaemonError          a critical job failed, or shutdown did not finish in time
 """
@@ -99,6 +100,10 @@ class AttestError(AuthdError):
 
 class KtlsError(AuthdError):
     """A kTLS session could not be set up: its handshake, its keys, or kernel TLS on its socket."""
+
+
+class EncryptionError(AuthdError):
+    """Creating, configuring or reading the WireGuard interface, or its key file, failed."""
 
 
 class ControlError(AuthdError):

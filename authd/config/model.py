@@ -453,6 +453,60 @@ class HubbleConfig:
     )
 
 
+_INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def interface_name(value: str) -> str | None:
+    """Require a Linux interface name: 1-15 letters, digits, '_', '.' or '-' (IFNAMSIZ less the NUL)."""
+    if _INTERFACE_NAME.fullmatch(value) and value not in (".", ".."):
+        return None
+    return "must be 1-15 letters, digits, '_', '.' or '-'"
+
+
+def _rotation_interval(value: timedelta) -> str | None:
+    if value == timedelta(0) or value >= timedelta(minutes=1):
+        return None
+    return "must be at least 1m, or 0s for no scheduled rotation"
+
+
+def _encryption_mode(value: str) -> str | None:
+    # Fail closed: the WireGuard pieces exist, but no daemon job runs them yet, so asking for encryption
+    # must not start a node that would send in clear.
+    if value == "wireguard":
+        return 'is not run by the daemon yet (docs/architecture.md, "Encryption"): only "off" is accepted'
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    """WireGuard between nodes, keyed over the node channel (docs/architecture.md, "Encryption")."""
+
+    mode: Literal["off", "wireguard"] = setting(
+        "off",
+        "off, or wireguard: node-to-node workload traffic through one WireGuard interface (not run yet)",
+        check=_encryption_mode,
+    )
+    backend: Literal["auto", "kernel", "userspace"] = setting(
+        "auto",
+        "auto (kernel WireGuard where the kernel can create a wireguard link, else wireguard-go), kernel, "
+        "userspace",
+    )
+    interface: str = setting(
+        "authd-wg0", "name of the WireGuard interface authd manages", check=interface_name
+    )
+    listen_port: int = setting(
+        51820, "UDP port WireGuard listens on (and peers are sent to)", check=port_number
+    )
+    rotation_interval: timedelta = setting(
+        timedelta(hours=1),
+        "how often the node key and the preshared keys rotate (0s: only on SVID rotation and on demand)",
+        check=_rotation_interval,
+    )
+    wireguard_go: Path = setting(
+        Path("/usr/bin/wireguard-go"), "the wireguard-go binary of the userspace backend", check=absolute_path
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole authd configuration."""
@@ -466,3 +520,4 @@ class Config:
     spire: SpireConfig = section(SpireConfig, "SPIRE agent and server")
     http: HttpConfig = section(HttpConfig, "metrics and health over HTTP")
     hubble: HubbleConfig = section(HubbleConfig, "Hubble's Observer API")
+    encryption: EncryptionConfig = section(EncryptionConfig, "encryption between nodes")

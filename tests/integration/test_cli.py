@@ -58,3 +58,11 @@ def test_version() -> None:
     result = authd("version")
     assert result.returncode == 0
     assert result.stdout.startswith("authd ")
+
+
+def test_bad_encryption_mode_exits_78_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "authd.toml"
+    config.write_text('[encryption]\nmode = "on"\n')
+    result = authd("run", "--config", str(config))
+    assert result.returncode == 78
+    assert 'encryption.mode: must be one of "off", "wireguard", got "on"' in result.stderr

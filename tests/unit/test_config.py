@@ -104,3 +104,43 @@ def test_example_file_validates() -> None:
 def test_effective_config_round_trips() -> None:
     config = parse_config('[node]\nname = "node-a"\n[log]\nlevel = "debug"\n')
     assert parse_config(render_effective(config)) == config
+
+
+def test_encryption_is_off_by_default() -> None:
+    config = parse_config("")
+    assert config.encryption.mode == "off"
+    assert config.encryption.backend == "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('mode = "ipsec"', 'encryption.mode: must be one of "off", "wireguard", got "ipsec"'),
+        ('backend = "ebpf"', 'encryption.backend: must be one of "auto", "kernel", "userspace", got "ebpf"'),
+        (
+            'interface = "authd-wireguard0"',
+            "encryption.interface: must be 1-15 letters, digits, '_', '.' or '-', got \"authd-wireguard0\"",
+        ),
+        ("listen_port = 0", "encryption.listen_port: must be a port number in 1..65535, got integer 0"),
+        (
+            'rotation_interval = "30s"',
+            'encryption.rotation_interval: must be at least 1m, or 0s for no scheduled rotation, got "30s"',
+        ),
+        (
+            'wireguard_go = "wireguard-go"',
+            'encryption.wireguard_go: must be an absolute path, got "wireguard-go"',
+        ),
+    ],
+)
+def test_bad_encryption_values_name_the_key(text: str, problem: str) -> None:
+    assert problems_of(f"[encryption]\n{text}\n") == [problem]
+
+
+def test_encryption_without_scheduled_rotation_is_accepted() -> None:
+    config = parse_config('[encryption]\nrotation_interval = "0s"\n')
+    assert config.encryption.rotation_interval == timedelta(0)
+
+
+def test_wireguard_mode_is_refused_until_the_daemon_runs_it() -> None:
+    [problem] = problems_of('[encryption]\nmode = "wireguard"\n')
+    assert problem.startswith("encryption.mode: is not run by the daemon yet")
