@@ -1,8 +1,9 @@
 """One cluster per test module, built from the module's ``SPEC``; its logs are attached to failures.
 
-A module with ``THROUGH_CNI = True`` runs twice: once with workloads attached by the harness (the
-routed-CNI layout), once with pods made through CNI (``ptp``, ``host-local``, ``authd-cni``;
-``ClusterSpec(cni=True)``, IPv4 only: its IPv6 cases are skipped).
+A module with ``EVERY_SETUP = True`` runs three times: with workloads attached by the harness (the
+routed-CNI layout), with pods made through CNI (``ptp``, ``host-local``, ``authd-cni``;
+``ClusterSpec(cni=True)``, IPv4 only: its IPv6 cases are skipped), and with cluster state in etcd
+(``ClusterSpec(source="etcd")``, loaded with ``authd cluster push``).
 
 Building a cluster takes a few seconds, so each module shares one and its tests leave it as they found
 it (or run last). Every module names its cluster with the ``ae2`` prefix: the harness refuses to start
@@ -21,9 +22,9 @@ from authd.devcluster.cluster import ClusterSpec, DevCluster
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Build the clusters of ``THROUGH_CNI`` modules both ways."""
-    if "cluster" in metafunc.fixturenames and getattr(metafunc.module, "THROUGH_CNI", False):
-        metafunc.parametrize("cluster", ["veth", "cni"], indirect=True, scope="module")
+    """Build the clusters of ``EVERY_SETUP`` modules all three ways."""
+    if "cluster" in metafunc.fixturenames and getattr(metafunc.module, "EVERY_SETUP", False):
+        metafunc.parametrize("cluster", ["veth", "cni", "etcd"], indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,11 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """The module's cluster: ``SPEC`` in the test module says what to build."""
     spec = request.module.SPEC
     assert isinstance(spec, ClusterSpec)
-    if getattr(request, "param", "veth") == "cni":
+    way = getattr(request, "param", "veth")
+    if way == "cni":
         spec = replace(spec, cni=True, ipv6=False)
+    elif way == "etcd":
+        spec = replace(spec, source="etcd")
     logs = tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-logs")
     with DevCluster(spec, keep_logs=logs) as built:
         yield built

@@ -42,7 +42,7 @@ SPEC = ClusterSpec(
     prefix="ae2",
     ipv6=True,
 )
-THROUGH_CNI = True  # and again with pods made by ptp, host-local and authd-cni
+EVERY_SETUP = True  # again with pods made by ptp, host-local and authd-cni, and again on etcd
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 

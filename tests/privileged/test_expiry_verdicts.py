@@ -215,6 +215,11 @@ def test_verdicts_follow_the_expiry_through_rotations_and_outages(
             while handles.node_handle("node-b") is None:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             key = AuthKey(*pair_handles(handles))
+            # Handles come before the maps are written: sample once the pair's policy is in force (its
+            # packet is dropped, no SVID being handed over yet), since before it the pair is not governed.
+            frame, fd = pk.tcp_frame(DB, WEB, 80, 40000), datapath.prog_fd(ProgramName.EGRESS)
+            while syscalls.prog_test_run(fd, frame).retval != DROP:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
             sampler = threading.Thread(
                 target=lambda: outcome.append(sample(datapath, maps, key, truth, stop)), daemon=True
             )
