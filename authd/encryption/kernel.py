@@ -1,20 +1,20 @@
-"""The kernel backend: a ``wireguard`` link, configured over generic netlink (pyroute2's WireGuard).
+"""The kernel backend: a ``wireguard`` link, made with ``ip`` and configured with ``wg`` (wireguard-tools).
 
-pyroute2 sends one peer per set request, so a change to N peers is N requests; keys travel in base64.
+Both run as child processes, born in the calling thread's network namespace: call it from the namespace
+that holds the link. Keys reach ``wg`` on its stdin, never on its command line; one ``wg set`` per peer,
+since each carries its own preshared key.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import ipaddress
 import socket
-from collections.abc import Iterable
-from typing import Any, Literal
+import subprocess
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import structlog
-from pyroute2 import IPRoute, WireGuard
-from pyroute2.netlink.exceptions import NetlinkError
 
 from authd.encryption.device import DeviceStatus, PeerSpec, PeerStatus
 from authd.encryption.keys import KeyPair, PublicKey
@@ -23,16 +23,27 @@ from authd.errors import EncryptionError
 log = structlog.get_logger(__name__)
 
 _PROBE = "authd-wgprobe"
+_NO_KEY = "(none)"
+_STDIN = "/proc/self/fd/0"  # wg reads key files by path; /dev/stdin need not exist (a bare devtmpfs)
+
+
+def _run(argv: Sequence[str], *, secret: bytes = b"", what: str) -> str:
+    try:
+        done = subprocess.run(argv, input=secret, capture_output=True, check=False, timeout=10)  # noqa: S603 - fixed tools
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise EncryptionError(f"encryption: {what}: {err}") from err
+    if done.returncode:
+        raise EncryptionError(f"encryption: {what}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode()
 
 
 def available() -> bool:
     """Whether this kernel can create a wireguard link (the module is built in or loads on demand)."""
-    with IPRoute() as ipr:
-        try:
-            ipr.link("add", ifname=_PROBE, kind="wireguard")
-        except NetlinkError:
-            return False
-        ipr.link("del", index=ipr.link_lookup(ifname=_PROBE)[0])
+    try:
+        _run(["ip", "link", "add", _PROBE, "type", "wireguard"], what="probe")
+    except EncryptionError:
+        return False
+    _run(["ip", "link", "del", _PROBE], what="probe")
     return True
 
 
@@ -49,13 +60,11 @@ class KernelWireGuard:
     def open(cls, interface: str) -> KernelWireGuard:
         """Use the link an earlier authd left (keys and sessions kept), or create it; bring it up."""
         try:
-            with IPRoute() as ipr:
-                if not ipr.link_lookup(ifname=interface):
-                    ipr.link("add", ifname=interface, kind="wireguard")
-                    log.info("wireguard link created", interface=interface)
-                ipr.link("set", index=ipr.link_lookup(ifname=interface)[0], state="up")
-        except NetlinkError as err:
-            raise EncryptionError(f"encryption: cannot create wireguard link {interface}: {err}") from err
+            socket.if_nametoindex(interface)
+        except OSError:
+            _run(["ip", "link", "add", interface, "type", "wireguard"], what=f"cannot create {interface}")
+            log.info("wireguard link created", interface=interface)
+        _run(["ip", "link", "set", interface, "up"], what=f"cannot bring {interface} up")
         return cls(interface)
 
     @property
@@ -75,72 +84,53 @@ class KernelWireGuard:
         remove: Iterable[PublicKey] = (),
     ) -> None:
         """Device settings in one request, then one request per peer."""
-        try:
-            with WireGuard() as wg:
-                if private_key is not None or listen_port is not None:
-                    secret = base64.b64encode(private_key.private_raw()).decode() if private_key else None
-                    wg.set(self.interface, private_key=secret, listen_port=listen_port)
-                for peer in peers:
-                    address, port = peer.endpoint
-                    wg.set(
-                        self.interface,
-                        peer={
-                            "public_key": peer.public_key.base64(),
-                            "preshared_key": base64.b64encode(peer.preshared_key).decode(),
-                            "endpoint_addr": str(address),
-                            "endpoint_port": port,
-                            "persistent_keepalive": peer.keepalive,
-                            "replace_allowed_ips": True,
-                            "allowed_ips": [str(prefix) for prefix in peer.allowed_ips],
-                        },
-                    )
-                for key in remove:
-                    wg.set(self.interface, peer={"public_key": key.base64(), "remove": True})
-        except (NetlinkError, OSError, ValueError) as err:
-            raise EncryptionError(f"encryption: cannot configure {self.interface}: {err}") from err
+        what = f"cannot configure {self.interface}"
+        wg = ["wg", "set", self.interface]
+        if listen_port is not None or private_key is not None:
+            argv = [*wg, *(("listen-port", str(listen_port)) if listen_port is not None else ())]
+            secret = b""
+            if private_key is not None:
+                argv += ["private-key", _STDIN]
+                secret = base64.b64encode(private_key.private_raw())
+            _run(argv, secret=secret, what=what)
+        for peer in peers:
+            allowed = ",".join(str(prefix) for prefix in peer.allowed_ips)
+            argv = [*wg, "peer", peer.public_key.base64(), "preshared-key", _STDIN]
+            argv += ["endpoint", peer.endpoint_text(), "persistent-keepalive", str(peer.keepalive or "off")]
+            argv += ["allowed-ips", allowed]  # replaces the peer's list; empty clears it
+            _run(argv, secret=base64.b64encode(peer.preshared_key), what=what)
+        for key in remove:
+            _run([*wg, "peer", key.base64(), "remove"], what=what)
 
     def status(self) -> DeviceStatus:
-        """The device as the kernel reports it (a dump may span several messages)."""
-        try:
-            with WireGuard() as wg:
-                messages = list(wg.info(self.interface))
-        except (NetlinkError, OSError) as err:
-            raise EncryptionError(f"encryption: cannot read {self.interface}: {err}") from err
-        public: PublicKey | None = None
-        port = 0
-        peers: list[PeerStatus] = []
-        for message in messages:
-            key = message.get_attr("WGDEVICE_A_PUBLIC_KEY")
-            if key is not None:
-                public = PublicKey(base64.b64decode(key))
-            port = message.get_attr("WGDEVICE_A_LISTEN_PORT") or port
-            peers += [_peer(peer) for peer in message.get_attr("WGDEVICE_A_PEERS") or ()]
-        return DeviceStatus(public, port, tuple(peers))
+        """The device as ``wg show <if> dump`` reports it: the device's line, then one per peer."""
+        lines = _run(
+            ["wg", "show", self.interface, "dump"], what=f"cannot read {self.interface}"
+        ).splitlines()
+        if not lines:
+            raise EncryptionError(f"encryption: cannot read {self.interface}: empty dump")
+        _, public, port, _ = lines[0].split("\t")
+        key = None if public == _NO_KEY else PublicKey(base64.b64decode(public))
+        return DeviceStatus(key, int(port), tuple(_peer(line.split("\t")) for line in lines[1:]))
 
     def close(self, *, remove: bool) -> None:
         """Delete the link when ``remove``; else leave it forwarding."""
         if remove:
-            with IPRoute() as ipr, contextlib.suppress(NetlinkError):
-                for index in ipr.link_lookup(ifname=self.interface):
-                    ipr.link("del", index=index)
+            try:
+                socket.if_nametoindex(self.interface)
+            except OSError:
+                return
+            _run(["ip", "link", "del", self.interface], what=f"cannot delete {self.interface}")
 
 
-def _peer(peer: Any) -> PeerStatus:  # noqa: ANN401 - pyroute2's nla objects are untyped
-    endpoint = peer.get_attr("WGPEER_A_ENDPOINT")
-    handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-    seconds = (handshake["tv_sec"] + handshake["tv_nsec"] / 1e9) if handshake else 0.0
-    psk = peer.get_attr("WGPEER_A_PRESHARED_KEY")
-    allowed = [ipaddress.ip_network(ip["addr"]) for ip in peer.get_attr("WGPEER_A_ALLOWEDIPS") or ()]
-    text = None
-    if endpoint is not None:
-        address = ipaddress.ip_address(endpoint["addr"])
-        text = f"[{address}]:{endpoint['port']}" if address.version == 6 else f"{address}:{endpoint['port']}"
+def _peer(fields: Sequence[str]) -> PeerStatus:
+    public, psk, endpoint, allowed, handshake, rx, tx, _ = fields
     return PeerStatus(
-        public_key=PublicKey(base64.b64decode(peer.get_attr("WGPEER_A_PUBLIC_KEY"))),
-        endpoint=text,
-        allowed_ips=tuple(allowed),
-        last_handshake=seconds or None,
-        rx_bytes=peer.get_attr("WGPEER_A_RX_BYTES") or 0,
-        tx_bytes=peer.get_attr("WGPEER_A_TX_BYTES") or 0,
-        has_preshared_key=psk is not None and base64.b64decode(psk).strip(b"\0") != b"",
+        public_key=PublicKey(base64.b64decode(public)),
+        endpoint=None if endpoint == _NO_KEY else endpoint,
+        allowed_ips=tuple(ipaddress.ip_network(ip) for ip in allowed.split(",") if ip != _NO_KEY),
+        last_handshake=float(handshake) or None,
+        rx_bytes=int(rx),
+        tx_bytes=int(tx),
+        has_preshared_key=psk != _NO_KEY,
     )

@@ -40,8 +40,10 @@ MODULES = (
     "tls",  # kernel TLS, and the AEAD it instantiates for AES-GCM records
     "gcm",
     "ghash-generic",
+    "chacha20poly1305",  # the ChaCha20-Poly1305 AEAD kernel TLS instantiates for that suite
     "wireguard",
     "veth",  # links the tests build
+    "bridge",
     "dummy",
     "tun",
     "sch_ingress",  # tc clsact and the bpf classifier (authd's datapath)

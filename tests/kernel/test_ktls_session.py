@@ -170,13 +170,7 @@ def test_the_probe_finds_kernel_tls() -> None:
     [
         CipherSuite.AES_128_GCM_SHA256,
         CipherSuite.AES_256_GCM_SHA384,
-        pytest.param(
-            CipherSuite.CHACHA20_POLY1305_SHA256,
-            marks=pytest.mark.skip(
-                reason="the guest image has no chacha20poly1305 crypto template loaded and no modprobe "
-                "to load it (TLS_TX gives ENOENT there)"
-            ),
-        ),
+        CipherSuite.CHACHA20_POLY1305_SHA256,
     ],
     ids=lambda suite: suite.iana_name,
 )

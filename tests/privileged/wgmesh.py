@@ -139,9 +139,10 @@ class Mesh:
         assert backend is not None
         current = cluster or self.state
         peers = desired_peers(current, name, self.keys_seen_by(name), PORT)
-        present = {peer.public_key for peer in backend.status().peers}
+        # In the node's namespace, as the daemon would run: the kernel backend reaches its link there only.
+        present = {peer.public_key for peer in self.run(name, backend.status).peers}
         wanted = {peer.public_key for peer in peers.values()}
-        backend.configure(peers=peers.values(), remove=present - wanted)
+        self.run(name, lambda: backend.configure(peers=peers.values(), remove=present - wanted))
         self.run(name, lambda: sync_routes(backend.ifindex, tunnel_routes(current, name)))
 
     def close(self) -> None:
