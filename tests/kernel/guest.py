@@ -3,8 +3,8 @@
 QEMU emulates the CPU (TCG, one vCPU: KVM fails on these machines and multi-threaded TCG panics the
 guest's boot; shared/notes/platform.md section 5). The guest's root is this machine's root, shared
 read-only over virtio 9p, so the project, its venv and the Debian tools are the host's own; init.sh puts
-an overlay over it that keeps the guest's writes in the guest's memory, and fresh /tmp, /run, /proc,
-/sys, /dev and bpffs. A second, writable 9p share, the job directory, carries
+an overlay over it that keeps the guest's writes in the guest's memory (a checkout under /tmp stays
+visible), and fresh /run, /proc, /sys, /dev and bpffs. A second, writable 9p share, the job directory, carries
 ``run.sh`` in and the command's output, exit status and reports out (guest path ``/tmp/authd-guest``).
 
 QEMU is killed when the run exceeds its deadline and when the calling process dies (``PR_SET_PDEATHSIG``).

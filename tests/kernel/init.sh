@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # The guest's PID 1 (tests/kernel/image.py puts it in the initramfs; tests/kernel/guest.py boots it).
 # Loads the modules, mounts the host's root (read-only, 9p tag "hostroot") at /host under an overlay that
-# keeps the guest's writes in its memory, with fresh /tmp, /run, /proc, /sys, /dev and bpffs, mounts the
+# keeps the guest's writes in its memory (/tmp included, so a checkout under /tmp is seen there too), with
+# fresh /run, /proc, /sys, /dev and bpffs, mounts the
 # job directory (read-write, 9p tag "job") at /host/tmp/authd-guest,
 # runs the job's run.sh chrooted into /host, and powers off. Each step is echoed to the console, so a
 # failed boot says where it stopped.
@@ -31,8 +32,6 @@ mkdir -p /lower /rw
 mount -t 9p -o "$p9,ro,cache=loose" hostroot /lower || fail "mount hostroot"
 mount -t tmpfs rw /rw && mkdir /rw/upper /rw/work || fail "mount the overlay's tmpfs"
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work root /host || fail "mount the overlay"
-mount -t tmpfs -o mode=1777 tmp /host/tmp || fail "mount /tmp"
-mount -t tmpfs -o mode=1777 vartmp /host/var/tmp || fail "mount /var/tmp"
 mount -t tmpfs -o mode=755 run /host/run || fail "mount /run"
 mount -t proc proc /host/proc || fail "mount /proc"
 mount -t sysfs sys /host/sys || fail "mount /sys"
