@@ -18,10 +18,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from authd.attest.tls import client_context, server_context
-from authd.errors import KtlsError
-from authd.identity import SpiffeId
+from authd.errors import KtlsError, SvidError
+from authd.identity import SpiffeId, sni_for
 from authd.ktls.keys import CipherSuite, TrafficKeys
-from authd.ktls.session import Session, handshake
+from authd.ktls.session import Session, accept, connect, handshake
 from authd.x509svid import BundleSet, X509Svid
 from tests.fakes.ca import LeafOptions
 from tests.fakes.ca import TestCA as FakeCA
@@ -159,7 +159,7 @@ def test_a_server_with_another_identity_is_refused_before_the_client_finishes(
     client_sock, server_sock = pair
     impostor = SpiffeId.parse("spiffe://example.org/ns/shop/sa/cache")
     server = in_thread(lambda: handshake(server_sock, svid(ca, impostor), bundles, WEB, server=True, at=NOW))
-    with pytest.raises(KtlsError, match=f"peer refused, expected {DB}: .*{impostor}"):
+    with pytest.raises(KtlsError, match=f'peer refused by {WEB}: .*unexpected ID "{impostor}"'):
         handshake(client_sock, svid(ca, WEB), bundles, DB, server=False, at=NOW)
     client_sock.close()
     with pytest.raises(KtlsError, match="closed the connection during the handshake"):
@@ -174,7 +174,7 @@ def test_a_client_with_another_identity_is_refused(
     server = in_thread(lambda: handshake(server_sock, svid(ca, DB), bundles, WEB, server=True, at=NOW))
     intruder = SpiffeId.parse("spiffe://example.org/ns/shop/sa/intruder")
     handshake(client_sock, svid(ca, intruder), bundles, DB, server=False, at=NOW)
-    with pytest.raises(KtlsError, match=f"peer refused, expected {WEB}"):
+    with pytest.raises(KtlsError, match=f"peer refused by {DB}: .*unexpected ID"):
         server()
 
 
@@ -196,3 +196,59 @@ def test_bytes_that_are_not_tls_are_refused(ca: FakeCA, pair: tuple[socket.socke
     client_sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(KtlsError, match="not a TLS record"):
         handshake(server_sock, svid(ca, DB), BundleSet.of([ca.bundle()]), WEB, server=True, at=NOW)
+
+
+def test_a_server_with_several_identities_presents_the_one_the_client_names(
+    ca: FakeCA, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    bundles = BundleSet.of([ca.bundle()])
+    client_sock, server_sock = pair
+    cache = SpiffeId.parse("spiffe://example.org/ns/shop/sa/cache")
+    held = {sni_for(spiffe_id): svid(ca, spiffe_id) for spiffe_id in (DB, cache)}
+    seen: list[tuple[SpiffeId, SpiffeId]] = []
+
+    def authorize(local: SpiffeId, peer: SpiffeId) -> None:
+        seen.append((local, peer))
+
+    server = in_thread(
+        lambda: accept(server_sock, lambda name: held.get(name or ""), bundles, authorize, at=NOW)
+    )
+    client = connect(client_sock, svid(ca, WEB), bundles, cache, at=NOW)
+    served = server()
+    assert (served.local, served.peer, client.peer) == (cache, WEB, cache)
+    assert seen == [(cache, WEB)]  # the authorizer decides with both identities in hand
+    assert served.rx == client.tx
+
+
+def test_a_name_the_server_holds_no_identity_for_ends_the_handshake(
+    ca: FakeCA, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    bundles = BundleSet.of([ca.bundle()])
+    client_sock, server_sock = pair
+    held = {sni_for(DB): svid(ca, DB)}
+    server = in_thread(
+        lambda: accept(server_sock, lambda name: held.get(name or ""), bundles, lambda _l, _p: None, at=NOW)
+    )
+    stranger = SpiffeId.parse("spiffe://example.org/ns/shop/sa/stranger")
+    with pytest.raises(KtlsError, match="UNRECOGNIZED_NAME"):
+        connect(client_sock, svid(ca, WEB), bundles, stranger, at=NOW)
+    with pytest.raises(KtlsError, match="TLS handshake failed"):
+        server()
+
+
+def test_a_client_the_authorizer_refuses_gets_no_session(
+    ca: FakeCA, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    bundles = BundleSet.of([ca.bundle()])
+    client_sock, server_sock = pair
+    held = {sni_for(DB): svid(ca, DB)}
+
+    def refuse(local: SpiffeId, peer: SpiffeId) -> None:
+        raise SvidError("not-allowed", f"{peer} may not reach {local} under kTLS")
+
+    server = in_thread(
+        lambda: accept(server_sock, lambda name: held.get(name or ""), bundles, refuse, at=NOW)
+    )
+    connect(client_sock, svid(ca, WEB), bundles, DB, at=NOW)  # the client's view ends at its Finished
+    with pytest.raises(KtlsError, match=f"peer refused by {DB}: .*may not reach"):
+        server()

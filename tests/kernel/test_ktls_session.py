@@ -26,6 +26,7 @@ from authd.ktls.support import probe
 from authd.x509svid import BundleSet
 from tests.fakes.ca import LeafOptions
 from tests.fakes.ca import TestCA as FakeCA
+from tests.kernel.wire import WireTap, records
 
 NOW = dt.datetime.now(dt.UTC)
 WEB = SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
@@ -36,66 +37,11 @@ TAG = 16  # every TLS 1.3 AEAD suite's tag
 APPLICATION_DATA = 23
 
 
-class Relay:
-    """Forwards one TCP connection to ``target`` both ways, keeping what passed in each direction."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.target = target
-        self.wire: dict[str, bytearray] = {"to-server": bytearray(), "to-client": bytearray()}
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        accept = threading.Thread(target=self._accept)
-        accept.start()
-        self._threads.append(accept)
-
-    def _accept(self) -> None:
-        inbound, _ = self.listener.accept()
-        outbound = socket.create_connection(self.target, timeout=10)
-        self._sockets += [inbound, outbound]
-        for source, sink, name in ((inbound, outbound, "to-server"), (outbound, inbound, "to-client")):
-            thread = threading.Thread(target=self._pump, args=(source, sink, self.wire[name]))
-            thread.start()
-            self._threads.append(thread)
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, kept: bytearray) -> None:
-        try:
-            while chunk := source.recv(65536):
-                kept += chunk
-                sink.sendall(chunk)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            return  # the other side went away: the test has its answer or fails on its own
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self._sockets:
-            sock.close()
-        for thread in self._threads:
-            thread.join(10)
-
-
-def records(stream: bytes) -> list[tuple[int, int]]:
-    """(content type, length) of each TLS record of ``stream``, which must be whole records only."""
-    found = []
-    offset = 0
-    while offset < len(stream):
-        header = stream[offset : offset + 5]
-        length = int.from_bytes(header[3:5], "big")
-        assert header[0] in (20, 21, 22, 23), header.hex()
-        assert header[1:3] in (b"\x03\x01", b"\x03\x03"), header.hex()
-        found.append((header[0], length))
-        offset += 5 + length
-    assert offset == len(stream), "the stream ends inside a record"
-    return found
-
-
 @pytest.fixture
-def ends() -> Iterator[tuple[socket.socket, socket.socket, Relay]]:
+def ends() -> Iterator[tuple[socket.socket, socket.socket, WireTap]]:
     """(client, server, relay): the client is connected to the server through the relay."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        relay = Relay(listener.getsockname()[:2])
+        relay = WireTap(listener.getsockname()[:2])
         try:
             client = socket.create_connection(relay.listener.getsockname()[:2], timeout=10)
             server, _ = listener.accept()
@@ -115,7 +61,7 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def test_a_session_runs_in_kernel_tls_both_ways(ends: tuple[socket.socket, socket.socket, Relay]) -> None:
+def test_a_session_runs_in_kernel_tls_both_ways(ends: tuple[socket.socket, socket.socket, WireTap]) -> None:
     client, server, relay = ends
     ca = FakeCA.create("example.org", not_before=NOW - dt.timedelta(days=1))
     bundles = BundleSet.of([ca.bundle()])
