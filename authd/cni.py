@@ -8,9 +8,11 @@ but the pins under ``pinDir`` (no object load, no daemon):
 - ADD: finds the pod's host-side veth (an interface of prevResult without ``sandbox``: for ``bridge``
   the veth, not the bridge), attaches the pinned programs to it exactly as authd does (tcx first, or tc
   on kernels without tcx; idempotent, so authd's own link watcher attaching the same interface changes
-  nothing), records each pod address in the endpoints map as owned by that interface
-  (ENDPOINT_F_CNI), then prints prevResult unchanged. Without pins (authd never ran on this node) ADD
-  fails with code 11, "try again later": the pod is not started unenforced.
+  nothing), records each pod address of prevResult's ``ips``, of either family, in the endpoints map as
+  owned by that interface (ENDPOINT_F_CNI), then prints prevResult unchanged. The pod's IPv6 link-local
+  address is not recorded, as authd does not learn it from routes either: the programs pass neighbour
+  and multicast listener discovery from it and refuse anything else. Without pins (authd never ran on
+  this node) ADD fails with code 11, "try again later": the pod is not started unenforced.
 - DEL: removes the pod's endpoints entries and its links, and the pins of every link whose interface is
   gone (a runtime usually deletes the pod's namespace, and with it the veth, before DEL); it succeeds
   when any of it is gone already.

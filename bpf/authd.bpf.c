@@ -1031,9 +1031,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		 * packet must not change how the real one is judged). */
 		news = !(f && f->verdict == AUTHD_VERDICT_DENIED && f->drop_reason == d.drop_reason);
 		if (tabled && !f && cfg && cfg->flow_level != AUTHD_FLOWS_NONE) {
-			struct authd_flow_value value = {};
+			struct authd_flow_value value = {}; /* origin 0: a refused packet opens no flow */
 
-			value.origin = d.direction;
 			value.verdict = d.verdict;
 			value.drop_reason = d.drop_reason;
 			bpf_map_update_elem(&flows, &key, &value, BPF_ANY);
@@ -1059,11 +1058,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		f = 0;
 	}
 
-	/* A packet of a tabled flow that the entry could not vouch for (re-check due, denied, or a reply
-	 * seen first on this side) is judged as the flow's origin: the direction of the packet that opened
-	 * it. So a reply cannot reopen a flow whose origin was denied, and an allowed flow's replies pass. */
+	/* A packet of an opened flow that the entry could not vouch for (re-check due, stopped, or a reply
+	 * seen first on this side) is judged as the flow's origin: the direction of the first packet policy
+	 * allowed. So an allowed flow's replies pass, and a flow stopped on a re-check (its auth entry
+	 * removed or expired) stays stopped both ways: its replies cannot reopen it. An entry without an
+	 * origin only remembers refused packets; they opened nothing, so every packet is judged in its own
+	 * direction until one is allowed and opens the flow. */
 	origin = d.direction;
-	if (f && !syn && f->origin != d.direction) {
+	if (f && !syn && f->origin && f->origin != d.direction) {
 		d.flags = AUTHD_FLOW_F_REPLY;
 		origin = f->origin;
 	}
@@ -1086,7 +1088,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		value.remote_node = d.remote_node;
 		value.local_ifindex = local_owner;
 		value.remote_ifindex = remote_owner;
-		value.origin = origin;
+		/* A refusal keeps the origin the entry had: a stopped flow stays the flow it was. */
+		value.origin = d.verdict == AUTHD_VERDICT_ALLOWED ? origin : (f ? f->origin : 0);
 		value.verdict = d.verdict;
 		value.drop_reason = d.drop_reason;
 		value.auth_type = d.auth_type;

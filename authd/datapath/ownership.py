@@ -2,7 +2,8 @@
 
 A routed CNI leaves one host route per pod address through the pod's host-side interface
 (``10.0.1.5/32 dev lxc3``, ``fd00::5/128 dev lxc3``). Every such route in the main table whose interface
-matches ``[datapath] interfaces`` becomes an endpoints entry with ENDPOINT_F_ROUTE. The map is reconciled
+matches ``[datapath] interfaces`` becomes an endpoints entry with ENDPOINT_F_ROUTE, except a route to an
+address the node holds itself (an IPv6 gateway address on a pod's veth). The map is reconciled
 from a full dump of links and routes at start, on every route or link event (RTMGRP_LINK and the IPv4
 and IPv6 route groups), and every ``RESYNC_S`` seconds in case an event was lost.
 
@@ -18,7 +19,7 @@ import asyncio
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Protocol
 
 import structlog
@@ -118,6 +119,9 @@ def plan(
 
 
 def _host_routes(ipr: IPRoute) -> tuple[HostRoute, ...]:
+    # The node's own addresses are never a workload's, though a /128 address on a pod's interface (ptp
+    # puts the IPv6 gateway on every pod veth) leaves a host route through it, as a pod route does.
+    own = {ip_address(m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")) for m in ipr.get_addr()}
     routes = []
     for family, full in _HOST_PREFIX.items():
         for msg in ipr.get_routes(family=family, table=_MAIN_TABLE):
@@ -125,7 +129,9 @@ def _host_routes(ipr: IPRoute) -> tuple[HostRoute, ...]:
                 continue
             dst, oif = msg.get("RTA_DST"), msg.get("RTA_OIF")
             if isinstance(dst, str) and isinstance(oif, int):
-                routes.append(HostRoute(ip_network(f"{dst}/{full}"), oif))
+                network = ip_network(f"{dst}/{full}")
+                if network.network_address not in own:
+                    routes.append(HostRoute(network, oif))
     return tuple(routes)
 
 

@@ -76,7 +76,7 @@ class ClusterSpec:
     log_level: str = "info"
     ipv6: bool = False  # dual stack: workloads get an IPv6 address too, in cluster state as well
     federated_trust_domain: str | None = None  # a second trust domain whose bundle every agent holds
-    cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs; IPv4 only
+    cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs
     source: Literal["file", "etcd"] = "file"  # etcd: one etcd member on the wire holds cluster state
 
     def spiffe_id(self, workload: str) -> str:
@@ -143,8 +143,6 @@ class DevCluster:
         (self.workdir / "logs").mkdir()
         shutil.copy(traffic.__file__, self.workdir / "traffic.py")
         (self.workdir / "traffic.py").chmod(0o644)
-        if spec.cni and spec.ipv6:
-            raise HarnessError("harness: ClusterSpec(cni=True) builds IPv4 pods only")
         self.network = Network(spec.prefix, self._namespaces, ipv6=spec.ipv6)
         for name in spec.nodes:
             self.network.add_node(name)
@@ -181,6 +179,8 @@ class DevCluster:
             "ptp",
             subnet=str(node.subnet),
             address=str(workload.address),
+            subnet6=str(node.subnet6) if node.subnet6 is not None else "",
+            address6=str(workload.address6) if workload.address6 is not None else "",
             data_dir=self.workdir / "cni" / node.name,
             pin_dir=self.pin_dir(node.name),
         )

@@ -110,18 +110,32 @@ class Runtime:
 
 
 def conflist(
-    kind: str, *, subnet: str, data_dir: Path, pin_dir: Path, bridge: str = "", address: str = ""
+    kind: str,
+    *,
+    subnet: str,
+    data_dir: Path,
+    pin_dir: Path,
+    bridge: str = "",
+    address: str = "",
+    subnet6: str = "",
+    address6: str = "",
 ) -> dict[str, Any]:
-    """``ptp`` or ``bridge`` with ``host-local`` IPAM (only ``address``, if given), then ``authd-cni``."""
-    ranges: dict[str, str] = {"subnet": subnet}
-    if address:
-        ranges.update(rangeStart=address, rangeEnd=address)
-    ipam = {
-        "type": "host-local",
-        "dataDir": str(data_dir),
-        "ranges": [[ranges]],
-        "routes": [{"dst": "0.0.0.0/0"}],
-    }
+    """``ptp`` or ``bridge`` with ``host-local`` IPAM, then ``authd-cni``.
+
+    One range per family: ``subnet`` (IPv4), and with ``subnet6`` an IPv6 one too (dual stack, as a
+    runtime configures it). ``address`` and ``address6`` narrow a range to exactly that address.
+    """
+    ranges: list[list[dict[str, str]]] = []
+    routes: list[dict[str, str]] = []
+    for net, only, default in ((subnet, address, "0.0.0.0/0"), (subnet6, address6, "::/0")):
+        if not net:
+            continue
+        pool = {"subnet": net}
+        if only:
+            pool.update(rangeStart=only, rangeEnd=only)
+        ranges.append([pool])
+        routes.append({"dst": default})
+    ipam = {"type": "host-local", "dataDir": str(data_dir), "ranges": ranges, "routes": routes}
     first: dict[str, Any] = {"type": kind, "ipam": ipam}
     if kind == "bridge":
         first.update(bridge=bridge, isGateway=True)

@@ -10,8 +10,9 @@ address and a /32 route, and a default route in the workload via 169.254.1.1, an
 holds on its loopback so it answers the workload's ARP. Nodes route each other's workload subnets over
 the wire, so traffic between workloads crosses the ``lxc`` interfaces authd attaches its programs to.
 
-With CNI (``ClusterSpec(cni=True)``, IPv4 only) ``ptp`` makes each workload's veth instead (host side
-``veth...``, the gateway the first address of the node's subnet) and ``authd-cni`` attaches authd to it.
+With CNI (``ClusterSpec(cni=True)``) ``ptp`` makes each workload's veth instead (host side ``veth...``,
+which holds the gateway, the first address of the node's subnet, and with ``ipv6`` also of its IPv6
+subnet, as a /32 and a /128) and ``authd-cni`` attaches authd to it and records both pod addresses.
 
 A cluster-wide service (etcd, with ``ClusterSpec(source="etcd")``) runs in the fabric namespace and
 listens on ``10.231.0.250``, an address of the bridge itself.
@@ -192,7 +193,8 @@ class Network:
     def attach_cni(self, name: str, runtime: Runtime) -> WorkloadNet:
         """Make a workload's network with a CNI conflist (``ptp``, ``host-local``, ``authd-cni``), as a pod.
 
-        The conflist's IPAM hands out exactly the workload's address; ``ptp`` makes the veth (host side
+        The conflist's IPAM hands out exactly the workload's addresses (IPv4, and IPv6 with ``ipv6``: one
+        ``host-local`` range per family); ``ptp`` makes the veth (host side
         ``veth...``), the routes on both sides and the gateway, ``authd-cni`` attaches authd to it.
         """
         workload = self.workloads[name]

@@ -138,9 +138,12 @@ struct authd_config {
  * hit the entry of its first packet. An allowed entry lets the packets of its flow pass in both directions
  * without the ipcache, policy and auth lookups until recheck_ns; after that the next packet judges the flow
  * again, in the direction of the packet that opened it (origin), so that replies to a connection the
- * policy allowed pass, and a flow whose auth entry was removed or expired stops. recheck_ns is at most
- * AUTHD_FLOW_RECHECK_NS ahead, and never later than the auth entry's expiry. A denied entry only
- * remembers the verdict reported last (flow events); its packets are always judged again. */
+ * policy allowed pass, and a flow whose auth entry was removed or expired stops, both ways. recheck_ns is
+ * at most AUTHD_FLOW_RECHECK_NS ahead, and never later than the auth entry's expiry. A denied entry only
+ * remembers the verdict reported last (flow events); its packets are always judged again. A flow is
+ * opened by the first packet policy allows; a denied entry that no allowed packet opened has origin 0,
+ * and its packets are judged in their own direction, so a refused packet (a stray datagram, a forged
+ * one) never decides how the other direction's packets are judged. */
 struct authd_flow_key {
 	__u8 family;
 	__u8 protocol;
@@ -158,7 +161,7 @@ struct authd_flow_value {
 	__u32 remote_node;
 	__u32 local_ifindex;  /* workload interface that owns the local address; 0 on node-facing interfaces */
 	__u32 remote_ifindex; /* interface owning the remote address if it is a local endpoint, else 0 */
-	__u8 origin;          /* enum authd_direction of the packet the flow was judged by */
+	__u8 origin;          /* enum authd_direction of the packet that opened the flow; 0: none did */
 	__u8 verdict;         /* enum authd_verdict */
 	__u8 drop_reason;     /* enum authd_drop_reason */
 	__u8 auth_type;       /* enum authd_auth_type the policy asked for */

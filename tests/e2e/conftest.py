@@ -1,9 +1,9 @@
 """One cluster per test module, built from the module's ``SPEC``; its logs are attached to failures.
 
 A module with ``EVERY_SETUP = True`` runs three times: with workloads attached by the harness (the
-routed-CNI layout), with pods made through CNI (``ptp``, ``host-local``, ``authd-cni``;
-``ClusterSpec(cni=True)``, IPv4 only: its IPv6 cases are skipped), and with cluster state in etcd
-(``ClusterSpec(source="etcd")``, loaded with ``authd cluster push``).
+routed-CNI layout), with pods made through CNI (``ptp``, ``host-local`` with a range per family,
+``authd-cni``; ``ClusterSpec(cni=True)``, dual stack when the module's spec is), and with cluster state
+in etcd (``ClusterSpec(source="etcd")``, loaded with ``authd cluster push``).
 
 Building a cluster takes a few seconds, so each module shares one and its tests leave it as they found
 it (or run last). Every module names its cluster with the ``ae2`` prefix: the harness refuses to start
@@ -34,20 +34,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     assert isinstance(spec, ClusterSpec)
     way = getattr(request, "param", "veth")
     if way == "cni":
-        spec = replace(spec, cni=True, ipv6=False)
+        spec = replace(spec, cni=True)
     elif way == "etcd":
         spec = replace(spec, source="etcd")
     logs = tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-logs")
     with DevCluster(spec, keep_logs=logs) as built:
         yield built
-
-
-@pytest.fixture(autouse=True)
-def _ipv4_only_through_cni(request: pytest.FixtureRequest) -> None:
-    callspec = getattr(request.node, "callspec", None)
-    params = callspec.params if callspec is not None else {}
-    if params.get("cluster") == "cni" and params.get("family") == 6:
-        pytest.skip("pods made through CNI are IPv4 only")
 
 
 @pytest.hookimpl(wrapper=True)

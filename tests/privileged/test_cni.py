@@ -22,7 +22,7 @@ from authd.datapath.netns import run_in_netns
 from authd.devcluster.cni import REFERENCE_PLUGINS, PluginError, Runtime, bin_dir, conflist
 from tests.privileged.daemon import Authd
 from tests.privileged.test_datapath_netns import PORT, EchoServer
-from tests.privileged.topology import B4, Topology, sh
+from tests.privileged.topology import B4, B6, Topology, sh
 
 pytestmark = pytest.mark.privileged
 
@@ -40,10 +40,11 @@ def pod_netns() -> Iterator[Path]:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
 
-def runtime(topology: Topology, tmp_path: Path, pin_dir: Path, kind: str) -> Runtime:
+def runtime(topology: Topology, tmp_path: Path, pin_dir: Path, kind: str, *, ipv6: bool = False) -> Runtime:
     net = conflist(
         kind,
         subnet="10.204.0.0/24" if kind == "ptp" else "10.205.0.0/24",
+        subnet6=("fd00:204::/64" if kind == "ptp" else "fd00:205::/64") if ipv6 else "",
         data_dir=tmp_path / "ipam",
         pin_dir=pin_dir,
         bridge=f"adp{topology.tag}br",
@@ -106,6 +107,73 @@ def test_add_check_del_with_the_reference_plugins(
     cni.delete("pod1", pod_netns)  # everything gone already: DEL still succeeds
 
 
+def pod_connects_to(netns: Path, server: str, timeout: float = 0.6) -> bool:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    sock = run_in_netns(netns, lambda: socket.socket(family, socket.SOCK_STREAM))
+    sock.settimeout(timeout)
+    try:
+        sock.connect((server, PORT))
+        sock.sendall(b"hello")
+        return sock.recv(64) == b"hello"
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", ["ptp", "bridge"])
+def test_dual_stack_add_check_del_records_and_enforces_both_addresses(
+    topology: Topology, datapath: Datapath, maps: PinnedMaps, pod_netns: Path, tmp_path: Path, kind: str
+) -> None:
+    # host-local with an IPv4 and an IPv6 range, as a runtime configures a dual-stack network: the pod
+    # gets an address of each family, authd-cni records both as owned by the pod's veth, and the
+    # programs judge the pod's IPv6 as they do its IPv4.
+    sh("nsenter", f"--net={pod_netns}", "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    cni = runtime(topology, tmp_path, datapath.pin_dir, kind, ipv6=True)
+    result = cni.add("pod1", pod_netns)
+    addresses = sorted((ip_interface(i["address"]).ip for i in result["ips"]), key=lambda a: a.version)
+    assert [a.version for a in addresses] == [4, 6], result
+    address4, address6 = (str(a) for a in addresses)
+    index = topology.ifindex(host_veth(result))
+    assert maps.endpoints.get(f"{address4}/32") == EndpointOwner(index, ENDPOINT_F_CNI)
+    assert maps.endpoints.get(f"{address6}/128") == EndpointOwner(index, ENDPOINT_F_CNI)
+    cni.check("pod1", pod_netns)
+    maps.endpoints.delete_many([ip_network(f"{address6}/128")])
+    with pytest.raises(PluginError) as failed:
+        cni.check("pod1", pod_netns)  # CHECK sees the IPv6 entry missing
+    assert address6 in failed.value.error["details"]
+    cni.run_plugin(cni.conflist["plugins"][1], "ADD", "pod1", pod_netns, result)  # a retried ADD repairs it
+    cni.check("pod1", pod_netns)
+
+    server = EchoServer(topology)
+    try:
+        maps.ipcache.update_many(
+            {
+                ip_network(f"{address4}/32"): IpcacheEntry(P, 0),
+                ip_network(f"{address6}/128"): IpcacheEntry(P, 0),
+                ip_network(f"{B4}/32"): IpcacheEntry(B, 0),
+                ip_network(f"{B6}/128"): IpcacheEntry(B, 0),
+            }
+        )
+        assert pod_connects_to(pod_netns, B6, timeout=3)  # no policy: passes (neighbours resolved)
+        maps.policy.update_many({PolicyKey(P, B, Direction.EGRESS): AuthType.SPIRE})
+        before = maps.counters.read()["denied_auth_required"]
+        assert not pod_connects_to(pod_netns, B6)
+        assert not pod_connects_to(pod_netns, B4)
+        assert maps.counters.read()["denied_auth_required"] > before
+        maps.auth.update_many({AuthKey(P, B, 0): datetime.now(UTC) + timedelta(minutes=1)})
+        assert pod_connects_to(pod_netns, B6)
+        assert pod_connects_to(pod_netns, B4)
+        assert maps.counters.read()["denied_source_not_owned"] == 0
+    finally:
+        server.close()
+
+    cni.delete("pod1", pod_netns)
+    assert maps.endpoints.get(f"{address4}/32") is None
+    assert maps.endpoints.get(f"{address6}/128") is None
+    assert not list((datapath.pin_dir / "links").glob(f"*_{index}_*"))
+
+
 def test_del_after_the_veth_went_removes_its_link_pins(
     topology: Topology, datapath: Datapath, maps: PinnedMaps, pod_netns: Path, tmp_path: Path
 ) -> None:
@@ -135,19 +203,6 @@ def test_add_fails_closed_when_authd_never_ran(topology: Topology, pod_netns: Pa
     cni.delete("pod1", pod_netns)
 
 
-def pod_connects(netns: Path, timeout: float = 0.6) -> bool:
-    sock = run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    sock.settimeout(timeout)
-    try:
-        sock.connect((B4, PORT))
-        sock.sendall(b"hello")
-        return sock.recv(64) == b"hello"
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
 def test_a_pod_made_while_authd_is_stopped_is_enforced_from_its_first_packet(
     topology: Topology, authd: Authd, pin_dir: Path, pod_netns: Path, tmp_path: Path
 ) -> None:
@@ -167,10 +222,10 @@ def test_a_pod_made_while_authd_is_stopped_is_enforced_from_its_first_packet(
             # Only the program on the pod's own interface judges the pod's egress.
             maps.policy.update_many({PolicyKey(P, B, Direction.EGRESS): AuthType.SPIRE})
             before = maps.counters.read()["denied_auth_required"]
-            assert not pod_connects(pod_netns)  # the first packet, a SYN, is dropped
+            assert not pod_connects_to(pod_netns, B4)  # the first packet, a SYN, is dropped
             assert maps.counters.read()["denied_auth_required"] > before
             maps.auth.update_many({AuthKey(P, B, 0): datetime.now(UTC) + timedelta(minutes=1)})
-            assert pod_connects(pod_netns)
+            assert pod_connects_to(pod_netns, B4)
             links = link_ids(topology, index)
             # authd comes back, matching the pod's veth too: it attaches idempotently, no second link.
             text = authd.config.read_text()
@@ -182,7 +237,7 @@ def test_a_pod_made_while_authd_is_stopped_is_enforced_from_its_first_packet(
             authd.start()
             assert link_ids(topology, index) == links
             maps.auth.delete_many([AuthKey(P, B, 0)])
-            assert not pod_connects(pod_netns)
+            assert not pod_connects_to(pod_netns, B4)
         cni.delete("pod1", pod_netns)
     finally:
         server.close()

@@ -225,6 +225,56 @@ def test_replies_pass_under_an_inbound_wildcard(datapath: Datapath, node: Pinned
     assert node.counters.read()["established"] >= 1
 
 
+def udp_frame(src: str, dst: str, sport: int, dport: int) -> bytes:
+    if "." in src:
+        return pk.ethernet(pk.ipv4(src, dst, pk.UDP, pk.udp(sport, dport)), pk.ETH_P_IP)
+    return pk.ethernet(pk.ipv6(src, dst, pk.UDP, pk.udp(sport, dport)), pk.ETH_P_IPV6)
+
+
+@pytest.mark.parametrize(("local", "remote"), [(A4, R4), (A6, R6)], ids=["ipv4", "ipv6"])
+def test_a_refused_inbound_datagram_does_not_refuse_the_workloads_own_request(
+    datapath: Datapath, node: PinnedMaps, local: str, remote: str
+) -> None:
+    # Under `* -> A`, a datagram to A's port that arrives before A's own request is refused, and tabled
+    # (to report it once). It opened no flow: A's request on the same ports is judged as A's own and
+    # passes on its first packet; the flow it opens lets the replies in.
+    node.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE})
+    early = udp_frame(remote, local, 53, 40000)
+    assert to_a(datapath, early) == DROP
+    assert to_a(datapath, early) == DROP  # still nothing to reply to
+    assert from_a(datapath, udp_frame(local, remote, 40000, 53)) == PASS
+    assert to_a(datapath, early) == PASS  # now a reply
+    assert to_a(datapath, udp_frame(remote, local, 53, 40001)) == DROP  # a port A never used
+    counters = node.counters.read()
+    assert (counters["denied_auth_required"], counters["established"]) == (3, 1)
+
+
+@pytest.mark.parametrize(("local", "remote"), [(A4, R4), (A6, R6)], ids=["ipv4", "ipv6"])
+def test_a_refused_outbound_datagram_does_not_refuse_what_policy_lets_in(
+    datapath: Datapath, node: PinnedMaps, local: str, remote: str
+) -> None:
+    # The other way round, under `A -> *`: A's refused datagram opens nothing, so R's datagram to the
+    # same ports, which needs nothing, passes, and A's answer to it is a reply.
+    node.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.EGRESS): AuthType.SPIRE})
+    request = udp_frame(local, remote, 40000, 53)
+    assert from_a(datapath, request) == DROP
+    assert to_a(datapath, udp_frame(remote, local, 53, 40000)) == PASS
+    assert from_a(datapath, request) == PASS  # a reply to R
+    assert from_a(datapath, udp_frame(local, remote, 40001, 53)) == DROP
+
+
+def test_a_forged_packet_cannot_refuse_a_workloads_request_in_advance(
+    datapath: Datapath, node: PinnedMaps
+) -> None:
+    # A packet claiming B's address that entered through the uplink is refused (wrong interface) and
+    # tabled under A's flow key. It must not decide how A's own request to B is judged.
+    node.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE})
+    assert to_a(datapath, udp_frame(B4, A4, 53, 40000), entered=UPLINK) == DROP
+    assert from_a(datapath, udp_frame(A4, B4, 40000, 53)) == PASS
+    assert to_a(datapath, udp_frame(B4, A4, 53, 40000), entered=OTHER) == PASS  # B's real reply
+    assert node.counters.read()["denied_source_wrong_interface"] == 1
+
+
 def fragment(src: str, dst: str, offset: int, payload: bytes, *, more: bool, ident: int) -> bytes:
     """One fragment of a UDP datagram over IPv4 or IPv6 (offset 0: the first, with the UDP header; and
     no more: the whole datagram)."""

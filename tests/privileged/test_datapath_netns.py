@@ -21,6 +21,7 @@ from authd.datapath.layout import AuthType, Direction, PolicyMatch, Verdict
 from authd.datapath.links import list_links
 from authd.datapath.loader import Datapath, attached_prog_ids, is_l3_link
 from authd.datapath.maps import AuthKey, IpcacheEntry, PinnedMaps, PolicyKey
+from authd.datapath.ownership import read_route_table
 from authd.datapath.ringbuf import RingBuffer
 from tests.fakes import packets as pk
 from tests.privileged.topology import A4, A6, B4, B6, Topology, sh
@@ -240,3 +241,15 @@ def test_l3_devices_get_the_l3_programs(topology: Topology, datapath: Datapath, 
         assert maps.counters.read()["denied_malformed"] == 0  # parsed from offset 0, not as Ethernet
     finally:
         os.close(fd)
+
+
+def test_a_route_to_the_nodes_own_address_is_no_endpoint(topology: Topology) -> None:
+    # ptp puts the pod's IPv6 gateway on the pod's veth as a /128, which leaves a host route through the
+    # veth just like the pod's own: that address is the node's, and no pod interface owns it.
+    sh("ip", "-n", topology.node, "addr", "add", "fd00:201:9::1/128", "dev", topology.link_a, "nodad")
+    sh("ip", "-n", topology.node, "addr", "add", "10.201.9.1/32", "dev", topology.link_a)
+    sh("ip", "-n", topology.node, "route", "add", "10.201.9.1/32", "dev", topology.link_a, "table", "main")
+    table = topology.run(topology.node, read_route_table)
+    routed = {str(r.network) for r in table.routes}
+    assert {f"{A4}/32", f"{A6}/128"} <= routed
+    assert not routed & {"fd00:201:9::1/128", "10.201.9.1/32"}

@@ -303,6 +303,40 @@ def test_inbound_wildcard_keeps_outbound_tcp_and_path_mtu_discovery(
     assert counters["denied_auth_required"] == 0
 
 
+@pytest.mark.parametrize(("here", "there"), [(A4, B4), (A6, B6)], ids=["ipv4", "ipv6"])
+def test_a_datagram_refused_before_the_workloads_request_does_not_refuse_the_request(
+    topo: Topology, datapath: Datapath, maps: PinnedMaps, here: str, there: str
+) -> None:
+    # Under `* -> A`, B's datagram to A's port, sent before A has asked anything, is refused. A's own
+    # request from that port then reaches B with its first datagram, and B's answer comes back.
+    topo.learn_ownership(maps.endpoints)
+    maps.ipcache.update_many({ip_network(A4): IpcacheEntry(A, 0), ip_network(A6): IpcacheEntry(A, 0)})
+    maps.policy.update_many({PolicyKey(A, IDENTITY_ANY, Direction.INGRESS): AuthType.SPIRE})
+    attach(topo, datapath, topo.link_a, topo.link_b)
+    family = socket.AF_INET6 if ":" in here else socket.AF_INET
+    client = topo.run(topo.a, lambda: socket.socket(family, socket.SOCK_DGRAM))
+    server = topo.run(topo.b, lambda: socket.socket(family, socket.SOCK_DGRAM))
+    try:
+        client.bind((here, PORT))
+        server.bind((there, PORT + 1))
+        client.settimeout(0.5)
+        server.settimeout(0.5)
+        server.sendto(b"early", (here, PORT))
+        with pytest.raises(TimeoutError):
+            client.recvfrom(64)
+        client.sendto(b"request", (there, PORT + 1))  # once: it must pass on its first datagram
+        data, peer = server.recvfrom(64)
+        assert data == b"request"
+        server.sendto(b"answer", peer)
+        assert client.recvfrom(64)[0] == b"answer"
+    finally:
+        client.close()
+        server.close()
+    counters = maps.counters.read()
+    assert counters["denied_auth_required"] == 1
+    assert counters["established"] >= 1
+
+
 def test_established_flow_stops_within_a_second_of_the_auth_entry_removal(
     topo: Topology, datapath: Datapath, cluster: PinnedMaps
 ) -> None:
