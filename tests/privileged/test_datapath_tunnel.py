@@ -13,7 +13,10 @@ from ipaddress import ip_network
 
 import pytest
 
+from authd.backoff import BackoffPolicy
+from authd.config.model import DatapathConfig
 from authd.datapath import clock, syscalls
+from authd.datapath.enforcement import Enforcement
 from authd.datapath.events import FlowEvent, decode
 from authd.datapath.layout import (
     ENDPOINT_F_ROUTE,
@@ -27,6 +30,8 @@ from authd.datapath.layout import (
 from authd.datapath.loader import Datapath
 from authd.datapath.maps import AuthKey, EndpointOwner, IpcacheEntry, PinnedMaps, PolicyKey, RuntimeConfig
 from authd.datapath.ringbuf import RingBuffer
+from authd.errors import DatapathError
+from authd.health import Health
 from tests.fakes import packets as pk
 
 pytestmark = pytest.mark.privileged
@@ -172,3 +177,34 @@ def test_a_tunnel_set_later_binds_established_flows_at_once(
 def test_the_config_map_holds_the_tunnel(datapath: Datapath, node: Node) -> None:
     tunnel(datapath, node.tunnel, FlowLevel.DENIED)
     assert datapath.runtime_config() == RuntimeConfig(FlowLevel.DENIED, 10**9, node.tunnel)
+
+
+def test_the_tunnel_set_through_enforcement_survives_reloads_and_restarts(
+    datapath: Datapath, node: Node
+) -> None:
+    def enforcement() -> Enforcement:
+        made = Enforcement(
+            DatapathConfig(flow_events="first"),
+            Health().register("datapath"),
+            on_auth_required=lambda _event: None,
+            on_flow=lambda _event: None,
+            backoff=BackoffPolicy(),
+        )
+        made.datapath = datapath  # as its `datapath` job sets it once loaded
+        return made
+
+    running = enforcement()
+    running.set_tunnel(TUNNEL)
+    assert datapath.runtime_config().tunnel_ifindex == TUNNEL
+    running.reload(DatapathConfig(flow_events="all"))  # a config reload keeps it
+    assert datapath.runtime_config() == RuntimeConfig(FlowLevel.ALL, 10**9, TUNNEL)
+    assert node.to_a(pk.tcp_frame(R4, A4), entered=UPLINK) == DROP
+    # A restarted authd, not told yet: it keeps what the pinned map holds (the binding stays closed).
+    restarted = enforcement()
+    restarted.reload(DatapathConfig(flow_events="denied"))
+    assert datapath.runtime_config() == RuntimeConfig(FlowLevel.DENIED, 10**9, TUNNEL)
+    restarted.set_tunnel(0)
+    assert datapath.runtime_config().tunnel_ifindex == 0
+    assert node.to_a(pk.tcp_frame(R4, A4, sport=40002), entered=UPLINK) == PASS
+    with pytest.raises(DatapathError, match="tunnel ifindex"):
+        restarted.set_tunnel(2**32)

@@ -256,7 +256,7 @@ def guarded(mesh: Mesh, datapath: Datapath, maps: PinnedMaps) -> Iterator[Guarde
 
 
 def checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    total: int = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
