@@ -51,6 +51,7 @@ _VERDICTS = {
     "denied_destination_not_owned": ("DROPPED", DROP_REASONS["DESTINATION_NOT_OWNED"].name),
     "denied_router_message": ("DROPPED", DROP_REASONS["ROUTER_MESSAGE"].name),
     "denied_encryption_unavailable": ("DROPPED", DROP_REASONS["ENCRYPTION_UNAVAILABLE"].name),
+    "denied_not_encrypted": ("DROPPED", DROP_REASONS["NOT_ENCRYPTED"].name),
 }
 # Label values whose series exist from the start at 0, so that rates and alerts see them at once.
 ALWAYS: Mapping[str, tuple[str, ...]] = {

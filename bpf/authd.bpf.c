@@ -17,6 +17,13 @@
  * interface owns, and a packet whose source is a local endpoint's address must have entered the node
  * through that endpoint's interface (skb->ingress_ifindex at egress), wherever it goes.
  *
+ * Tunnel binding (config tunnel_ifindex, set while authd runs WireGuard between nodes): a packet coming
+ * from a remote workload (its source's ipcache entry is on another node) must have entered the node
+ * through the tunnel, where WireGuard's AllowedIPs tie that source to the peer of the node hosting it;
+ * otherwise it is dropped as NOT_ENCRYPTED, before policy, so that no auth entry (L, R, A) lets a packet
+ * claiming R pass in clear. Flow events say ENCRYPTED for packets that entered through the tunnel and,
+ * where authd's programs run on the tunnel itself, for those leaving through it.
+ *
  * Policy is L3: identities come from the addresses, ports never change a verdict. L4 headers key the flow
  * table (replies of allowed flows pass) and fill flow events.
  *
@@ -920,16 +927,20 @@ static __always_inline int flow_live(const struct authd_flow_value *f)
 }
 
 /* Whether an allowed flow entry vouches for this packet right now: live, and the addresses still arrive
- * where the entry saw them (the source through the interface that owns it, if a local endpoint's; from a
- * workload, a source its interface owns; to a workload, a destination its interface owns). */
+ * where the entry saw them (the source through the interface that owns it, if a local endpoint's, or
+ * through the tunnel, if a remote workload's while a tunnel is configured; from a workload, a source its
+ * interface owns; to a workload, a destination its interface owns). */
 static __always_inline int flow_vouches(const struct authd_flow_value *f, __u8 direction, __u32 arrived,
-					int from_workload, int to_workload, __u32 ifindex)
+					int from_workload, int to_workload, __u32 ifindex, __u32 tunnel)
 {
 	__u32 src_owner = direction == AUTHD_DIR_EGRESS ? f->local_ifindex : f->remote_ifindex;
 
 	if (!flow_live(f))
 		return 0;
 	if (src_owner ? src_owner != arrived : from_workload)
+		return 0;
+	/* From a remote workload: only through the tunnel, the config of now (not of when it was judged). */
+	if (tunnel && direction == AUTHD_DIR_INGRESS && f->remote_node != AUTHD_NODE_LOCAL && arrived != tunnel)
 		return 0;
 	return !to_workload || f->local_ifindex == ifindex;
 }
@@ -945,12 +956,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	const struct authd_config *cfg;
 	const __u8 *local_addr, *remote_addr;
 	__u32 zero = 0;
-	__u32 src_owner, dst_owner, local_owner, remote_owner, target_owner;
+	__u32 src_owner, dst_owner, local_owner, remote_owner, target_owner, tunnel;
 	/* The interface the packet entered the node through (at tc ingress: this one). */
 	__u32 arrived = hook == AUTHD_HOOK_INGRESS ? skb->ifindex : skb->ingress_ifindex;
 	int from_workload = workload && hook == AUTHD_HOOK_INGRESS;
 	int to_workload = workload && hook == AUTHD_HOOK_EGRESS;
-	int parsed, syn, tabled, news, link_control, router_message;
+	int parsed, syn, tabled, news, link_control, router_message, leaving_tunnel;
 	__u8 origin;
 
 	/* From a workload, or out of the node: the local end is the source. */
@@ -974,24 +985,34 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	tabled = parsed == PARSE_IP && !p.quoted && !link_control && !router_message &&
 		 (!(p.flags & AUTHD_FLOW_F_FRAGMENT) || resolve_fragment(&p));
 	cfg = bpf_map_lookup_elem(&config, &zero);
+	tunnel = cfg ? cfg->tunnel_ifindex : 0;
+	/* The tunnel's own egress hook (authd's L3 programs attached to the WireGuard interface). */
+	leaving_tunnel = !workload && hook == AUTHD_HOOK_EGRESS && tunnel && skb->ifindex == tunnel;
+	if (tunnel && (arrived == tunnel || leaving_tunnel))
+		d.flags = AUTHD_FLOW_F_ENCRYPTED;
 
 	/* Fast path: a packet of an allowed flow, not a new connection. */
 	if (tabled) {
 		flow_key_of(&p, d.direction, &key);
 		f = bpf_map_lookup_elem(&flows, &key);
-		if (f && !syn && flow_vouches(f, d.direction, arrived, from_workload, to_workload, skb->ifindex)) {
+		if (f && !syn &&
+		    flow_vouches(f, d.direction, arrived, from_workload, to_workload, skb->ifindex, tunnel)) {
 			count_verdict(&d, AUTHD_CNT_ESTABLISHED);
 			if (p.first_fragment)
 				record_fragment(&p);
-			if (cfg && cfg->flow_level == AUTHD_FLOWS_ALL) {
-				d.flags = f->origin != d.direction ? AUTHD_FLOW_F_REPLY : 0;
+			/* The flow's first allowed packet into the tunnel is news: the event says it left encrypted. */
+			news = leaving_tunnel && !(f->flags & AUTHD_FLOW_V_TUNNELED);
+			if (news)
+				f->flags |= AUTHD_FLOW_V_TUNNELED;
+			if (cfg && (news || cfg->flow_level == AUTHD_FLOWS_ALL)) {
+				d.flags |= f->origin != d.direction ? AUTHD_FLOW_F_REPLY : 0;
 				d.local = f->local;
 				d.remote = f->remote;
 				d.remote_node = f->remote_node;
 				d.verdict = f->verdict;
 				d.auth_type = f->auth_type;
 				d.match = f->match;
-				report_flow(&p, &d, AUTHD_FLOWS_ALL, 0);
+				report_flow(&p, &d, cfg->flow_level, news);
 			}
 			return TC_ACT_UNSPEC;
 		}
@@ -1015,6 +1036,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		   !(parsed == PARSE_ARP && is_zero4(p.src)) &&            /* ARP probe */
 		   !(link_control && is_nd_source(p.src))) { /* ND, MLD from :: or link-local */
 		deny(&d, AUTHD_DROP_SOURCE_NOT_OWNED, AUTHD_CNT_DENIED_SOURCE_NOT_OWNED);
+	} else if (tunnel && d.direction == AUTHD_DIR_INGRESS && d.remote_node != AUTHD_NODE_LOCAL &&
+		   arrived != tunnel) {
+		/* A remote workload's source that WireGuard did not decrypt (see the tunnel binding above). */
+		deny(&d, AUTHD_DROP_NOT_ENCRYPTED, AUTHD_CNT_DENIED_NOT_ENCRYPTED);
 	} else if (from_workload && is_neighbor_discovery(&p) &&
 		   (p.icmp_type == ND_NEIGHBOR_ADVERT ||
 		    (p.icmp_type == ND_NEIGHBOR_SOLICIT && is_unspecified6(p.src))) &&
@@ -1051,7 +1076,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		if (f && flow_live(f) && f->local_ifindex == local_owner) {
 			count_verdict(&d, AUTHD_CNT_ESTABLISHED);
 			d.verdict = AUTHD_VERDICT_ALLOWED;
-			d.flags = AUTHD_FLOW_F_REPLY;
+			d.flags |= AUTHD_FLOW_F_REPLY;
 			report_flow(&p, &d, cfg ? cfg->flow_level : AUTHD_FLOWS_NONE, 0);
 			return TC_ACT_UNSPEC;
 		}
@@ -1066,7 +1091,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 	 * direction until one is allowed and opens the flow. */
 	origin = d.direction;
 	if (f && !syn && f->origin && f->origin != d.direction) {
-		d.flags = AUTHD_FLOW_F_REPLY;
+		d.flags |= AUTHD_FLOW_F_REPLY;
 		origin = f->origin;
 	}
 	decide(&d, origin);
@@ -1094,11 +1119,15 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook, int workload
 		value.drop_reason = d.drop_reason;
 		value.auth_type = d.auth_type;
 		value.match = d.match;
+		value.flags = f && f->verdict == d.verdict ? f->flags : 0;
+		if (leaving_tunnel && d.verdict == AUTHD_VERDICT_ALLOWED)
+			value.flags |= AUTHD_FLOW_V_TUNNELED;
 		if (f && syn && origin != f->origin && d.verdict == AUTHD_VERDICT_DENIED &&
 		    f->verdict == AUTHD_VERDICT_ALLOWED) {
 			/* A refused SYN against an allowed flow's ports (from its other end) leaves it be. */
 		} else if (f) {
-			news = syn || f->verdict != d.verdict || f->drop_reason != d.drop_reason;
+			news = syn || f->verdict != d.verdict || f->drop_reason != d.drop_reason ||
+			       (value.flags & ~f->flags & AUTHD_FLOW_V_TUNNELED);
 			*f = value;
 		} else if (d.verdict == AUTHD_VERDICT_ALLOWED ||
 			   (cfg && cfg->flow_level != AUTHD_FLOWS_NONE)) {

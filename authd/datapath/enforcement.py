@@ -15,6 +15,14 @@ Jobs:
 
 Stopping detaches nothing: enforcement continues while authd restarts (``authd bpf unload`` detaches).
 
+The tunnel: the encryption job names authd's WireGuard interface with :meth:`Enforcement.set_tunnel`
+(0: encryption not enforced), and the programs then accept a remote workload's packets only through it
+(``tunnel_ifindex`` in ``bpf/include/authd.h``). The value is written to the config map at once if the
+datapath is loaded, and with every later write of the runtime config (load, reload). Until it is told, a
+restarted authd keeps the value the pinned config map holds, so enforcement stays bound to the tunnel
+across a restart instead of opening until the encryption job is back; a daemon without encryption says
+0 at start.
+
 Attach order: every ``datapath.order_check_interval``, and on every link event for an attached
 interface, the ``datapath`` job asks the kernel which programs run before authd's on each attached
 interface (:meth:`Attacher.ahead`). With tcx and ``datapath.reassert_first`` it puts authd's links first
@@ -31,7 +39,7 @@ while authd was down.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -52,6 +60,7 @@ from authd.jobs import Job
 
 log = structlog.get_logger(__name__)
 
+_U32_MAX = 0xFFFFFFFF
 _FLOW_LEVELS = {
     "none": FlowLevel.NONE,
     "denied": FlowLevel.DENIED,
@@ -121,6 +130,26 @@ class Enforcement:
         self._backoff = backoff
         self.ownership: RouteOwnership | None = None
         self._stale_drained = False
+        self._tunnel: int | None = None  # None: not told yet, keep what the pinned config map holds
+
+    def set_tunnel(self, ifindex: int) -> None:
+        """Bind remote workloads' traffic to the tunnel interface ``ifindex`` (0: not enforced).
+
+        Written to the config map now if the datapath is loaded, and kept by every later load and reload.
+        """
+        if not 0 <= ifindex <= _U32_MAX:
+            raise DatapathError(f"datapath: tunnel ifindex {ifindex} does not fit in 32 bits")
+        self._tunnel = ifindex
+        if self.datapath is not None:
+            self.datapath.configure(self._runtime(self._config, self.datapath))
+            log.info("datapath tunnel set", tunnel_ifindex=ifindex)
+
+    def _runtime(self, config: DatapathConfig, datapath: Datapath) -> RuntimeConfig:
+        """The runtime config to write: the ``[datapath]`` settings and the tunnel."""
+        tunnel = self._tunnel
+        if tunnel is None:
+            tunnel = datapath.runtime_config().tunnel_ifindex
+        return replace(runtime_config(config), tunnel_ifindex=tunnel)
 
     async def wait_loaded(self) -> Datapath:
         """Return the datapath once the ``datapath`` job has loaded it."""
@@ -252,11 +281,14 @@ class Enforcement:
         )
         maps: PinnedMaps | None = None
         try:
-            datapath.configure(runtime_config(self._config))
+            written = self._runtime(self._config, datapath)
+            datapath.configure(written)
             maps = datapath.maps()
             self.ownership = RouteOwnership(self._config.interfaces, maps.endpoints, self._backoff)
             await self.ownership.reconcile()
             self.datapath = datapath
+            if self._runtime(self._config, datapath) != written:  # a reload or set_tunnel meanwhile
+                datapath.configure(self._runtime(self._config, datapath))
             self._loaded.set()
             # The watcher attaches to existing links right after subscribing to link events, then reports.
             async with asyncio.TaskGroup() as group:
@@ -306,7 +338,7 @@ class Enforcement:
         if self.datapath is None:
             return
         if runtime_config(old) != runtime_config(new):
-            self.datapath.configure(runtime_config(new))
+            self.datapath.configure(self._runtime(new, self.datapath))
             log.info("datapath runtime config applied", flow_events=new.flow_events)
         if old.interfaces != new.interfaces:
             self.watcher.patterns = new.interfaces

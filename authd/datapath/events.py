@@ -84,6 +84,8 @@ class FlowEvent:
     ifindex: int
     reply: bool = False
     """Judged by its flow's origin: a reply, or an ICMP error about the flow."""
+    encrypted: bool = False
+    """Seen on authd's WireGuard tunnel: it entered the node through it, or leaves through it."""
 
     @property
     def src_identity(self) -> int:
@@ -189,6 +191,7 @@ def _decode_flow(record: bytes, offset: int) -> FlowEvent:
             hook=_HOOKS[hook],
             ifindex=ifindex,
             reply=bool(flags & layout.FLOW_F_REPLY),
+            encrypted=bool(flags & layout.FLOW_F_ENCRYPTED),
         )
     except KeyError as err:
         raise DecodeError(f"flow record with an unknown value {err}") from None

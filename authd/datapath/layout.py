@@ -70,6 +70,7 @@ class DropReason(enum.IntEnum):
     UNSUPPORTED = 7
     ROUTER_MESSAGE = 8
     ENCRYPTION_UNAVAILABLE = 9
+    NOT_ENCRYPTED = 10
 
 
 class PolicyMatch(enum.IntEnum):
@@ -115,6 +116,7 @@ class Counter(enum.IntEnum):
     ESTABLISHED = 15
     DENIED_ROUTER_MESSAGE = 16
     DENIED_ENCRYPTION_UNAVAILABLE = 17
+    DENIED_NOT_ENCRYPTED = 18
 
 
 COUNTER_SLOTS = 32  # must match AUTHD_COUNTER_SLOTS
@@ -124,6 +126,8 @@ FLOW_F_PORTS = 0x1  # must match AUTHD_FLOW_F_PORTS
 FLOW_F_FRAGMENT = 0x2  # must match AUTHD_FLOW_F_FRAGMENT
 FLOW_F_ARP = 0x4  # must match AUTHD_FLOW_F_ARP
 FLOW_F_REPLY = 0x8  # must match AUTHD_FLOW_F_REPLY
+FLOW_F_ENCRYPTED = 0x10  # must match AUTHD_FLOW_F_ENCRYPTED
+FLOW_V_TUNNELED = 0x1  # must match AUTHD_FLOW_V_TUNNELED
 FLOW_RECHECK_NS = 500_000_000  # must match AUTHD_FLOW_RECHECK_NS
 ARP_PROTOCOL = 0x0806  # the protocol Python gives a flow event with FLOW_F_ARP (its ethertype)
 
@@ -249,7 +253,7 @@ class ConfigValue(HeaderStruct):
     c_name = "authd_config"
     _fields_: ClassVar = [
         ("flow_level", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("tunnel_ifindex", ctypes.c_uint32),
         ("auth_required_interval_ns", ctypes.c_uint64),
     ]
 
@@ -285,7 +289,8 @@ class FlowValue(HeaderStruct):
         ("drop_reason", ctypes.c_uint8),
         ("auth_type", ctypes.c_uint8),
         ("match", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 

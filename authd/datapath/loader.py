@@ -193,6 +193,14 @@ class Datapath:
         finally:
             handle.close()
 
+    def runtime_config(self) -> RuntimeConfig:
+        """The runtime settings the config map holds now (a reused pin keeps the last run's)."""
+        handle = MapHandle(os.dup(self._obj.map_fd(MapName.CONFIG)))
+        try:
+            return ConfigMap(handle).read()
+        finally:
+            handle.close()
+
     def events_fd(self) -> int:
         """The flow events ring buffer's fd (owned by the object: dup it to keep it)."""
         return self._obj.map_fd(MapName.EVENTS)

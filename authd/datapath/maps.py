@@ -30,7 +30,7 @@ POLICY_KEY = struct.Struct("=IIB3x")  # struct authd_policy_key
 POLICY_VALUE = struct.Struct("=B3x")  # struct authd_policy_value
 IPCACHE_KEY = struct.Struct("=II16s")  # struct authd_ipcache_key
 IPCACHE_VALUE = struct.Struct("=III")  # struct authd_ipcache_value
-CONFIG_VALUE = struct.Struct("=I4xQ")  # struct authd_config
+CONFIG_VALUE = struct.Struct("=IIQ")  # struct authd_config
 ENDPOINT_VALUE = struct.Struct("=II")  # struct authd_endpoint_value
 
 Network = IPv4Network | IPv6Network
@@ -327,6 +327,11 @@ class RuntimeConfig:
 
     flow_level: FlowLevel
     auth_required_interval_ns: int
+    tunnel_ifindex: int = 0  # authd's WireGuard interface; 0: encryption not enforced
+
+    def __post_init__(self) -> None:
+        """Refuse values the map cannot hold."""
+        _u32("tunnel ifindex", self.tunnel_ifindex)
 
 
 class ConfigMap(_Map):
@@ -334,14 +339,15 @@ class ConfigMap(_Map):
 
     def read(self) -> RuntimeConfig:
         """The current settings."""
-        raw = self._map.lookup(struct.pack("=I", 0)) or CONFIG_VALUE.pack(0, 0)
-        level, interval = CONFIG_VALUE.unpack_from(raw)
-        return RuntimeConfig(FlowLevel(level), interval)
+        raw = self._map.lookup(struct.pack("=I", 0)) or CONFIG_VALUE.pack(0, 0, 0)
+        level, tunnel, interval = CONFIG_VALUE.unpack_from(raw)
+        return RuntimeConfig(FlowLevel(level), interval, tunnel)
 
     def write(self, config: RuntimeConfig) -> None:
         """Replace the settings; the next packet sees them."""
         self._map.update(
-            struct.pack("=I", 0), CONFIG_VALUE.pack(config.flow_level, config.auth_required_interval_ns)
+            struct.pack("=I", 0),
+            CONFIG_VALUE.pack(config.flow_level, config.tunnel_ifindex, config.auth_required_interval_ns),
         )
 
 

@@ -5,7 +5,8 @@ is a policy-verdict event (``FORWARDED``); a dropped one is a drop event (``DROP
 ``drop_reason_desc``), as Cilium reports them. SPIFFE IDs go where Hubble clients show identity labels:
 ``spiffe:id=<SPIFFE ID>`` in the endpoint's labels; the numeric identity is authd's node-local handle,
 with the world as Cilium's reserved identity 2. The remote end's node is the label ``authd:node=<name>``,
-absent when the remote address is unknown (the world has no node).
+absent when the remote address is unknown (the world has no node). ``IP.encrypted`` says the datapath
+saw the packet on authd's WireGuard tunnel (it entered the node through it, or leaves through it).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def flow_from_event(event: FlowEvent, names: IdentityNames) -> flow_pb2.Flow:
             source=str(event.src),
             destination=str(event.dst),
             ipVersion=flow_pb2.IPv4 if isinstance(event.src, IPv4Address) else flow_pb2.IPv6,
+            encrypted=event.encrypted,
         ),
         source=source,
         destination=destination,

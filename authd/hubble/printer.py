@@ -5,7 +5,8 @@
     Nov 22 13:54:13.518 [node-b]: 10.0.1.5:44494 (ID:spiffe://td/ns/app/sa/web) -> 10.0.2.7:80
     (ID:spiffe://td/ns/app/sa/db) policy-verdict:L3-Only INGRESS ALLOWED (TCP Flags: SYN; Auth: SPIRE)
 
-(here wrapped; the node only with ``--print-node-name``). SPIFFE IDs stand where Hubble prints numeric
+(here wrapped; the node only with ``--print-node-name``), ending ``...; Encrypted: WireGuard)`` for a
+packet seen on authd's tunnel. SPIFFE IDs stand where Hubble prints numeric
 identities; a handle without a name is ``(ID:<handle>)``, reserved identities print as ``(world)``. A
 drop's type is its reason (``Authentication required DROPPED``), a reply's arrow ``<-`` with the ends
 swapped, and ``<>`` when whether it is a reply is unknown. ``dict`` is Hubble's block form, ``json`` and
@@ -110,10 +111,15 @@ def verdict(flow: flow_pb2.Flow) -> str:
 
 
 def summary(flow: flow_pb2.Flow) -> str:
-    """The summary, then ``Auth: SPIRE`` when the policy asked for authentication."""
+    """The summary, ``Auth: SPIRE`` if the policy asked for it, ``Encrypted: WireGuard`` if encrypted.
+
+    ``IP.encrypted`` means the packet was seen on authd's tunnel, authd's only encryption between nodes.
+    """
     parts = [flow.Summary] if flow.Summary else []
     if flow.auth_type != flow_pb2.DISABLED:
         parts.append(f"Auth: {flow_pb2.AuthType.Name(flow.auth_type)}")
+    if flow.IP.encrypted:
+        parts.append("Encrypted: WireGuard")
     return "; ".join(parts)
 
 

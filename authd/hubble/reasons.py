@@ -48,6 +48,9 @@ DROP_REASONS: Mapping[str, HubbleDrop] = MappingProxyType(
         "ROUTER_MESSAGE": HubbleDrop(flow_pb2.POLICY_DENIED, "Policy denied"),
         # Policy asks for kTLS and this node cannot carry the pair in it: refused rather than sent in clear.
         "ENCRYPTION_UNAVAILABLE": HubbleDrop(flow_pb2.UNENCRYPTED_TRAFFIC, "Traffic is unencrypted"),
+        # A remote workload's packet that did not come through the WireGuard tunnel: the drop Cilium's
+        # WireGuard strict mode reports for traffic that should have been decrypted and was not.
+        "NOT_ENCRYPTED": HubbleDrop(flow_pb2.UNENCRYPTED_TRAFFIC, "Traffic is unencrypted"),
     }
 )
 

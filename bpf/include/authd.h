@@ -129,8 +129,12 @@ enum authd_flow_level {
 };
 
 struct authd_config {
-	__u32 flow_level; /* enum authd_flow_level */
-	__u32 pad;
+	__u32 flow_level;     /* enum authd_flow_level */
+	__u32 tunnel_ifindex; /* authd's WireGuard interface, or 0: encryption not enforced. When set, a packet
+			       * whose source is a remote workload (an ipcache entry on another node) is
+			       * judged only if it entered the node through this interface, where WireGuard
+			       * decrypted it from the peer that AllowedIPs binds that source to; otherwise it
+			       * is dropped (NOT_ENCRYPTED), whatever the auth map holds. */
 	__u64 auth_required_interval_ns; /* at most one auth-required event per auth key per interval */
 };
 
@@ -138,12 +142,15 @@ struct authd_config {
  * hit the entry of its first packet. An allowed entry lets the packets of its flow pass in both directions
  * without the ipcache, policy and auth lookups until recheck_ns; after that the next packet judges the flow
  * again, in the direction of the packet that opened it (origin), so that replies to a connection the
- * policy allowed pass, and a flow whose auth entry was removed or expired stops, both ways. recheck_ns is
- * at most AUTHD_FLOW_RECHECK_NS ahead, and never later than the auth entry's expiry. A denied entry only
- * remembers the verdict reported last (flow events); its packets are always judged again. A flow is
- * opened by the first packet policy allows; a denied entry that no allowed packet opened has origin 0,
- * and its packets are judged in their own direction, so a refused packet (a stray datagram, a forged
- * one) never decides how the other direction's packets are judged. */
+ * policy allowed pass, and a flow whose auth entry was removed or expired stops, both ways. While the
+ * config names a tunnel, an entry whose remote end is a remote workload vouches for its remote end's
+ * packets only when they entered through the tunnel (checked against the config on every packet, so a
+ * tunnel set later binds established flows at once). recheck_ns is at most AUTHD_FLOW_RECHECK_NS ahead,
+ * and never later than the auth entry's expiry. A denied entry only remembers the verdict reported last
+ * (flow events); its packets are always judged again. A flow is opened by the first packet policy
+ * allows; a denied entry that no allowed packet opened has origin 0, and its packets are judged in their
+ * own direction, so a refused packet (a stray datagram, a forged one) never decides how the other
+ * direction's packets are judged. */
 struct authd_flow_key {
 	__u8 family;
 	__u8 protocol;
@@ -166,8 +173,12 @@ struct authd_flow_value {
 	__u8 drop_reason;     /* enum authd_drop_reason */
 	__u8 auth_type;       /* enum authd_auth_type the policy asked for */
 	__u8 match;           /* enum authd_policy_match */
-	__u8 pad[3];
+	__u8 flags;           /* AUTHD_FLOW_V_* */
+	__u8 pad[2];
 };
+
+#define AUTHD_FLOW_V_TUNNELED 0x1 /* an allowed packet of the flow left through the tunnel, and a flow event
+				   * said so (once per flow, not once per re-check) */
 
 #define AUTHD_FLOW_RECHECK_NS 500000000ULL /* an allowed flow is judged again at least this often */
 
@@ -192,7 +203,8 @@ enum authd_counter {
 	AUTHD_CNT_ESTABLISHED = 15,          /* passed by an allowed flow (its packets, replies, ICMP errors) */
 	AUTHD_CNT_DENIED_ROUTER_MESSAGE = 16, /* dropped: a router advertisement or redirect from a workload */
 	AUTHD_CNT_DENIED_ENCRYPTION_UNAVAILABLE = 17, /* dropped: policy asks for kTLS, not available here */
-	AUTHD_CNT_COUNT = 18,
+	AUTHD_CNT_DENIED_NOT_ENCRYPTED = 18, /* dropped: a remote workload's source outside the tunnel */
+	AUTHD_CNT_COUNT = 19,
 };
 
 #define AUTHD_COUNTER_SLOTS 32 /* map size: room for counters added later without resizing the pin */
@@ -222,6 +234,8 @@ enum authd_drop_reason {
 	AUTHD_DROP_ROUTER_MESSAGE = 8,         /* from a workload: a router advertisement or an ICMP(v6)
 						* redirect, which only the node's routers may send */
 	AUTHD_DROP_ENCRYPTION_UNAVAILABLE = 9, /* policy asks for kTLS, which this node cannot provide */
+	AUTHD_DROP_NOT_ENCRYPTED = 10,         /* a remote workload's source address on a packet that did not
+						* enter the node through the tunnel (config tunnel_ifindex) */
 };
 
 /* What decided the verdict. */
@@ -263,6 +277,8 @@ struct authd_auth_event {
 #define AUTHD_FLOW_F_FRAGMENT 0x2 /* a non-first fragment: no L4 header */
 #define AUTHD_FLOW_F_ARP 0x4      /* an ARP packet: addresses are its sender and target protocol addresses */
 #define AUTHD_FLOW_F_REPLY 0x8    /* judged by its flow's origin direction (a reply, or an ICMP error) */
+#define AUTHD_FLOW_F_ENCRYPTED 0x10 /* seen on the tunnel: it entered the node through the tunnel (config
+				     * tunnel_ifindex), or leaves through it (the tunnel's egress hook) */
 
 /* A policy verdict. Source and destination are as on the wire; the local endpoint is the source for
  * EGRESS and the destination for INGRESS. */

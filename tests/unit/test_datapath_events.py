@@ -83,6 +83,15 @@ def test_flow_without_ports_or_as_fragment() -> None:
     assert (event.src_port, event.dst_port, event.fragment) == (None, None, True)
 
 
+def test_flow_flags_say_reply_and_encrypted() -> None:
+    event = decode(flow_record(flags=0x1 | 0x8 | 0x10, reason=10), OFFSET)
+    assert isinstance(event, FlowEvent)
+    assert (event.reply, event.encrypted, event.drop_reason) == (True, True, DropReason.NOT_ENCRYPTED)
+    plain = decode(flow_record(), OFFSET)
+    assert isinstance(plain, FlowEvent)
+    assert not plain.encrypted
+
+
 def test_auth_required_event_decodes() -> None:
     event = decode(auth_record(), OFFSET)
     assert event == AuthRequiredEvent(

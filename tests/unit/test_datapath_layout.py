@@ -116,7 +116,7 @@ def test_program_names_are_in_the_object() -> None:
         (maps.IPCACHE_KEY, layout.IpcacheKey, (64, 4, bytes(range(16)))),
         (maps.IPCACHE_VALUE, layout.IpcacheValue, (256, 3, 0)),
         (maps.ENDPOINT_VALUE, layout.EndpointValue, (7, layout.ENDPOINT_F_CNI)),
-        (maps.CONFIG_VALUE, layout.ConfigValue, (2, 10**9)),
+        (maps.CONFIG_VALUE, layout.ConfigValue, (2, 7, 10**9)),
         (
             events.AUTH_EVENT,
             layout.AuthEventC,

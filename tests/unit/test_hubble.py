@@ -51,6 +51,8 @@ def _events() -> list[tuple[str, object]]:
         ("udp6", event(src=IPv6Address("fd00::5"), dst=IPv6Address("fd00::7"), protocol=17, tcp_flags=0)),
         ("icmp", event(protocol=1, src_port=None, dst_port=None, tcp_flags=0)),
         ("malformed", replace(denied, drop_reason=DropReason.MALFORMED, src=IPv4Address("10.0.9.9"))),
+        ("encrypted", event(encrypted=True)),
+        ("cleartext", replace(denied, drop_reason=DropReason.NOT_ENCRYPTED)),
     ]
 
 
@@ -144,7 +146,7 @@ def test_json_lines_parse_strictly_with_stubs_generated_from_the_protos(tmp_path
         "                flow_pb2.TrafficDirection.Name(f.traffic_direction),\n"
         "                flow_pb2.AuthType.Name(f.auth_type), f.node_name,\n"
         "                f.HasField('is_reply') and f.is_reply.value, list(f.source.labels), f.IP.source,\n"
-        "                f.l4.WhichOneof('protocol')])\n"
+        "                f.l4.WhichOneof('protocol'), f.IP.encrypted])\n"
         "print(json.dumps(out))\n"
     )
     result = subprocess.run(
@@ -167,13 +169,17 @@ def test_json_lines_parse_strictly_with_stubs_generated_from_the_protos(tmp_path
         web,
         "10.0.1.5",
         "TCP",
+        False,
     ]
+    assert parsed["encrypted"][0] == "FORWARDED"
+    assert parsed["encrypted"][-1] is True
+    assert parsed["cleartext"][:2] == ["DROPPED", "UNENCRYPTED_TRAFFIC"]
     assert parsed["denied"][:5] == ["DROPPED", "AUTH_REQUIRED", "INGRESS", "SPIRE", "node-b"]
     assert parsed["reply"][2] == "EGRESS"
     assert parsed["reply"][5] is True
     assert parsed["world"][3:7] == ["DISABLED", "node-b", False, ["reserved:world"]]
     assert parsed["malformed"][1] == "INVALID_PACKET_DROPPED"
-    assert parsed["udp6"][7:] == ["fd00::5", "UDP"]
+    assert parsed["udp6"][7:9] == ["fd00::5", "UDP"]
     assert parsed["icmp"][8] is None
 
 
