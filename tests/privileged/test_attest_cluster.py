@@ -32,13 +32,14 @@ from authd.datapath.maps import PinnedMaps
 from authd.datapath.netns import run_in_netns
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
 from authd.devcluster.netns import NETNS_DIR
-from authd.identity import Selector, SpiffeId, TrustDomain
+from authd.identity import Selector, SpiffeId, TrustDomain, sni_for
 from authd.spire._proto import delegatedidentity_pb2
 from authd.spire.delegated import SUBSCRIBE_X509_SVIDS, parse_svid_with_key, selectors_to_proto
 from authd.spire.dev.ca import CaSlot
 from authd.spire.endpoint import Endpoint
 from authd.x509svid import BundleSet, X509Svid
 from tests.fakes.ca import LeafOptions, TestCA
+from tests.privileged.flood import Flood, flood
 
 pytestmark = pytest.mark.privileged
 
@@ -342,62 +343,32 @@ def test_the_listener_refuses_and_cuts_what_it_must_while_serving_a_node(cluster
 # ---------------------------------------------------------------------------------- a flood from a pod
 
 
-async def _flood(address: str, port: int, connections: int, hellos: int) -> int:
-    """Open ``connections`` bare connections and send ``hellos`` ClientHellos; how many were refused.
-
-    A refusal is a close with no byte answered: a FIN, or a reset (the kernel resets a connection closed with
-    unread data in its receive queue, which is what a ClientHello that arrives before the close becomes).
-    """
-    refused = 0
-    hello = bytes.fromhex("16030100c4010000c00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
-
-    async def one(payload: bytes | None) -> None:
-        nonlocal refused
-        reader, writer = await asyncio.open_connection(address, port)
-        try:
-            if payload is not None:
-                writer.write(payload)
-            try:
-                answer = await asyncio.wait_for(reader.read(), 5)
-            except ConnectionResetError:
-                answer = b""
-            if answer == b"":
-                refused += 1
-        finally:
-            writer.transport.abort()
-
-    for start in range(0, connections + hellos, 100):
-        batch = [
-            None if i < connections else hello for i in range(start, min(start + 100, connections + hellos))
-        ]
-        await asyncio.gather(*(one(payload) for payload in batch))
-    return refused
-
-
 def test_a_flood_from_a_pod_never_reaches_tls_and_costs_no_entry(cluster: DevCluster) -> None:
-    """2000 connections and 1000 ClientHellos from web's namespace, a pod, against node A's channel port."""
+    """2000 connections, 1000 ClientHellos and 1000 handshakes without a certificate from web's namespace,
+    a pod, against node A's channel port."""
+    plan = Flood(server_name=sni_for(sid("web")))
     address = str(cluster.network.nodes["node-a"].address)
     done = threading.Event()
     outcome: list[int] = []
 
-    def flood() -> None:
+    def send() -> None:
         try:
             result = run_in_netns(
                 NETNS_DIR / cluster.workload("web").netns,
-                lambda: asyncio.run(_flood(address, 4250, 2000, 1000)),
+                lambda: asyncio.run(flood(address, 4250, plan)),
             )
             assert isinstance(result, int)
             outcome.append(result)
         finally:
             done.set()
 
-    worker = threading.Thread(target=flood)
+    worker = threading.Thread(target=send)
     with auth_maps(cluster) as views:
         worker.start()
         samples = sample(views["node-b"], 120, until=lambda _s: done.is_set())
         worker.join()
         assert_always_live(samples, EXPECTED["node-b"])
-    assert outcome == [3000]  # every one closed unanswered
+    assert outcome == [plan.total]  # every one closed unanswered
 
 
 def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevCluster) -> None:
