@@ -36,15 +36,21 @@ from authd.identity import Selector, SpiffeId, TrustDomain, sni_for
 from authd.spire._proto import delegatedidentity_pb2
 from authd.spire.delegated import SUBSCRIBE_X509_SVIDS, parse_svid_with_key, selectors_to_proto
 from authd.spire.dev.ca import CaSlot
+from authd.spire.dev.state import mint_svid
 from authd.spire.endpoint import Endpoint
 from authd.x509svid import BundleSet, X509Svid
 from tests.fakes.ca import LeafOptions, TestCA
 from tests.privileged.flood import Flood, flood
+from tests.privileged.foreign_node import ForeignNode
+from tests.privileged.hostile_proofs import hostile_svids
+from tests.privileged.test_operations import http_get
+from tests.privileged.test_operations import sample as sample_metric
 
 pytestmark = pytest.mark.privileged
 
 TTL = 10.0
 FEDERATED = "federated.org"
+REOPEN = 1.0  # seconds between two openings of the bundle stream
 SPEC = ClusterSpec(
     nodes=("node-a", "node-b"),
     workloads=(
@@ -56,6 +62,7 @@ SPEC = ClusterSpec(
     svid_ttl=TTL,
     prefix="aap",
     federated_trust_domain=FEDERATED,
+    bundle_stream_reopen=REOPEN,
 )
 Key = tuple[str, str, str]  # (local workload, remote workload, remote node) as names
 
@@ -369,6 +376,161 @@ def test_a_flood_from_a_pod_never_reaches_tls_and_costs_no_entry(cluster: DevClu
         worker.join()
         assert_always_live(samples, EXPECTED["node-b"])
     assert outcome == [plan.total]  # every one closed unanswered
+
+
+def test_a_frozen_listener_keeps_its_peers_entries(cluster: DevCluster) -> None:
+    """Node B's authd, the side that accepts the channel, stops for 3 s (SIGSTOP) and then catches up: node A
+    keeps its entries throughout, and they move forward again once B answers."""
+    with auth_maps(cluster) as views:
+        before = views["node-a"].entries()
+        thawed = threading.Event()
+
+        def renewed(samples: list[Sample]) -> bool:
+            return thawed.is_set() and all(samples[-1].entries.get(k, now()) > before[k] for k in before)
+
+        watched: list[Sample] = []
+        watcher = threading.Thread(
+            target=lambda: watched.extend(sample(views["node-a"], 3 * TTL, until=renewed))
+        )
+        cluster.signal_authd("node-b", signal.SIGSTOP)
+        try:
+            watcher.start()
+            time.sleep(3)
+        finally:
+            cluster.signal_authd("node-b", signal.SIGCONT)
+        thawed.set()
+        watcher.join()
+    assert set(before) == EXPECTED["node-a"]
+    assert_always_live(watched, EXPECTED["node-a"])
+    assert renewed(watched), "node A's entries were not renewed after node B thawed"
+    with auth_maps(cluster) as views:
+        wait_for(
+            lambda: (
+                all(at > now() for at in views["node-b"].entries().values())
+                and set(views["node-b"].entries()) == EXPECTED["node-b"]
+            ),
+            5,
+            "node B's own entries to be live again",
+        )
+
+
+# ------------------------------------------------------------------- a bundle change, a silent peer
+
+FOREIGN_PORT = 4251
+FEDWEB = f"spiffe://{FEDERATED}/ns/demo/sa/fedweb"
+CHANNEL_LOST = ("authd_channels_lost_total", "reason")
+
+
+def _foreign_node_toml(address: str) -> str:
+    """Node C, of the federated trust domain, hosting fedweb, which web on node A requires."""
+    return (
+        f'[[node]]\nname = "node-c"\naddresses = ["{address}"]\n'
+        f'spiffe_id = "spiffe://{FEDERATED}/authd/node-c"\nattest_port = {FOREIGN_PORT}\n\n'
+        f'[[endpoint]]\nspiffe_id = "{FEDWEB}"\nnode = "node-c"\nprefixes = ["10.231.99.1/32"]\n'
+        'selectors = ["unix:uid:3199"]\n\n'
+        f'[[policy]]\nsource = "{FEDWEB}"\ndestination = "{SPEC.spiffe_id("web")}"\n'
+        'enforce = "ingress"\nencrypt = "none"\n'
+    )
+
+
+def _log_time(record: dict[str, object]) -> dt.datetime:
+    return dt.datetime.fromisoformat(str(record["timestamp"]))
+
+
+@contextlib.contextmanager
+def foreign_node(cluster: DevCluster) -> Iterator[ForeignNode]:
+    """Node C, serving fedweb's current SVID, in cluster state for as long as the block runs."""
+    ttl = dt.timedelta(hours=1)
+    node = ForeignNode(
+        mint_svid(cluster.spire_dir, SpiffeId.parse(f"spiffe://{FEDERATED}/authd/node-c"), ttl),
+        [mint_svid(cluster.spire_dir, SpiffeId.parse(FEDWEB), ttl)],
+        BundleSet.of([ca.bundle() for ca in authorities(cluster).values()]),
+    )
+    netns, address = cluster.network.service_address()
+    with node.serving(NETNS_DIR / netns, str(address), FOREIGN_PORT):
+        cluster.write_cluster_state(cluster.spec, extra=_foreign_node_toml(str(address)))
+        try:
+            yield node
+        finally:
+            cluster.write_cluster_state(cluster.spec)
+
+
+def test_each_hostile_proof_is_refused_by_its_rule_counted_and_restarts_nothing(cluster: DevCluster) -> None:
+    """Node C (played by the test) proves fedweb to node A with one hostile SVID after another: leaf keys
+    outside the policy (RSA-1024, DSA, P-521), an X.509 v2 leaf, a key of an unknown algorithm, a proof
+    signed by another key. Node A refuses each by its rule and counts it, writes no entry, restarts no
+    job, and takes the next good proof."""
+    key = ("web", "fedweb", "node-c")
+    hostile = hostile_svids(authorities(cluster)[FEDERATED], FEDWEB)
+    with foreign_node(cluster) as node, auth_maps(cluster) as views:
+        wait_for(lambda: key in views["node-a"].entries(), 20, "node A's entry for fedweb at node C")
+        good = node.hosted[0]
+        for case, (svid, reason, answer) in hostile.items():
+            metric = (
+                ("authd_attestations_total", "result") if answer else ("authd_channels_lost_total", "reason")
+            )
+            before = sample_metric(_metrics(cluster), metric[0], **{metric[1]: reason})
+            node.host(svid)
+            wait_for(
+                lambda: sample_metric(_metrics(cluster), metric[0], **{metric[1]: reason}) > before,  # noqa: B023
+                10,
+                f"node A to count {case} as {reason}",
+            )
+            if answer:  # refused at once, and so is its entry; a violation keeps it until it expires
+                wait_for(
+                    lambda: key not in views["node-a"].entries(), 2, f"fedweb's entry to go after {case}"
+                )
+            node.host(good)  # then a good proof is taken again
+            wait_for(lambda: key in views["node-a"].entries(), 10, f"fedweb's entry back after {case}")
+        assert_always_live([Sample(now(), views["node-a"].entries())], EXPECTED["node-a"])
+    metrics = _metrics(cluster)
+    assert "authd_job_restarts_total{" not in metrics, metrics
+    cluster.signal_authd("node-a", 0)  # the same process still runs
+
+
+def test_deleting_a_federated_bundle_revokes_a_silent_peers_entries_within_1s(cluster: DevCluster) -> None:
+    """Node C, of the federated trust domain (played by the test), proves fedweb to node A and then says
+    nothing more. dev-spire deletes the federated bundle (``spire-server bundle delete``) and, like SPIRE,
+    goes on sending it on the open bundle stream; node A reopens that stream every second, sees the
+    bundle go, and revokes fedweb's entry within 1 s of that, while the channel to node C stays up."""
+    key = ("web", "fedweb", "node-c")
+    log = cluster.log_path("node-a")
+    with foreign_node(cluster) as foreign, auth_maps(cluster) as views:
+        wait_for(lambda: key in views["node-a"].entries(), 20, "node A's entry for fedweb at node C")
+        assert foreign.stats.proofs_sent == 1
+        assert len(foreign.sessions) == 1
+        offset = log.stat().st_size
+        deleted = now()
+        cluster.delete_federated_bundle(FEDERATED)
+        samples = sample(
+            views["node-a"], 10, every=0.01, until=lambda s: key not in s[-1].entries if s else False
+        )
+        assert samples
+        assert key not in samples[-1].entries, "fedweb's entry outlived its trust domain"
+        gone = samples[-1].at
+        assert_always_live(samples, EXPECTED["node-a"])  # the other entries are untouched
+        assert len(foreign.sessions) == 1  # the channel to node C stayed up
+        changes = [
+            r
+            for r in log_events(log, offset, "trust bundles changed")
+            if FEDERATED in r["removed"]  # type: ignore[operator]
+        ]
+        assert len(changes) == 1, "node A did not see the bundle go"
+        seen = _log_time(changes[0])
+        assert seen - deleted < dt.timedelta(seconds=REOPEN + 1)  # one reopen period, and some
+        assert gone - seen < dt.timedelta(seconds=1), f"revoked {gone - seen} after the bundle change"
+        revoked = log_events(log, offset, "attestation no longer verifies")
+        assert [(r["peer"], r["rule"]) for r in revoked] == [(FEDWEB, "unknown-trust-domain")]
+        # Asked again, node C proves fedweb again, which no longer verifies: the entry stays gone.
+        after = sample(views["node-a"], 2, every=0.05)
+        assert all(key not in taken.entries for taken in after)
+        assert foreign.stats.proofs_sent == 2
+
+
+def _metrics(cluster: DevCluster) -> str:
+    code, body = http_get(cluster, "node-a", "/metrics")
+    assert code == 200
+    return body
 
 
 def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevCluster) -> None:
