@@ -11,7 +11,9 @@ refused when it fails before the server's first flight was read.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
+import sys
 from dataclasses import dataclass
 
 HELLO = bytes.fromhex("16030100c4010000c00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
@@ -92,3 +94,26 @@ async def flood(address: str, port: int, plan: Flood, *, source: str | None = No
         outcomes = await asyncio.gather(*(one(kind) for kind in kinds[start : start + plan.batch]))
         refused += sum(outcomes)
     return refused
+
+
+async def flood_for(address: str, port: int, plan: Flood, seconds: float) -> dict[str, int]:
+    """Send ``plan`` again and again for ``seconds`` (once at least); how many were sent and refused."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    sent = refused = 0
+    while True:
+        refused += await flood(address, port, plan)
+        sent += plan.total
+        if loop.time() >= deadline:
+            return {"sent": sent, "refused": refused}
+
+
+def main() -> None:
+    """``python -m tests.privileged.flood ADDRESS PORT SECONDS SERVER_NAME``: prints the outcome as JSON."""
+    address, port, seconds, server_name = sys.argv[1:5]
+    outcome = asyncio.run(flood_for(address, int(port), Flood(server_name=server_name), float(seconds)))
+    print(json.dumps(outcome))  # noqa: T201 - the result, for the parent
+
+
+if __name__ == "__main__":
+    main()
