@@ -536,9 +536,8 @@ def foreign_node(cluster: DevCluster) -> Iterator[ForeignNode]:
         finally:
             cluster.write_cluster_state(cluster.spec)
             with auth_maps(cluster) as views:  # node C is gone from node A too before the next test
-                wait_for(
-                    lambda: all(k[2] != "node-c" for k in views["node-a"].entries()), 5, "node C's entries to go"
-                )
+                entries = views["node-a"].entries
+                wait_for(lambda: all(k[2] != "node-c" for k in entries()), 5, "node C's entries to go")
 
 
 def test_each_hostile_proof_is_refused_by_its_rule_counted_and_restarts_nothing(cluster: DevCluster) -> None:
