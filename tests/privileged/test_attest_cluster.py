@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from authd.attest.tls import client_context
 from authd.datapath.maps import PinnedMaps
@@ -520,11 +521,12 @@ def _log_time(record: dict[str, object]) -> dt.datetime:
 
 
 @contextlib.contextmanager
-def foreign_node(cluster: DevCluster) -> Iterator[ForeignNode]:
-    """Node C, serving fedweb's current SVID, in cluster state for as long as the block runs."""
+def foreign_node(cluster: DevCluster, own: X509Svid | None = None) -> Iterator[ForeignNode]:
+    """Node C, running as ``own`` (a fresh node SVID by default) and serving fedweb's SVID, in cluster
+    state for as long as the block runs."""
     ttl = dt.timedelta(hours=1)
     node = ForeignNode(
-        mint_svid(cluster.spire_dir, SpiffeId.parse(f"spiffe://{FEDERATED}/authd/node-c"), ttl),
+        own or mint_svid(cluster.spire_dir, SpiffeId.parse(f"spiffe://{FEDERATED}/authd/node-c"), ttl),
         [mint_svid(cluster.spire_dir, SpiffeId.parse(FEDWEB), ttl)],
         BundleSet.of([ca.bundle() for ca in authorities(cluster).values()]),
     )
@@ -571,6 +573,27 @@ def test_each_hostile_proof_is_refused_by_its_rule_counted_and_restarts_nothing(
     metrics = _metrics(cluster)
     assert "authd_job_restarts_total{" not in metrics, metrics
     cluster.signal_authd("node-a", 0)  # the same process still runs
+
+
+def test_a_node_svid_outside_the_key_policy_is_refused_before_any_proof(cluster: DevCluster) -> None:
+    """Node C presents a node SVID whose key is on P-521, signed by its trust domain's CA: node A refuses
+    the server by the leaf key policy, counts it by that rule, and never asks it for a proof."""
+    live = LeafOptions(
+        not_before=now() - dt.timedelta(minutes=1),
+        not_after=now() + dt.timedelta(hours=1),
+        key=ec.generate_private_key(ec.SECP521R1()),
+    )
+    own = authorities(cluster)[FEDERATED].mint(f"spiffe://{FEDERATED}/authd/node-c", live)
+    name, label = CHANNEL_LOST
+    before = sample_metric(_metrics(cluster), name, **{label: "server-leaf-key-curve"})
+    with foreign_node(cluster, own) as node, auth_maps(cluster) as views:
+        wait_for(
+            lambda: sample_metric(_metrics(cluster), name, **{label: "server-leaf-key-curve"}) > before,
+            10,
+            "node A to refuse node C's P-521 node SVID",
+        )
+        assert node.stats.proofs_sent == 0
+        assert all(key[2] != "node-c" for key in views["node-a"].entries())
 
 
 def test_deleting_a_federated_bundle_revokes_a_silent_peers_entries_within_1s(cluster: DevCluster) -> None:
@@ -641,8 +664,10 @@ def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevClus
 
 
 def test_a_restarted_node_keeps_its_entries_without_a_gap(cluster: DevCluster) -> None:
-    """kill -9, restart: the entry stays live throughout, until the new process has renewed it."""
-    key = ("web", "db", "node-b")
+    """kill -9, restart: the entry stays live throughout, until the new process has renewed it; and the
+    peer keeps its own entry for the restarted node's workload, although the new process answers "not
+    hosted yet" until its SVIDs arrive."""
+    key, peer_key = ("web", "db", "node-b"), ("db", "web", "node-a")
     with auth_maps(cluster) as views:
         before = views["node-a"].entries()[key]
         restarted = threading.Event()
@@ -651,17 +676,27 @@ def test_a_restarted_node_keeps_its_entries_without_a_gap(cluster: DevCluster) -
             return restarted.is_set() and bool(samples) and samples[-1].entries.get(key, before) > before
 
         watched: list[Sample] = []
-        watcher = threading.Thread(
-            target=lambda: watched.extend(sample(views["node-a"], 2 * TTL, until=renewed))
-        )
-        watcher.start()
+        at_peer: list[Sample] = []
+        watchers = [
+            threading.Thread(target=lambda: watched.extend(sample(views["node-a"], 2 * TTL, until=renewed))),
+            threading.Thread(
+                target=lambda: at_peer.extend(
+                    sample(views["node-b"], 2 * TTL, until=lambda _: bool(watched))  # node A's is done
+                )
+            ),
+        ]
+        for watcher in watchers:
+            watcher.start()
         cluster.stop_authd("node-a", sig=signal.SIGKILL)
         time.sleep(0.5)
         cluster.start_authd("node-a")
         restarted.set()
-        watcher.join()
+        for watcher in watchers:
+            watcher.join()
     assert_always_live(watched, {key})
     assert watched[-1].entries[key] > before, "the restarted authd did not renew the entry"
+    assert len(at_peer) > 10
+    assert_always_live(at_peer, {peer_key})
 
 
 def test_stopping_a_node_leaves_the_other_nodes_entries_until_they_expire(cluster: DevCluster) -> None:
