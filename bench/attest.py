@@ -130,7 +130,7 @@ class _Cluster:
         paths = _remote_paths(count, round_)[:ROTATIONS]
         self._pipes["node-b"].send(("watch", paths))
         self._pipes["node-b"].recv()
-        self._pipes["node-a"].send(("rotate", paths))
+        self._pipes["node-a"].send(("rotate", (paths,)))
         rotated: dict[str, float] = self._pipes["node-a"].recv()
         self._pipes["node-b"].send(("written", paths))
         written: dict[str, float] = self._pipes["node-b"].recv()
