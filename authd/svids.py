@@ -316,6 +316,13 @@ class SvidStore:
             for td in previous.keys() | current.keys()
             if _bundle_der(previous.get(td)) != _bundle_der(current.get(td))
         )
+        if changed:
+            log.info(
+                "trust bundles changed",
+                source=source,
+                changed=[td.name for td in changed],
+                removed=sorted(td.name for td in previous.keys() - current.keys()),
+            )
         self._emit([SvidEvent(EventKind.BUNDLE_CHANGED, trust_domain=td) for td in changed])
         return True
 

@@ -15,45 +15,42 @@ needs root), over loopback TLS 1.3 (127.0.0.2 and 127.0.0.3), with default attes
 * **Channels against pairs** (``attest.channels_for_20x20``, ``attest.pairs_for_20x20``): 20 identities
   on each node, every identity of one node paired with every one of the other both ways; the channel
   sessions both nodes opened, next to the auth entries both maps hold.
+* **A flood** (``attest.flood_lapses``, ``attest.flood_p99_ms``): FLOOD_IDS identities on A are rotated in
+  rounds, each round giving every one a new SVID that expires FLOOD_MARGIN seconds later, so an entry at B
+  lapses unless each proof arrives in time. Meanwhile a third process floods B's listener (the side that
+  accepts the channel) from 127.0.0.9, which is no node: 2000 bare connections, 1000 bogus ClientHellos and
+  1000 TLS handshakes without a client certificate, repeated until the rounds are done. A lapse is a
+  renewal written after the entry it renews had expired, a watched entry deleted, or a proof that never
+  arrived. The latency is the rotation-push time, as above; ``attest.flood_quiet_p99_ms`` is the same
+  rounds without the flood, in the same run, and ``attest.flood_answered`` counts flood connections that
+  got any byte back (goal 0: none reaches TLS).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime as dt
 import multiprocessing
 import multiprocessing.connection
 import os
-import secrets
-import shutil
-import socket
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from authd import log
-from authd.attest.channels import Channels, bind
-from authd.attest.results import Attestations
-from authd.authmanager import AuthManager, AuthTable
-from authd.backoff import BackoffPolicy
-from authd.cluster.desired import AuthPair
-from authd.cluster.handles import HandleRegistry
-from authd.cluster.model import ClusterState
-from authd.config.model import AttestConfig
-from authd.identity import SpiffeId
-from authd.svids import BundleOrigin, SvidStore
-from authd.x509svid import BundleSet, X509Svid
+from bench.attest_nodes import NODE_ADDRESSES, Scenario, World, fork, nodes
 from bench.figures import Figures, figure, median
-from tests.fakes.ca import LeafOptions, TestCA
-from tests.fakes.cluster import FakeClusterSource, endpoint, node, rule, state
+from tests.privileged.flood import Flood, flood
 
-TD = "example.org"
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+    from multiprocessing.synchronize import Event
+
 CONVERGE_ROUNDS = {1: 5, 100: 3, 1000: 2, 10000: 1}
 ROTATIONS = 50
-NODE_ADDRESSES = {"node-a": "127.0.0.2", "node-b": "127.0.0.3"}
+FLOOD_IDS = 50
+FLOOD_ROUNDS = 5  # at least; rounds go on until the flood has been sent in full
+FLOOD_MARGIN = 3  # seconds from a rotation to the rotated SVID's expiry
+FLOOD_SOURCE = "127.0.0.9"  # no node's address
 
 
 def run() -> Figures:
@@ -63,8 +60,15 @@ def run() -> Figures:
     if os.geteuid() != 0:
         print("bench: attest needs root (real BPF maps); skipped")
         return figures
-    world = _World.create()
-    with _nodes(world) as cluster:
+    paths = [
+        path
+        for count, rounds in CONVERGE_ROUNDS.items()
+        for round_ in range(rounds)
+        for path in _remote_paths(count, round_)
+    ]
+    paths += [f"left/a{i}" for i in range(20)] + [f"right/b{i}" for i in range(20)] + ["local/l0"]
+    with nodes(World.create(paths + _flood_paths())) as (pipes, ports):
+        cluster = _Cluster(pipes, ports)
         for count, rounds in CONVERGE_ROUNDS.items():
             samples = [cluster.converge(count, round_) for round_ in range(rounds)]
             figures[f"attest.converge_s_{count}"] = figure(median(samples), "s")
@@ -75,41 +79,8 @@ def run() -> Figures:
         channels, pairs = cluster.twenty_by_twenty()
         figures["attest.channels_for_20x20"] = figure(channels, "channels")
         figures["attest.pairs_for_20x20"] = figure(pairs, "auth entries")
+        figures.update(cluster.flood())
     return figures
-
-
-# ------------------------------------------------------------------------------------- certificates
-
-
-@dataclass
-class _World:
-    """One trust domain's CA and every SVID the benchmarks use, minted before any process forks."""
-
-    ca: TestCA
-    issuer: TestCA
-    bundles: BundleSet
-    own: dict[str, X509Svid]
-    svids: dict[SpiffeId, X509Svid]
-
-    @classmethod
-    def create(cls) -> _World:
-        now = dt.datetime.now(dt.UTC)
-        root = TestCA.create(TD, not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=2))
-        issuer = root.intermediate()  # SPIRE's usual shape: leaf, intermediate, root in the bundle
-        live = LeafOptions(not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(hours=1))
-        own = {name: issuer.mint(f"spiffe://{TD}/authd/{name}", live) for name in NODE_ADDRESSES}
-        paths = [
-            path
-            for count, rounds in CONVERGE_ROUNDS.items()
-            for round_ in range(rounds)
-            for path in _remote_paths(count, round_)
-        ]
-        paths += [f"left/a{i}" for i in range(20)] + [f"right/b{i}" for i in range(20)] + ["local/l0"]
-        svids = {}
-        for path in paths:
-            spiffe_id = SpiffeId.parse(f"spiffe://{TD}/{path}")
-            svids[spiffe_id] = issuer.mint(str(spiffe_id), live)
-        return cls(root, issuer, BundleSet.of([root.bundle()]), own, svids)
 
 
 def _remote_paths(count: int, round_: int) -> list[str]:
@@ -117,36 +88,24 @@ def _remote_paths(count: int, round_: int) -> list[str]:
     return [f"remote-{count}-{round_}/r{index}" for index in range(count)]
 
 
+def _flood_paths() -> list[str]:
+    return [f"flood/r{index}" for index in range(FLOOD_IDS)]
+
+
 def _quantile(samples: list[float], q: float) -> float:
     return samples[min(len(samples) - 1, int(q * len(samples)))]
-
-
-@dataclass(frozen=True, slots=True)
-class _Scenario:
-    """Endpoints by node and the rules between them, as picklable text, and the entries to wait for."""
-
-    endpoints: tuple[tuple[str, str], ...]  # (path, node)
-    rules: tuple[tuple[str, str], ...]  # (source pattern, destination pattern), enforced both ways
-    expected: dict[str, int]  # auth entries per node
-
-
-def _cluster_state(scenario: _Scenario, ports: dict[str, int]) -> ClusterState:
-    nodes = [node(name, address, attest_port=ports[name]) for name, address in NODE_ADDRESSES.items()]
-    endpoints = [
-        endpoint(path, on, f"10.{200 + list(NODE_ADDRESSES).index(on)}.{i // 250}.{i % 250 + 1}/32")
-        for i, (path, on) in enumerate(scenario.endpoints)
-    ]
-    rules = [rule(f"spiffe://{TD}/{s}", f"spiffe://{TD}/{d}", "both") for s, d in scenario.rules]
-    return state(nodes, endpoints, rules)
 
 
 class _Cluster:
     """The two node processes, driven over pipes."""
 
-    def __init__(self, pipes: dict[str, multiprocessing.connection.Connection]) -> None:
+    def __init__(
+        self, pipes: dict[str, multiprocessing.connection.Connection], ports: dict[str, int]
+    ) -> None:
         self._pipes = pipes
+        self._ports = ports
 
-    def apply(self, scenario: _Scenario) -> tuple[float, float]:
+    def apply(self, scenario: Scenario) -> tuple[float, float]:
         """Hand both nodes the scenario's SVIDs, then its state; return when (monotonic) each happened.
 
         The first time is when the state was handed over, the second when both maps held its entries.
@@ -171,7 +130,7 @@ class _Cluster:
         paths = _remote_paths(count, round_)[:ROTATIONS]
         self._pipes["node-b"].send(("watch", paths))
         self._pipes["node-b"].recv()
-        self._pipes["node-a"].send(("rotate", paths))
+        self._pipes["node-a"].send(("rotate", (paths,)))
         rotated: dict[str, float] = self._pipes["node-a"].recv()
         self._pipes["node-b"].send(("written", paths))
         written: dict[str, float] = self._pipes["node-b"].recv()
@@ -179,8 +138,8 @@ class _Cluster:
 
     def converge(self, count: int, round_: int) -> float:
         """Seconds from a new cluster state with ``count`` identities on A to all entries on both nodes."""
-        self.apply(_Scenario((), (), {"node-a": 0, "node-b": 0}))  # start from nothing
-        scenario = _Scenario(
+        self.apply(Scenario((), (), {"node-a": 0, "node-b": 0}))  # start from nothing
+        scenario = Scenario(
             (*((path, "node-a") for path in _remote_paths(count, round_)), ("local/l0", "node-b")),
             (("local/l0", f"remote-{count}-{round_}/*"),),
             {"node-a": count, "node-b": count},
@@ -190,9 +149,9 @@ class _Cluster:
 
     def twenty_by_twenty(self) -> tuple[int, int]:
         """Channels opened for 20 x 20 identities (from no channel at all), and the auth entries made."""
-        self.apply(_Scenario((), (), {"node-a": 0, "node-b": 0}))
+        self.apply(Scenario((), (), {"node-a": 0, "node-b": 0}))
         before = self.opened()
-        scenario = _Scenario(
+        scenario = Scenario(
             tuple((f"left/a{i}", "node-a") for i in range(20))
             + tuple((f"right/b{i}", "node-b") for i in range(20)),
             (("left/*", "right/*"),),
@@ -201,205 +160,73 @@ class _Cluster:
         self.apply(scenario)
         return self.opened() - before, sum(scenario.expected.values())
 
-
-def _fork(target: Callable[..., None], *args: object) -> multiprocessing.process.BaseProcess:
-    process = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
-    process.start()
-    return process
-
-
-@contextlib.contextmanager
-def _nodes(world: _World) -> Iterator[_Cluster]:
-    from authd.datapath.loader import Datapath, MapSizes, remove_pins  # noqa: PLC0415 - root only
-
-    tag = secrets.token_hex(3)
-    sockets = {name: bind(address, 0) for name, address in NODE_ADDRESSES.items()}
-    ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
-    pins = {name: Path(f"/sys/fs/bpf/aap-bench-{tag}-{name}") for name in NODE_ADDRESSES}
-    sizes = MapSizes(ipcache=32768, policy=32768, auth=65536, events_bytes=1 << 20, flows=4096)
-    loaded = [Datapath.load(pins[name], sizes) for name in NODE_ADDRESSES]
-    processes, pipes = [], {}
-    try:
-        for name in NODE_ADDRESSES:
-            parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-            processes.append(_fork(_node_main, name, sockets[name], ports, pins[name], world, child_end))
-            pipes[name] = parent_end
-        for sock in sockets.values():
-            sock.close()
-        yield _Cluster(pipes)
-    finally:
-        for pipe in pipes.values():
-            with contextlib.suppress(OSError):
-                pipe.send(None)
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for datapath, pin_dir in zip(loaded, pins.values(), strict=True):
-            datapath.close()
-            remove_pins(pin_dir)
-            shutil.rmtree(pin_dir, ignore_errors=True)
-
-
-def _node_main(
-    name: str,
-    sock: socket.socket,
-    ports: dict[str, int],
-    pin_dir: Path,
-    world: _World,
-    pipe: multiprocessing.connection.Connection,
-) -> None:
-    asyncio.run(_Node(name, ports, pin_dir, world).run(sock, pipe))
-
-
-class _Node:
-    """One node's attestation and auth manager, wired as :mod:`authd.daemon` wires them."""
-
-    def __init__(self, name: str, ports: dict[str, int], pin_dir: Path, world: _World) -> None:
-        self.name = name
-        self.ports = ports
-        self.pin_dir = pin_dir
-        self.world = world
-        self.store = SvidStore()
-        self.store.set_own(world.own[name])
-        self.store.set_bundles(BundleOrigin.DELEGATED_IDENTITY_API, world.bundles.bundles)
-        self.store.set_local_synced(True)
-        self.cluster = FakeClusterSource()
-
-    async def run(self, sock: socket.socket, pipe: multiprocessing.connection.Connection) -> None:
-        from authd.datapath.maps import PinnedMaps  # noqa: PLC0415 - root only
-        from authd.datapath.tables import PinnedAuthTable, PinnedTables  # noqa: PLC0415
-
-        config = AttestConfig()
-        holder: list[AuthManager] = []
-        attestations = Attestations(
-            on_change=lambda peers: holder[0].attestations_changed(peers) if holder else None
-        )
-        channels = Channels(
-            self.name,
-            self.store,
-            attestations,
-            config,
-            BackoffPolicy(
-                initial=config.retry_initial.total_seconds(), maximum=config.retry_max.total_seconds()
-            ),
-        )
-        attestations.ask_through(channels)
-        handles = HandleRegistry(None, self.name)
-        with PinnedMaps(self.pin_dir) as maps:
-            table = _WriteTimes(PinnedAuthTable(maps.auth, handles))
-            manager = AuthManager(
-                node_name=self.name,
-                handles=handles,
-                table=table,
-                tables=PinnedTables(maps.ipcache, maps.policy),
-                svids=self.store,
-                attestations=attestations,
-                attest_port=config.port,
+    def flood(self) -> Figures:
+        """Rotation rounds at A without, then with, a flood of B's listener from a non-node address."""
+        paths = _flood_paths()
+        self.apply(
+            Scenario(
+                (*((path, "node-a") for path in paths), ("local/l0", "node-b")),
+                (("local/l0", "flood/*"),),
+                {"node-a": FLOOD_IDS, "node-b": FLOOD_IDS},
             )
-            holder.append(manager)
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(channels.serve(sock)),
-                    group.create_task(channels.run()),
-                    group.create_task(manager.run()),
-                    group.create_task(self._feed_svids(manager, channels)),
-                ]
-                while (message := await asyncio.to_thread(pipe.recv)) is not None:
-                    step, argument = message
-                    if step == "opened":
-                        pipe.send(sum(channels.stats.opened.values()))
-                    elif step == "svids":
-                        self._hold_svids(argument)
-                        pipe.send(None)
-                    elif step == "rotate":
-                        pipe.send(await self._rotate(argument))
-                    elif step == "watch":
-                        table.watch = {SpiffeId.parse(f"spiffe://{TD}/{path}") for path in argument}
-                        pipe.send(None)
-                    elif step == "written":
-                        pipe.send(await table.written_all(len(argument)))
-                    else:
-                        await self._apply(argument, manager, channels, pipe)
-                for task in tasks:
-                    task.cancel()
-
-    async def _apply(
-        self,
-        scenario: _Scenario,
-        manager: AuthManager,
-        channels: Channels,
-        pipe: multiprocessing.connection.Connection,
-    ) -> None:
-        passes = manager.stats.reconciles + manager.stats.peer_reconciles
-        current = _cluster_state(scenario, self.ports)
-        self.cluster.publish(current)
-        channels.cluster_changed(current)
-        manager.cluster_changed(current)
-        # Polled: the manager offers no event for "the map holds this many entries".
-        while (  # noqa: ASYNC110
-            manager.stats.reconciles + manager.stats.peer_reconciles == passes
-            or manager.stats.entries != scenario.expected[self.name]
-        ):
-            await asyncio.sleep(0.001)
-        pipe.send(time.monotonic())
-
-    async def _rotate(self, paths: list[str]) -> dict[str, float]:
-        """Rotate each identity in turn (SPIRE's way: a new SVID with a new notAfter); when each was."""
-        now = dt.datetime.now(dt.UTC)
-        live = LeafOptions(not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(minutes=50))
-        rotated = {}
-        for path in paths:
-            spiffe_id = SpiffeId.parse(f"spiffe://{TD}/{path}")
-            svid = self.world.issuer.mint(str(spiffe_id), live)
-            rotated[path] = time.monotonic()
-            self.store.set_local(spiffe_id, svid)
-            await asyncio.sleep(0.02)  # one at a time, as SPIRE rotates them
-        return rotated
-
-    def _hold_svids(self, scenario: _Scenario) -> None:
-        """What SPIRE would deliver: the SVIDs of this node's workloads in the scenario, and no others."""
-        local = {
-            SpiffeId.parse(f"spiffe://{TD}/{path}") for path, on in scenario.endpoints if on == self.name
+        )
+        quiet, _ = self._rounds(paths, lambda rounds: rounds >= FLOOD_ROUNDS)
+        context = multiprocessing.get_context("fork")
+        stop = context.Event()
+        sent, answered = context.Value("q", 0), context.Value("q", 0)
+        flooder = fork(_flood_main, NODE_ADDRESSES["node-b"], self._ports["node-b"], stop, sent, answered)
+        try:
+            pushes, lapses = self._rounds(
+                paths, lambda rounds: rounds >= FLOOD_ROUNDS and sent.value >= FLOOD.total
+            )
+        finally:
+            stop.set()
+            flooder.join(60)
+            if flooder.is_alive():
+                flooder.kill()
+                flooder.join()
+        if flooder.exitcode != 0:
+            raise RuntimeError(f"bench: the flood process failed (exit {flooder.exitcode})")
+        return {
+            "attest.flood_lapses": figure(lapses, "lapses"),
+            "attest.flood_p99_ms": figure(_quantile(sorted(pushes), 0.99) * 1000, "ms"),
+            "attest.flood_p50_ms": figure(_quantile(sorted(pushes), 0.5) * 1000, "ms"),
+            "attest.flood_quiet_p99_ms": figure(_quantile(sorted(quiet), 0.99) * 1000, "ms"),
+            "attest.flood_connections": figure(sent.value, "connections"),
+            "attest.flood_answered": figure(answered.value, "connections"),
         }
-        for spiffe_id in set(self.store.local_svids()) - local:
-            self.store.remove_local(spiffe_id, "bench")
-        for spiffe_id in local:
-            self.store.set_local(spiffe_id, self.world.svids[spiffe_id])
 
-    async def _feed_svids(self, manager: AuthManager, channels: Channels) -> None:
-        """As the daemon feeds them: every SVID change to the manager, local ones to the channels."""
-        with self.store.subscribe() as events:
-            async for event in events:
-                if event.spiffe_id is not None and not event.own:
-                    channels.local_changed(event.spiffe_id)
-                manager.svids_changed()
+    def _rounds(self, paths: list[str], enough: Callable[[int], bool]) -> tuple[list[float], int]:
+        """Rotate every identity once per round until ``enough(rounds)``; push latencies and lapses at B."""
+        self._pipes["node-b"].send(("lapse-watch", paths))
+        self._pipes["node-b"].recv()
+        rotated: dict[tuple[str, float], float] = {}
+        rounds, not_after = 0, 0.0
+        while not enough(rounds):
+            not_after = max(float(int(time.time()) + 1 + FLOOD_MARGIN), not_after + 1)
+            self._pipes["node-a"].send(("rotate", (paths, not_after)))
+            rotated.update(self._pipes["node-a"].recv())
+            rounds += 1
+        self._pipes["node-b"].send(("lapses", list(rotated)))
+        written, lapses = self._pipes["node-b"].recv()
+        return [written[key] - at for key, at in rotated.items() if key in written], lapses
 
 
-class _WriteTimes:
-    """The auth table, noting when entries of watched remote identities were written (upserted)."""
+FLOOD = Flood(server_name="node-b")
 
-    def __init__(self, table: AuthTable) -> None:
-        self._table = table
-        self.watch: set[SpiffeId] = set()
-        self._written: dict[str, float] = {}
 
-    def read(self) -> dict[AuthPair, datetime]:
-        return self._table.read()
+def _flood_main(
+    address: str, port: int, stop: Event, sent: Synchronized[int], answered: Synchronized[int]
+) -> None:
+    """Send the flood again and again from FLOOD_SOURCE until ``stop`` (a full one at least)."""
 
-    def write(self, upserts: Mapping[AuthPair, datetime], deletes: Collection[AuthPair]) -> None:
-        self._table.write(upserts, deletes)
-        stamp = time.monotonic()
-        for pair in upserts:
-            if pair.remote in self.watch:
-                self._written[pair.remote.path.removeprefix("/")] = stamp
+    async def main() -> None:
+        while True:
+            refused = await flood(address, port, FLOOD, source=FLOOD_SOURCE)
+            with sent.get_lock(), answered.get_lock():
+                sent.value += FLOOD.total
+                answered.value += FLOOD.total - refused
+            if stop.is_set():
+                return
 
-    def purge_unresolved(self) -> int:
-        return self._table.purge_unresolved()
-
-    async def written_all(self, count: int) -> dict[str, float]:
-        while len(self._written) < count:  # noqa: ASYNC110 - a bench's wait
-            await asyncio.sleep(0.005)
-        written, self._written = self._written, {}
-        return written
+    asyncio.run(main())

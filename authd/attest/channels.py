@@ -5,7 +5,8 @@ this node. Both nodes compute it from the same cluster state, so both agree that
 and :func:`dials` picks who opens it: the node whose node SPIFFE ID sorts first. That side dials the
 peer's addresses in cluster state's order (the next address only if one cannot be reached), checks that
 the server is exactly the node ID cluster state gives the peer, and dials again with the shared backoff
-after a loss (reset once a session was up). The other side accepts: :class:`~authd.attest.admission.
+after a loss (reset once a session was up; none at all after a session that had lasted, such as one the
+peer closed because its SVID rotated). The other side accepts: :class:`~authd.attest.admission.
 Admission` decides on the bare socket, then TLS, then the client must be exactly the node SVID of a node
 in cluster state. A newer session from a node replaces an older one (the peer restarted).
 
@@ -46,6 +47,9 @@ log = structlog.get_logger(__name__)
 
 LOG_INTERVAL = 10.0
 """Seconds between two log lines for failures of the same reason (every one is counted)."""
+STEADY_SESSION = 1.0
+"""Seconds a dialed session must have lasted for its end to be followed by a new dial at once; a shorter
+one (a peer that accepts and hangs up) is dialed again after the backoff, so that it cannot make a loop."""
 KEEPALIVE = (10, 5, 3)
 """TCP keepalive (idle s, interval s, probes): a peer gone without a word is noticed within 25 s."""
 
@@ -256,16 +260,18 @@ class Channels:
     async def _dial_loop(self, link: _Link) -> None:
         while True:
             link.wake.clear()
-            up = False
+            up_since: float | None = None
             try:
                 reader, writer, address = await self._connect(link)
                 session = self._session(reader, writer, link, address)
-                up = True
+                up_since = self._clock()
                 await self._run_session(link, session, "dialed")
             except (AttestError, OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as err:
                 self._failed(link.name, _reason(err), err)
-            if up:
+            if up_since is not None:
                 link.backoff.reset()
+                if self._clock() - up_since >= STEADY_SESSION:
+                    continue  # the peer re-established (its SVID rotated, say): proofs wait for no backoff
             delay = link.backoff.next_delay()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.wake.wait(), delay)

@@ -6,8 +6,10 @@ every node's BPF programs and pins, deletes every namespace and removes the work
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import grpc
 import structlog
 
 from authd.datapath.maps import AuthKey, PinnedMaps
@@ -30,6 +33,7 @@ from authd.devcluster import cni, interrupts, leftovers, readings, traffic
 from authd.devcluster.leftovers import BPFFS
 from authd.devcluster.netns import HarnessError, Namespaces, Processes, in_netns, sh
 from authd.devcluster.network import Network, NodeNet, WorkloadNet
+from authd.spire.dev.bundle_api import delete_federated_bundles
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +82,7 @@ class ClusterSpec:
     federated_trust_domain: str | None = None  # a second trust domain whose bundle every agent holds
     cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs
     source: Literal["file", "etcd"] = "file"  # etcd: one etcd member on the wire holds cluster state
+    bundle_stream_reopen: float | None = None  # seconds; None: authd's default
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -223,8 +228,11 @@ class DevCluster:
 
     # ---------------------------------------------------------------------------------- cluster state
 
-    def write_cluster_state(self, spec: ClusterSpec) -> None:
-        """Write (atomically replace) the cluster state file every node watches."""
+    def write_cluster_state(self, spec: ClusterSpec, *, extra: str = "") -> None:
+        """Write (atomically replace) the cluster state file every node watches.
+
+        ``extra`` is TOML appended as it is: nodes and endpoints that no authd of this cluster runs.
+        """
         self.spec = spec
         lines = [f'trust_domain = "{spec.trust_domain}"', ""]
         for name in spec.nodes:
@@ -255,7 +263,7 @@ class DevCluster:
             ]
         path = self.cluster_file
         staging = path.with_suffix(".tmp")
-        staging.write_text("\n".join(lines))
+        staging.write_text("\n".join(lines) + "\n" + extra)
         staging.replace(path)
         if self._nodes and self._etcd_url:
             self.push_cluster_state()
@@ -351,6 +359,14 @@ class DevCluster:
             self._processes.stop(self._spire, sig=sig)
             self._spire = None
 
+    def delete_federated_bundle(self, trust_domain: str) -> None:
+        """``spire-server bundle delete``: dev-spire stops federating with ``trust_domain``."""
+        [(code, message)] = asyncio.run(
+            delete_federated_bundles(self.spire_dir / "server" / "api.sock", [trust_domain])
+        )
+        if code is not grpc.StatusCode.OK:
+            raise HarnessError(f"harness: dev-spire did not delete {trust_domain}: {code.name} {message}")
+
     def spire_sync(self) -> str:
         """Register cluster state's endpoints with dev-spire (``authd spire sync``)."""
         # In a node's namespace: with source="etcd", cluster state is read from etcd on the wire.
@@ -372,6 +388,9 @@ class DevCluster:
                 f'[cluster.etcd]\nendpoints = ["{self._etcd_url}"]\nprefix = "{ETCD_PREFIX}"\n'
                 'retry_initial = "100ms"\nretry_max = "1s"\n'
             )
+        reopen = ""
+        if self.spec.bundle_stream_reopen is not None:
+            reopen = f'bundle_stream_reopen = "{round(self.spec.bundle_stream_reopen * 1000)}ms"\n'
         config.write_text(
             f'[node]\nname = "{net.name}"\nstate_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
             f'[log]\nlevel = "{self.spec.log_level}"\nformat = "json"\n'
@@ -379,7 +398,7 @@ class DevCluster:
             f'admin_socket = "{spire}/private/admin.sock"\n'
             f'server_socket = "{self.spire_dir}/server/api.sock"\n'
             'reconnect_backoff_initial = "100ms"\nreconnect_backoff_max = "2s"\n'
-            f"{cluster}"
+            f"{reopen}{cluster}"
             f'[attest]\nlisten_address = "{net.address}"\nport = {ATTEST_PORT}\n'
             'retry_initial = "200ms"\nretry_max = "2s"\n'
             f'[datapath]\npin_dir = "{BPFFS}/{self.spec.prefix}-{net.name}"\n'
@@ -432,6 +451,13 @@ class DevCluster:
         status = self._processes.stop(entry.proc, sig=sig)
         entry.proc = None
         return status
+
+    def signal_authd(self, node: str, sig: int) -> None:
+        """Send ``sig`` to the node's running authd (SIGSTOP then SIGCONT: a node whose loop froze)."""
+        proc = self._nodes[node].proc
+        if proc is None or proc.poll() is not None:
+            raise HarnessError(f"harness: authd on {node} is not running")
+        os.killpg(proc.pid, sig)
 
     def authd(self, node: str, *args: str) -> str:
         """Run an ``authd`` command against the node's config, inside the node's namespace."""

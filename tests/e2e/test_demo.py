@@ -37,6 +37,7 @@ def test_demo_tells_its_story_and_exits_0() -> None:
     assert "[ok] drops for pre-registered pairs: 0" in out
     assert "[ok] TCP retransmissions: 0" in out
     assert "[ok] nothing left behind" in out
+    assert "[ok] one channel for the node pair, and no other channel" in out
     assert elapsed < 120
     assert not leftovers.remaining(PREFIX)
 

@@ -16,10 +16,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from authd.identity import Selector, SpiffeId, TrustDomain
+from authd.spire._proto import workload_pb2
 from authd.spire.dev.service import DevSpire, DevSpireOptions, admin_socket, server_socket, workload_socket
 from authd.spire.endpoint import Endpoint
-from authd.spire.workload import NodeIdentity
+from authd.spire.entries import EntryClient, RegistrationEntry
+from authd.spire.workload import FETCH_X509_SVID, SECURITY_HEADER, NodeIdentity
 from authd.svids import EventKind, Subscription, SvidEvent
 
 TD = TrustDomain("example.org")
@@ -27,6 +31,7 @@ UID = os.getuid()
 ME = Selector("unix", f"uid:{UID}")
 AUTHD_ID = SpiffeId.parse("spiffe://example.org/authd/node-a")
 NODE = NodeIdentity("node-a")  # whose node SVID is AUTHD_ID
+DECOY = SpiffeId.parse("spiffe://example.org/authd/node-a/decoy")
 
 
 @contextlib.contextmanager
@@ -181,3 +186,37 @@ def node_a_config(directory: Path, extra: str = "") -> Path:
         'reconnect_backoff_initial = "50ms"\nreconnect_backoff_max = "300ms"\n' + extra
     )
     return config
+
+
+async def raw_fetch(
+    socket: Path, metadata: tuple[tuple[str, str], ...] = ()
+) -> workload_pb2.X509SVIDResponse:
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        method = channel.unary_stream(
+            FETCH_X509_SVID,
+            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+        )
+        async for message in method(workload_pb2.X509SVIDRequest(), metadata=metadata):
+            return message
+    raise AssertionError("stream ended")
+
+
+async def register_after_a_decoy(directory: Path) -> None:
+    """Register DECOY and then authd's node ID for this uid, so that the agent lists the decoy first.
+
+    dev-spire lists SVIDs by entry ID, as SPIRE does: authd's entry is registered again until it sorts
+    after the decoy's, so the decoy is the first (default) SVID the agent sends.
+    """
+    parent = SpiffeId.from_parts(TD, "/spire/agent/node-a")
+    socket = workload_socket(directory, "node-a")
+    async with EntryClient(entry_socket(directory)) as entries:
+        assert all(r.ok for r in await entries.create_entries([RegistrationEntry(DECOY, parent, (ME,))]))
+        for _ in range(40):
+            (created,) = await entries.create_entries([RegistrationEntry(AUTHD_ID, parent, (ME,))])
+            assert created.ok, created
+            listed = [svid.spiffe_id for svid in (await raw_fetch(socket, SECURITY_HEADER)).svids]
+            if listed == [str(DECOY), str(AUTHD_ID)]:
+                return
+            assert [r.ok for r in await entries.delete_entries([created.id])] == [True]
+    raise AssertionError("authd's entry never sorted after the decoy's")

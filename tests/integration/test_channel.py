@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Collection
+import time
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
 import pytest
 
 from authd.attest import wire
 from authd.attest._proto.channel_pb2 import Hello, Proof
-from authd.attest.channels import Channels, bind, dials, policy_peers
+from authd.attest.channels import STEADY_SESSION, Channels, bind, dials, policy_peers
 from authd.attest.results import Attestations, Peer, Target
 from authd.attest.tls import client_context, server_context
 from authd.backoff import BackoffPolicy
@@ -92,7 +93,11 @@ class Pair:
 
 
 @contextlib.asynccontextmanager
-async def pair(config: AttestConfig = CONFIG) -> AsyncIterator[Pair]:
+async def pair(
+    config: AttestConfig = CONFIG,
+    backoff: BackoffPolicy = FAST,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[Pair]:
     ca = live_ca()
     bundles = BundleSet.of([ca.bundle()])
     socks = {name: bind(address, 0) for name, address in (("node-a", "127.0.0.1"), ("node-b", "127.0.0.2"))}
@@ -104,7 +109,7 @@ async def pair(config: AttestConfig = CONFIG) -> AsyncIterator[Pair]:
         identities = FakeIdentities(ca.mint(str(sid(f"authd/{name}")), LIVE), trusted=bundles)
         changes = Changes()
         results = Attestations(on_change=changes)
-        channels = Channels(name, identities, results, config, FAST)
+        channels = Channels(name, identities, results, config, backoff, clock=clock)
         results.ask_through(channels)
         channels.cluster_changed(cluster)
         sides[name] = Side(name, identities, results, channels, changes, ports[name])
@@ -189,6 +194,28 @@ async def test_a_lost_channel_keeps_results_and_is_dialed_again() -> None:
         await eventually(lambda: sum(p.a.channels.stats.opened.values()) >= 2)
         await eventually(lambda: p.b.channels.sessions() == {"node-a": True})
         assert p.b.results.result(Peer(DB, "node-a")) is not None
+
+
+@pytest.mark.parametrize("lasted", [STEADY_SESSION, 0.0], ids=["steady", "hung-up-at-once"])
+async def test_a_session_that_had_lasted_is_dialed_again_at_once_a_brief_one_after_the_backoff(
+    lasted: float,
+) -> None:
+    """node-b (which accepts) re-establishes, as after its own SVID rotated: node-a dials again without
+    waiting for its backoff, unless the session ended as soon as it began (a peer that hangs up)."""
+    clock = [1000.0]
+    slow = BackoffPolicy(initial=30, maximum=30, jitter=0)
+    async with pair(backoff=slow, clock=lambda: clock[0]) as p:
+        p.b.results.want(targets(p.cluster, DB))
+        await eventually(lambda: p.b.results.result(Peer(DB, "node-a")) is not None)
+        clock[0] += lasted
+        p.b.channels.own_rotated()
+        if lasted:
+            await eventually(lambda: sum(p.a.channels.stats.opened.values()) == 2)
+            await eventually(lambda: p.b.channels.sessions() == {"node-a": True})
+        else:
+            await asyncio.sleep(0.5)
+            assert sum(p.a.channels.stats.opened.values()) == 1
+            assert p.a.channels.sessions() == {"node-b": False}
 
 
 async def test_bundle_change_revokes_at_once() -> None:

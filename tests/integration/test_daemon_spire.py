@@ -10,7 +10,16 @@ import socket
 import sys
 from pathlib import Path
 
-from tests.integration.devspire import AUTHD_ID, ME, DevSpireProcess, node_a_config, short_dir, write_entries
+from tests.integration.devspire import (
+    AUTHD_ID,
+    DECOY,
+    ME,
+    DevSpireProcess,
+    node_a_config,
+    register_after_a_decoy,
+    short_dir,
+    write_entries,
+)
 
 
 class AsyncNotifyReceiver:
@@ -117,3 +126,38 @@ async def test_authd_refuses_to_start_without_an_svid_for_its_node_id() -> None:
                 authd.kill()
                 await authd.wait()
             await spire.kill()
+
+
+async def test_a_second_svid_listed_first_never_becomes_the_node_identity() -> None:
+    """The agent lists a decoy SVID for authd's uid first, the node ID second: authd runs as the node ID."""
+    with short_dir() as directory:
+        seed = write_entries(directory / "entries.toml", [])
+        config = node_a_config(directory)
+        notify = AsyncNotifyReceiver(directory / "notify.sock")
+        env = {key: value for key, value in os.environ.items() if key != "SPIFFE_ENDPOINT_SOCKET"}
+        spire = DevSpireProcess(
+            ["--dir", str(directory), "--trust-domain", "example.org", "--node", "node-a",
+             "--entries", str(seed), "--authorized-delegate", str(AUTHD_ID)]
+        )  # fmt: skip
+        await spire.start()
+        authd: asyncio.subprocess.Process | None = None
+        try:
+            await register_after_a_decoy(directory)
+            authd = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "authd", "run", "--config", str(config),
+                env={**env, "NOTIFY_SOCKET": str(notify.path)},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            ready = await wait_for_log(authd, "SVID store ready", within=30)
+            assert ready["own"] == str(AUTHD_ID)
+            assert ready["own"] != str(DECOY)
+            await notify.wait_for("READY=1", within=30)
+            authd.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                assert await authd.wait() == 0
+        finally:
+            if authd is not None and authd.returncode is None:
+                authd.kill()
+                await authd.wait()
+            await spire.kill()
+            notify.sock.close()

@@ -11,6 +11,7 @@ import pytest
 
 from authd.errors import ConfigError, SpireError
 from authd.identity import Selector, SpiffeId, TrustDomain
+from authd.spire.dev.bundle_api import delete_federated_bundles
 from authd.spire.dev.registry import agent_id, load_seed
 from authd.spire.dev.service import DevSpire
 from authd.spire.entries import EntryClient, RegistrationEntry, SelectorMatch
@@ -215,3 +216,34 @@ def test_cli_refuses_bad_arguments_with_config_exit_status() -> None:
     assert result.returncode == 78
     assert "--node 'Bad_Node'" in result.stderr
     assert "trust domain characters are limited" in result.stderr
+
+
+async def test_deleting_federated_bundles_answers_per_trust_domain_like_spire() -> None:
+    """The Bundle API's BatchDeleteFederatedBundle: SPIRE's code for each trust domain, in order."""
+    partner, other = TrustDomain.parse("partner.org"), TrustDomain.parse("other.org")
+    with short_dir() as directory:
+        async with running(options(directory, federated_trust_domain=partner)) as spire:
+            async with EntryClient(entry_socket(directory)) as client:
+                [federating] = await client.create_entries(
+                    [RegistrationEntry(WEB, PARENT_A, (UID,), federates_with=(partner,))]
+                )
+            refused = await delete_federated_bundles(
+                entry_socket(directory), [TD.name, other.name, "Bad TD!"]
+            )
+            assert [code for code, _ in refused] == [
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ]
+            [(code, message)] = await delete_federated_bundles(entry_socket(directory), [partner.name])
+            assert code is grpc.StatusCode.FAILED_PRECONDITION, (
+                message
+            )  # RESTRICT: an entry federates with it
+            assert partner in spire.authorities
+            async with EntryClient(entry_socket(directory)) as client:
+                await client.delete_entries([federating.id])
+            assert await delete_federated_bundles(entry_socket(directory), [partner.name]) == [
+                (grpc.StatusCode.OK, "OK")
+            ]
+            assert partner not in spire.authorities
+            assert all(partner not in agent.bundles() for agent in spire.agents.values())

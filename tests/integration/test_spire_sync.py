@@ -15,8 +15,7 @@ from authd.spire.sync import LEGACY_HINT, managed_hint, sync
 from authd.spire.workload import SECURITY_HEADER
 from tests.fakes.cluster import endpoint, node, state
 from tests.fakes.entries import RecordingEntryApi
-from tests.integration.devspire import ME, entry_socket, options, running, short_dir
-from tests.integration.test_workload_api import raw_fetch
+from tests.integration.devspire import ME, entry_socket, options, raw_fetch, running, short_dir
 
 AGENT_A = SpiffeId.parse("spiffe://example.org/spire/agent/node-a")
 AGENT_B = SpiffeId.parse("spiffe://example.org/spire/agent/node-b")

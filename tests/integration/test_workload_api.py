@@ -8,7 +8,6 @@ import json
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +20,7 @@ from authd.spire.agent import StreamBoard
 from authd.spire.dev.registry import agent_id
 from authd.spire.dev.service import DevSpire, workload_socket
 from authd.spire.entries import EntryClient, RegistrationEntry
-from authd.spire.workload import FETCH_X509_SVID, SECURITY_HEADER, WorkloadApiClient, fetch_x509_context
+from authd.spire.workload import SECURITY_HEADER, WorkloadApiClient, fetch_x509_context
 from authd.svids import EventKind, SvidStore
 from authd.x509svid import BundleSet, X509Bundle, authorize_id, verify_chain
 from tests.fakes.backoff import CountingBackoff
@@ -34,6 +33,8 @@ from tests.integration.devspire import (
     next_event,
     now,
     options,
+    raw_fetch,
+    register_after_a_decoy,
     running,
     short_dir,
     workload_endpoint,
@@ -104,20 +105,6 @@ async def test_py_spiffe_fetches_an_svid_that_verifies_and_is_refused_without_th
     verified = verify_chain(chain, BundleSet.of([bundle]), at=now(), authorize=authorize_id(AUTHD_ID))
     assert verified == AUTHD_ID
     assert out["without_header"] == ["INVALID_ARGUMENT", "security header missing from request"]
-
-
-async def raw_fetch(
-    socket: Path, metadata: tuple[tuple[str, str], ...] = ()
-) -> workload_pb2.X509SVIDResponse:
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        method = channel.unary_stream(
-            FETCH_X509_SVID,
-            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
-        )
-        async for message in method(workload_pb2.X509SVIDRequest(), metadata=metadata):
-            return message
-    raise AssertionError("stream ended")
 
 
 @pytest.mark.parametrize(
@@ -231,20 +218,7 @@ async def test_authd_client_holds_own_svid_sees_rotation_and_redaction(spire: De
 
 
 async def test_a_second_svid_listed_first_does_not_become_the_node_identity(spire: DevSpire) -> None:
-    decoy = SpiffeId.parse("spiffe://example.org/authd/node-a/decoy")
-    await create(spire, RegistrationEntry(decoy, PARENT, (ME,)))
-    # dev-spire lists SVIDs by entry ID, as SPIRE does: register authd's entry until it sorts after the
-    # decoy's, so the decoy is the first (default) SVID the agent sends.
-    socket = workload_socket(spire.options.directory, "node-a")
-    async with EntryClient(entry_socket(spire.options.directory)) as entries:
-        for _ in range(40):
-            (authd_entry,) = await create(spire, RegistrationEntry(AUTHD_ID, PARENT, (ME,)))
-            listed = [svid.spiffe_id for svid in (await raw_fetch(socket, SECURITY_HEADER)).svids]
-            if listed == [str(decoy), str(AUTHD_ID)]:
-                break
-            assert [r.ok for r in await entries.delete_entries([authd_entry])] == [True]
-        else:
-            raise AssertionError("authd's entry never sorted after the decoy's")
+    await register_after_a_decoy(spire.options.directory)
     store = SvidStore()
     client = WorkloadApiClient(
         workload_endpoint(spire.options.directory),

@@ -19,31 +19,41 @@ import datetime as dt
 import json
 import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from authd.attest.tls import client_context
 from authd.datapath.maps import PinnedMaps
 from authd.datapath.netns import run_in_netns
 from authd.devcluster.cluster import ClusterSpec, DevCluster, Rule, WorkloadSpec
-from authd.devcluster.netns import NETNS_DIR
-from authd.identity import Selector, SpiffeId, TrustDomain
+from authd.devcluster.netns import NETNS_DIR, in_netns
+from authd.identity import Selector, SpiffeId, TrustDomain, sni_for
 from authd.spire._proto import delegatedidentity_pb2
 from authd.spire.delegated import SUBSCRIBE_X509_SVIDS, parse_svid_with_key, selectors_to_proto
 from authd.spire.dev.ca import CaSlot
+from authd.spire.dev.state import mint_svid
 from authd.spire.endpoint import Endpoint
 from authd.x509svid import BundleSet, X509Svid
 from tests.fakes.ca import LeafOptions, TestCA
+from tests.privileged.flood import Flood
+from tests.privileged.foreign_node import ForeignNode
+from tests.privileged.hostile_proofs import hostile_svids
+from tests.privileged.test_operations import http_get
+from tests.privileged.test_operations import sample as sample_metric
 
 pytestmark = pytest.mark.privileged
 
 TTL = 10.0
 FEDERATED = "federated.org"
+REOPEN = 1.0  # seconds between two openings of the bundle stream
 SPEC = ClusterSpec(
     nodes=("node-a", "node-b"),
     workloads=(
@@ -55,8 +65,10 @@ SPEC = ClusterSpec(
     svid_ttl=TTL,
     prefix="aap",
     federated_trust_domain=FEDERATED,
+    bundle_stream_reopen=REOPEN,
 )
 Key = tuple[str, str, str]  # (local workload, remote workload, remote node) as names
+Issued = tuple[dt.datetime, str, dt.datetime]  # (when seen, workload name, the new SVID's notAfter)
 
 
 def sid(workload: str) -> SpiffeId:
@@ -114,8 +126,8 @@ EXPECTED: dict[str, set[Key]] = {
 }
 
 
-async def _workload_svid(admin: Path, uid: int, spiffe_id: SpiffeId) -> X509Svid:
-    """The SVID dev-spire currently issues for ``spiffe_id`` (through the node's Delegated Identity API)."""
+async def _issued(admin: Path, uid: int, spiffe_id: SpiffeId) -> AsyncIterator[X509Svid]:
+    """Every SVID dev-spire issues for ``spiffe_id`` from now on (the node's Delegated Identity API)."""
     request = delegatedidentity_pb2.SubscribeToX509SVIDsRequest(
         selectors=selectors_to_proto([Selector("unix", f"uid:{uid}")])
     )
@@ -129,8 +141,49 @@ async def _workload_svid(admin: Path, uid: int, spiffe_id: SpiffeId) -> X509Svid
             for item in message.x509_svids:
                 svid = parse_svid_with_key(item)
                 if svid.spiffe_id == spiffe_id:
-                    return svid
+                    yield svid
+
+
+async def _workload_svid(admin: Path, uid: int, spiffe_id: SpiffeId) -> X509Svid:
+    """The SVID dev-spire currently issues for ``spiffe_id``."""
+    async for svid in _issued(admin, uid, spiffe_id):
+        return svid
     raise AssertionError(f"dev-spire issues no SVID for {spiffe_id}")
+
+
+@contextlib.contextmanager
+def watching_svids(
+    dc: DevCluster, names: Collection[str]
+) -> Iterator[list[tuple[dt.datetime, str, dt.datetime]]]:
+    """(when seen, workload, notAfter) of every SVID dev-spire issues to these workloads while the block runs.
+
+    Seen on the same streams, at the same moment, as the node's authd receives them.
+    """
+    seen: list[Issued] = []
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def follow(name: str) -> None:
+        workload = next(w for w in SPEC.workloads if w.name == name)
+        admin = dc.spire_dir / workload.node / "private" / "admin.sock"
+        async for svid in _issued(admin, workload.uid, sid(name)):
+            seen.append((now(), name, svid.not_after))  # noqa: PERF401 - as each arrives, not at the end
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(follow(name)) for name in names]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="svid-watch")
+    thread.start()
+    try:
+        yield seen
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
 
 
 def current_not_after(dc: DevCluster) -> dict[str, dt.datetime]:
@@ -342,62 +395,250 @@ def test_the_listener_refuses_and_cuts_what_it_must_while_serving_a_node(cluster
 # ---------------------------------------------------------------------------------- a flood from a pod
 
 
-async def _flood(address: str, port: int, connections: int, hellos: int) -> int:
-    """Open ``connections`` bare connections and send ``hellos`` ClientHellos; how many were refused.
-
-    A refusal is a close with no byte answered: a FIN, or a reset (the kernel resets a connection closed with
-    unread data in its receive queue, which is what a ClientHello that arrives before the close becomes).
-    """
-    refused = 0
-    hello = bytes.fromhex("16030100c4010000c00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
-
-    async def one(payload: bytes | None) -> None:
-        nonlocal refused
-        reader, writer = await asyncio.open_connection(address, port)
-        try:
-            if payload is not None:
-                writer.write(payload)
-            try:
-                answer = await asyncio.wait_for(reader.read(), 5)
-            except ConnectionResetError:
-                answer = b""
-            if answer == b"":
-                refused += 1
-        finally:
-            writer.transport.abort()
-
-    for start in range(0, connections + hellos, 100):
-        batch = [
-            None if i < connections else hello for i in range(start, min(start + 100, connections + hellos))
-        ]
-        await asyncio.gather(*(one(payload) for payload in batch))
-    return refused
+FLOOD_SECONDS = 30.0
 
 
-def test_a_flood_from_a_pod_never_reaches_tls_and_costs_no_entry(cluster: DevCluster) -> None:
-    """2000 connections and 1000 ClientHellos from web's namespace, a pod, against node A's channel port."""
+def test_a_flood_from_a_pod_never_reaches_tls_and_costs_no_entry_nor_proof_time(cluster: DevCluster) -> None:
+    """2000 connections, 1000 ClientHellos and 1000 handshakes without a certificate from web's namespace,
+    a pod, against node A's channel port, again and again for FLOOD_SECONDS. Every one is closed unanswered,
+    node B's entries never lapse, and each rotation node A pushes meanwhile (web's and api's SVIDs, TTL
+    10 s) moves node B's entry within 50 ms of the new SVID."""
     address = str(cluster.network.nodes["node-a"].address)
-    done = threading.Event()
-    outcome: list[int] = []
-
-    def flood() -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.privileged.flood",
+        address,
+        "4250",
+        str(FLOOD_SECONDS),
+        sni_for(sid("web")),
+    ]
+    with watching_svids(cluster, ("web", "api", "db")) as issued, auth_maps(cluster) as views:
+        flooder = subprocess.Popen(
+            in_netns(cluster.workload("web").netns, argv),
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
         try:
-            result = run_in_netns(
-                NETNS_DIR / cluster.workload("web").netns,
-                lambda: asyncio.run(_flood(address, 4250, 2000, 1000)),
+            samples = sample(
+                views["node-b"], FLOOD_SECONDS + 60, every=0.005, until=lambda _: flooder.poll() is not None
             )
-            assert isinstance(result, int)
-            outcome.append(result)
+            output, _ = flooder.communicate(timeout=30)
         finally:
-            done.set()
+            if flooder.poll() is None:
+                flooder.kill()
+                flooder.wait()
+    assert flooder.returncode == 0
+    outcome = json.loads(output)
+    assert outcome["sent"] >= Flood().total
+    assert outcome["refused"] == outcome["sent"]  # every one closed unanswered
+    assert_always_live(samples, EXPECTED["node-b"])
+    pushes = push_latencies(issued, samples)
+    assert len(pushes) >= 6, f"only {len(pushes)} rotations during the flood"
+    assert max(pushes) < 0.05, sorted(pushes)  # the p99, with this few
 
-    worker = threading.Thread(target=flood)
+
+def push_latencies(issued: list[Issued], samples: list[Sample]) -> list[float]:
+    """Seconds from each new SVID of web or api (at node A) to node B's entry for it moving to match it.
+
+    An entry expires with the earlier of its two SVIDs; rotations that do not move it are left out.
+    """
+    latencies = []
+    for seen, name, not_after in issued:
+        if name == "db":
+            continue
+        db = [expiry for at, which, expiry in issued if which == "db" and at <= seen]
+        key = ("db", name, "node-a")
+        before = [taken for taken in samples if taken.at <= seen]
+        if not db or not before or key not in before[-1].entries:
+            continue
+        target = min(not_after, db[-1])
+        if before[-1].entries[key] >= target:
+            continue  # the entry does not move
+        moved = next((t for t in samples if t.at >= seen and t.entries.get(key, seen) >= target), None)
+        latencies.append(float("inf") if moved is None else (moved.at - seen).total_seconds())
+    return latencies
+
+
+def test_a_frozen_listener_keeps_its_peers_entries(cluster: DevCluster) -> None:
+    """Node B's authd, the side that accepts the channel, stops for 3 s (SIGSTOP) and then catches up: node A
+    keeps its entries throughout, and they move forward again once B answers."""
     with auth_maps(cluster) as views:
-        worker.start()
-        samples = sample(views["node-b"], 120, until=lambda _s: done.is_set())
-        worker.join()
-        assert_always_live(samples, EXPECTED["node-b"])
-    assert outcome == [3000]  # every one closed unanswered
+        before = views["node-a"].entries()
+        thawed = threading.Event()
+
+        def renewed(samples: list[Sample]) -> bool:
+            return thawed.is_set() and all(samples[-1].entries.get(k, now()) > before[k] for k in before)
+
+        watched: list[Sample] = []
+        watcher = threading.Thread(
+            target=lambda: watched.extend(sample(views["node-a"], 3 * TTL, until=renewed))
+        )
+        cluster.signal_authd("node-b", signal.SIGSTOP)
+        try:
+            watcher.start()
+            time.sleep(3)
+        finally:
+            cluster.signal_authd("node-b", signal.SIGCONT)
+        thawed.set()
+        watcher.join()
+    assert set(before) == EXPECTED["node-a"]
+    assert_always_live(watched, EXPECTED["node-a"])
+    assert renewed(watched), "node A's entries were not renewed after node B thawed"
+    with auth_maps(cluster) as views:
+        wait_for(
+            lambda: (
+                all(at > now() for at in views["node-b"].entries().values())
+                and set(views["node-b"].entries()) == EXPECTED["node-b"]
+            ),
+            5,
+            "node B's own entries to be live again",
+        )
+
+
+# ------------------------------------------------------------------- a bundle change, a silent peer
+
+FOREIGN_PORT = 4251
+FEDWEB = f"spiffe://{FEDERATED}/ns/demo/sa/fedweb"
+CHANNEL_LOST = ("authd_channels_lost_total", "reason")
+
+
+def _foreign_node_toml(address: str) -> str:
+    """Node C, of the federated trust domain, hosting fedweb, which web on node A requires."""
+    return (
+        f'[[node]]\nname = "node-c"\naddresses = ["{address}"]\n'
+        f'spiffe_id = "spiffe://{FEDERATED}/authd/node-c"\nattest_port = {FOREIGN_PORT}\n\n'
+        f'[[endpoint]]\nspiffe_id = "{FEDWEB}"\nnode = "node-c"\nprefixes = ["10.231.99.1/32"]\n'
+        'selectors = ["unix:uid:3199"]\n\n'
+        f'[[policy]]\nsource = "{FEDWEB}"\ndestination = "{SPEC.spiffe_id("web")}"\n'
+        'enforce = "ingress"\nencrypt = "none"\n'
+    )
+
+
+def _log_time(record: dict[str, object]) -> dt.datetime:
+    return dt.datetime.fromisoformat(str(record["timestamp"]))
+
+
+@contextlib.contextmanager
+def foreign_node(cluster: DevCluster, own: X509Svid | None = None) -> Iterator[ForeignNode]:
+    """Node C, running as ``own`` (a fresh node SVID by default) and serving fedweb's SVID, in cluster
+    state for as long as the block runs."""
+    ttl = dt.timedelta(hours=1)
+    node = ForeignNode(
+        own or mint_svid(cluster.spire_dir, SpiffeId.parse(f"spiffe://{FEDERATED}/authd/node-c"), ttl),
+        [mint_svid(cluster.spire_dir, SpiffeId.parse(FEDWEB), ttl)],
+        BundleSet.of([ca.bundle() for ca in authorities(cluster).values()]),
+    )
+    netns, address = cluster.network.service_address()
+    with node.serving(NETNS_DIR / netns, str(address), FOREIGN_PORT):
+        cluster.write_cluster_state(cluster.spec, extra=_foreign_node_toml(str(address)))
+        try:
+            yield node
+        finally:
+            cluster.write_cluster_state(cluster.spec)
+            with auth_maps(cluster) as views:  # node C is gone from node A too before the next test
+                entries = views["node-a"].entries
+                wait_for(lambda: all(k[2] != "node-c" for k in entries()), 5, "node C's entries to go")
+
+
+def test_each_hostile_proof_is_refused_by_its_rule_counted_and_restarts_nothing(cluster: DevCluster) -> None:
+    """Node C (played by the test) proves fedweb to node A with one hostile SVID after another: leaf keys
+    outside the policy (RSA-1024, DSA, P-521), an X.509 v2 leaf, a key of an unknown algorithm, a proof
+    signed by another key. Node A refuses each by its rule and counts it, writes no entry, restarts no
+    job, and takes the next good proof."""
+    key = ("web", "fedweb", "node-c")
+    hostile = hostile_svids(authorities(cluster)[FEDERATED], FEDWEB)
+    with foreign_node(cluster) as node, auth_maps(cluster) as views:
+        wait_for(lambda: key in views["node-a"].entries(), 20, "node A's entry for fedweb at node C")
+        good = node.hosted[0]
+        for case, (svid, reason, answer) in hostile.items():
+            metric = (
+                ("authd_attestations_total", "result") if answer else ("authd_channels_lost_total", "reason")
+            )
+            before = sample_metric(_metrics(cluster), metric[0], **{metric[1]: reason})
+            node.host(svid)
+            wait_for(
+                lambda: sample_metric(_metrics(cluster), metric[0], **{metric[1]: reason}) > before,  # noqa: B023
+                10,
+                f"node A to count {case} as {reason}",
+            )
+            if answer:  # refused at once, and so is its entry; a violation keeps it until it expires
+                wait_for(
+                    lambda: key not in views["node-a"].entries(), 2, f"fedweb's entry to go after {case}"
+                )
+            node.host(good)  # then a good proof is taken again
+            wait_for(lambda: key in views["node-a"].entries(), 10, f"fedweb's entry back after {case}")
+        assert_always_live([Sample(now(), views["node-a"].entries())], EXPECTED["node-a"])
+    metrics = _metrics(cluster)
+    assert "authd_job_restarts_total{" not in metrics, metrics
+    cluster.signal_authd("node-a", 0)  # the same process still runs
+
+
+def test_a_node_svid_outside_the_key_policy_is_refused_before_any_proof(cluster: DevCluster) -> None:
+    """Node C presents a node SVID whose key is on P-521, signed by its trust domain's CA: node A refuses
+    the server by the leaf key policy, counts it by that rule, and never asks it for a proof."""
+    live = LeafOptions(
+        not_before=now() - dt.timedelta(minutes=1),
+        not_after=now() + dt.timedelta(hours=1),
+        key=ec.generate_private_key(ec.SECP521R1()),
+    )
+    own = authorities(cluster)[FEDERATED].mint(f"spiffe://{FEDERATED}/authd/node-c", live)
+    name, label = CHANNEL_LOST
+    before = sample_metric(_metrics(cluster), name, **{label: "server-leaf-key-curve"})
+    with foreign_node(cluster, own) as node, auth_maps(cluster) as views:
+        wait_for(
+            lambda: sample_metric(_metrics(cluster), name, **{label: "server-leaf-key-curve"}) > before,
+            10,
+            "node A to refuse node C's P-521 node SVID",
+        )
+        assert node.stats.proofs_sent == 0
+        assert all(key[2] != "node-c" for key in views["node-a"].entries())
+
+
+def test_deleting_a_federated_bundle_revokes_a_silent_peers_entries_within_1s(cluster: DevCluster) -> None:
+    """Node C, of the federated trust domain (played by the test), proves fedweb to node A and then says
+    nothing more. dev-spire deletes the federated bundle (``spire-server bundle delete``) and, like SPIRE,
+    goes on sending it on the open bundle stream; node A reopens that stream every second, sees the
+    bundle go, and revokes fedweb's entry within 1 s of that, while the channel to node C stays up."""
+    key = ("web", "fedweb", "node-c")
+    log = cluster.log_path("node-a")
+    with foreign_node(cluster) as foreign, auth_maps(cluster) as views:
+        wait_for(lambda: key in views["node-a"].entries(), 20, "node A's entry for fedweb at node C")
+        assert foreign.stats.proofs_sent == 1
+        assert len(foreign.sessions) == 1
+        offset = log.stat().st_size
+        deleted = now()
+        cluster.delete_federated_bundle(FEDERATED)
+        samples = sample(
+            views["node-a"], 10, every=0.01, until=lambda s: key not in s[-1].entries if s else False
+        )
+        assert samples
+        assert key not in samples[-1].entries, "fedweb's entry outlived its trust domain"
+        gone = samples[-1].at
+        assert_always_live(samples, EXPECTED["node-a"])  # the other entries are untouched
+        assert len(foreign.sessions) == 1  # the channel to node C stayed up
+        changes = [
+            r
+            for r in log_events(log, offset, "trust bundles changed")
+            if FEDERATED in r["removed"]  # type: ignore[operator]
+        ]
+        assert len(changes) == 1, "node A did not see the bundle go"
+        seen = _log_time(changes[0])
+        assert seen - deleted < dt.timedelta(seconds=REOPEN + 1)  # one reopen period, and some
+        assert gone - seen < dt.timedelta(seconds=1), f"revoked {gone - seen} after the bundle change"
+        revoked = log_events(log, offset, "attestation no longer verifies")
+        assert [(r["peer"], r["rule"]) for r in revoked] == [(FEDWEB, "unknown-trust-domain")]
+        # Asked again, node C proves fedweb again, which no longer verifies: the entry stays gone.
+        after = sample(views["node-a"], 2, every=0.05)
+        assert all(key not in taken.entries for taken in after)
+        assert foreign.stats.proofs_sent == 2
+
+
+def _metrics(cluster: DevCluster) -> str:
+    code, body = http_get(cluster, "node-a", "/metrics")
+    assert code == 200
+    return body
 
 
 def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevCluster) -> None:
@@ -423,8 +664,10 @@ def test_removing_an_endpoint_removes_its_entries_on_both_nodes(cluster: DevClus
 
 
 def test_a_restarted_node_keeps_its_entries_without_a_gap(cluster: DevCluster) -> None:
-    """kill -9, restart: the entry stays live throughout, until the new process has renewed it."""
-    key = ("web", "db", "node-b")
+    """kill -9, restart: the entry stays live throughout, until the new process has renewed it; and the
+    peer keeps its own entry for the restarted node's workload, although the new process answers "not
+    hosted yet" until its SVIDs arrive."""
+    key, peer_key = ("web", "db", "node-b"), ("db", "web", "node-a")
     with auth_maps(cluster) as views:
         before = views["node-a"].entries()[key]
         restarted = threading.Event()
@@ -433,17 +676,27 @@ def test_a_restarted_node_keeps_its_entries_without_a_gap(cluster: DevCluster) -
             return restarted.is_set() and bool(samples) and samples[-1].entries.get(key, before) > before
 
         watched: list[Sample] = []
-        watcher = threading.Thread(
-            target=lambda: watched.extend(sample(views["node-a"], 2 * TTL, until=renewed))
-        )
-        watcher.start()
+        at_peer: list[Sample] = []
+        watchers = [
+            threading.Thread(target=lambda: watched.extend(sample(views["node-a"], 2 * TTL, until=renewed))),
+            threading.Thread(
+                target=lambda: at_peer.extend(
+                    sample(views["node-b"], 2 * TTL, until=lambda _: bool(watched))  # node A's is done
+                )
+            ),
+        ]
+        for watcher in watchers:
+            watcher.start()
         cluster.stop_authd("node-a", sig=signal.SIGKILL)
         time.sleep(0.5)
         cluster.start_authd("node-a")
         restarted.set()
-        watcher.join()
+        for watcher in watchers:
+            watcher.join()
     assert_always_live(watched, {key})
     assert watched[-1].entries[key] > before, "the restarted authd did not renew the entry"
+    assert len(at_peer) > 10
+    assert_always_live(at_peer, {peer_key})
 
 
 def test_stopping_a_node_leaves_the_other_nodes_entries_until_they_expire(cluster: DevCluster) -> None:

@@ -30,6 +30,7 @@ import structlog
 from authd.errors import ConfigError
 from authd.identity import SpiffeId, TrustDomain
 from authd.spire.dev.agent import DevAgent
+from authd.spire.dev.bundle_api import BundleService
 from authd.spire.dev.ca import CertificateAuthority
 from authd.spire.dev.calls import ClosingServer, Servable
 from authd.spire.dev.delegated_api import DelegatedIdentityService
@@ -177,12 +178,22 @@ class DevSpire:
         self._save()
         for node, agent in self.agents.items():
             await self._listen(
-                workload_socket(options.directory, node), WorkloadApiService(agent), 0o755, 0o777
+                workload_socket(options.directory, node), [WorkloadApiService(agent)], 0o755, 0o777
             )
             await self._listen(
-                admin_socket(options.directory, node), DelegatedIdentityService(agent), 0o700, 0o600
+                admin_socket(options.directory, node), [DelegatedIdentityService(agent)], 0o700, 0o600
             )
-        await self._listen(server_socket(options.directory), EntryService(self.registry), 0o700, 0o600)
+        await self._listen(
+            server_socket(options.directory),
+            [
+                EntryService(self.registry),
+                BundleService(
+                    options.trust_domain, self._federated, self.remove_federated_trust_domain, self.registry
+                ),
+            ],
+            0o700,
+            0o600,
+        )
         log.info(
             "dev-spire ready",
             trust_domain=options.trust_domain.name,
@@ -195,9 +206,11 @@ class DevSpire:
             entries=len(self.registry),
         )
 
-    async def _listen(self, path: Path, service: Servable, directory_mode: int, socket_mode: int) -> None:
+    async def _listen(
+        self, path: Path, services: list[Servable], directory_mode: int, socket_mode: int
+    ) -> None:
         _prepare_socket_directory(path, directory_mode)
-        server = ClosingServer([service])
+        server = ClosingServer(services)
         await server.start(path=str(path), backlog=1024)
         os.chmod(path, socket_mode)  # noqa: PTH101 - a metadata change on a local socket, never blocks
         self._listeners.append(_Listener(path, server))
@@ -252,6 +265,9 @@ class DevSpire:
         del self.authorities[trust_domain]
         self._save()
         self._sync()
+
+    def _federated(self) -> set[TrustDomain]:
+        return set(self.authorities) - {self.options.trust_domain}
 
     def _entries_changed(self) -> None:
         if self.authorities:  # not while loading
