@@ -26,8 +26,8 @@ over every pair and the bulk writes run in a worker thread (with 200k entries th
 Its inputs are snapshots taken on the loop, and only this manager's loop writes the auth map, waiting for
 the worker before it does anything else, so writes stay ordered and nothing writes in between. A
 worker thread still holds the GIL for whatever runs in C, so the pass makes no object per entry that
-would live through it, and the reconcile that builds a new plan freezes it out of the cyclic garbage
-collector (:func:`_long_lived_objects`): a full collection over 200k pairs is one stall of ~200 ms.
+would live through it, and building a new plan freezes it out of the cyclic garbage collector
+(:func:`_long_lived_objects`): a full collection over 200k pairs is one stall of ~200 ms.
 
 Handshakes are the attestation schedule's business (one per remote identity and node); a local SVID
 rotation only moves expiries.
@@ -47,7 +47,7 @@ from typing import Protocol
 import structlog
 
 from authd.attest.results import Attestation, Attestations, Peer, Target
-from authd.cluster.desired import AuthPair, DesiredState, desired_state
+from authd.cluster.desired import AuthPair, auth_pairs, ipcache, policy
 from authd.cluster.model import ClusterState, IpNetwork
 from authd.datapath import AuthType, IpcacheEntry, PolicyKey
 from authd.errors import SpiffeIdError
@@ -177,11 +177,12 @@ class AuthManager:
         self._attest_port = attest_port
         self._now = now
         self._state: ClusterState | None = None
-        self._desired: DesiredState | None = None
-        # Per desired version: each pair with the peer whose attestation it needs (None on this node),
-        # and the pairs of each peer.
-        self._plan: _Plan = []
-        self._pairs_of: dict[Peer, list[AuthPair]] = {}
+        # Per desired version (``_version``): the pairs on this node, and the pairs of each peer whose
+        # attestation they need. Nothing else of the desired state is held: the ipcache and policy
+        # entries are computed again when the tables are synced (once per version, or on a resync).
+        self._version: str | None = None
+        self._local_pairs: frozenset[AuthPair] = frozenset()
+        self._pairs_of: dict[Peer, tuple[AuthPair, ...]] = {}
         self._tables_version = ""
         self._dirty = asyncio.Event()
         self._full = True  # the next pass must be a full reconcile (else only _changed_peers)
@@ -199,7 +200,6 @@ class AuthManager:
     def cluster_changed(self, state: ClusterState) -> None:
         """A new cluster state is in force."""
         self._state = state
-        self._desired = None
         self._mark()
 
     def svids_changed(self) -> None:
@@ -291,7 +291,7 @@ class AuthManager:
             return
         self._full = False
         self._changed_peers.clear()
-        if self._desired is None or self._desired.version != state.version:
+        if self._version != state.version:
             with _long_lived_objects():
                 await self._reconcile(state)
         else:
@@ -299,19 +299,21 @@ class AuthManager:
         self.stats.reconciles += 1
 
     async def _reconcile(self, state: ClusterState) -> None:
-        desired = await self._desired_state(state)
-        if self._tables_version != desired.version:
-            changed = await asyncio.to_thread(self._sync_tables, desired)
+        await self._plan_version(state)
+        if self._tables_version != state.version:
+            changed = await asyncio.to_thread(self._sync_tables, state)
             self.stats.table_changes += changed
-            self._tables_version = desired.version
+            self._tables_version = state.version
             if changed:
-                log.info("datapath tables synced", version=desired.version[:12], changed=changed)
-        await self._write_auth(desired.pairs)
+                log.info("datapath tables synced", version=state.version[:12], changed=changed)
+        await self._write_auth()
         if self._svids.synced:
             await self._collect_garbage(state)
 
-    def _sync_tables(self, desired: DesiredState) -> int:
-        return self._tables.sync_ipcache(desired.ipcache) + self._tables.sync_policy(desired.policy)
+    def _sync_tables(self, state: ClusterState) -> int:
+        """Compute the ipcache and policy entries of ``state`` and write their differences (worker)."""
+        synced = self._tables.sync_ipcache(ipcache(state, self._node, self._handles))
+        return synced + self._tables.sync_policy(policy(state, self._node, self._handles))
 
     async def _collect_garbage(self, state: ClusterState) -> None:
         """Delete entries no handle explains, then free the handles nothing uses any more.
@@ -334,62 +336,69 @@ class AuthManager:
         self._tables_version = ""
         self._mark()
 
-    async def _desired_state(self, state: ClusterState) -> DesiredState:
-        if self._desired is None or self._desired.version != state.version:
-            self._handles.assign(state.identities, state.nodes)
-            # What depends on the desired state alone is worked out once per version, not once per
-            # reconcile: reconciles follow every attestation result, and there are as many results as
-            # remote identities.
-            desired, plan, pairs_of, targets = await asyncio.to_thread(self._plan_for, state)
-            self._desired, self._plan, self._pairs_of = desired, plan, pairs_of
-            self._attestations.want(targets)
-            return desired
-        return self._desired
+    async def _plan_version(self, state: ClusterState) -> None:
+        """Work out the pairs of a new cluster-state version (and what to attest), once per version.
+
+        Not once per reconcile: reconciles follow every attestation result, and there are as many
+        results as remote identities.
+        """
+        if self._version == state.version:
+            return
+        self._handles.assign(state.identities, state.nodes)
+        local_pairs, pairs_of, targets = await asyncio.to_thread(self._plan_for, state)
+        self._version, self._local_pairs, self._pairs_of = state.version, local_pairs, pairs_of
+        self._attestations.want(targets)
 
     def _plan_for(
         self, state: ClusterState
-    ) -> tuple[DesiredState, _Plan, dict[Peer, list[AuthPair]], dict[Peer, Target]]:
-        """The desired state of ``state``, each pair with the peer it needs, and the attestation targets."""
-        desired = desired_state(state, self._node, self._handles)
-        peers: dict[tuple[SpiffeId, str], Peer] = {}  # one Peer per remote identity and node, not per pair
-
-        def peer_of(pair: AuthPair) -> Peer:
-            key = (pair.remote, pair.node)
-            found = peers.get(key)
-            if found is None:
-                found = peers[key] = Peer(pair.remote, pair.node)
-            return found
-
-        plan = [(pair, None if pair.on_local_node else peer_of(pair)) for pair in desired.pairs]
-        pairs_of: dict[Peer, list[AuthPair]] = {}
-        for pair, peer in plan:
-            if peer is not None:
-                pairs_of.setdefault(peer, []).append(pair)
-        return desired, plan, pairs_of, self._targets(state, desired.pairs)
-
-    def _targets(self, state: ClusterState, pairs: frozenset[AuthPair]) -> dict[Peer, Target]:
-        peers: dict[Peer, Target] = {}
+    ) -> tuple[frozenset[AuthPair], dict[Peer, tuple[AuthPair, ...]], dict[Peer, Target]]:
+        """The pairs of ``state`` on this node, those of each peer, and the attestation targets."""
+        pairs = auth_pairs(state, self._node, self._handles)
+        by_peer: dict[tuple[SpiffeId, str], list[AuthPair]] = {}  # one Peer per remote identity and node
         for pair in pairs:
-            node = state.node(pair.node)
-            if pair.on_local_node or node is None:
+            if not pair.on_local_node:
+                by_peer.setdefault((pair.remote, pair.node), []).append(pair)
+        pairs_of = {Peer(remote, node): tuple(held) for (remote, node), held in by_peer.items()}
+        local_pairs = frozenset(pair for pair in pairs if pair.on_local_node)
+        return local_pairs, pairs_of, self._targets(state, pairs_of)
+
+    def _targets(self, state: ClusterState, peers: Iterable[Peer]) -> dict[Peer, Target]:
+        targets: dict[Peer, Target] = {}
+        for peer in peers:
+            node = state.node(peer.node)
+            if node is None:
                 continue
-            peers[Peer(pair.remote, pair.node)] = Target(
-                pair.remote,
-                pair.node,
+            targets[peer] = Target(
+                peer.remote_id,
+                peer.node,
                 node.spiffe_id,
                 tuple(str(address) for address in node.addresses),
                 node.attest_port or self._attest_port,
             )
-        return peers
+        return targets
 
-    async def _write_auth(self, pairs: frozenset[AuthPair]) -> None:
+    def _plan(self) -> Iterator[tuple[AuthPair, Peer | None]]:
+        """Every pair policy needs, with the peer whose attestation it needs (None on this node)."""
+        for pair in self._local_pairs:
+            yield pair, None
+        for peer, pairs in self._pairs_of.items():
+            for pair in pairs:
+                yield pair, peer
+
+    def _planned(self, pair: AuthPair) -> bool:
+        """Whether policy needs ``pair`` in the current version."""
+        if pair.on_local_node:
+            return pair in self._local_pairs
+        return pair in self._pairs_of.get(Peer(pair.remote, pair.node), ())
+
+    async def _write_auth(self) -> None:
         now = self._now()
         local = dict(self._svids.local_svids())
         results = self._attestations.results()
         synced = self._svids.synced
         refused = frozenset(peer for peer in self._pairs_of if self._attestations.refused(peer))
         upserts, deletes, mirror, next_expiry = await asyncio.to_thread(
-            self._full_pass, pairs, now, local, results, synced, refused.__contains__
+            self._full_pass, now, local, results, synced, refused.__contains__
         )
         if upserts or deletes:
             self.stats.upserts += len(upserts)
@@ -401,7 +410,6 @@ class AuthManager:
 
     def _full_pass(
         self,
-        pairs: frozenset[AuthPair],
         now: datetime,
         local: Mapping[SpiffeId, X509Svid],
         results: Mapping[Peer, Attestation],
@@ -410,7 +418,7 @@ class AuthManager:
     ) -> tuple[dict[AuthPair, datetime], list[AuthPair], dict[AuthPair, datetime], datetime | None]:
         """Compute every wanted entry, read the map, write the differences (in a worker thread)."""
         wanted: dict[AuthPair, datetime] = {}
-        for pair, peer in self._plan:
+        for pair, peer in self._plan():
             expiry = self._expiry(pair, peer, local, results.get(peer) if peer is not None else None)
             if expiry is not None and expiry > now:
                 wanted[pair] = expiry
@@ -422,7 +430,7 @@ class AuthManager:
                 continue
             if (
                 expiry > now
-                and pair in pairs
+                and self._planned(pair)
                 and _keep_until_known(pair, local, synced=synced, refused=refused)
             ):
                 kept[pair] = expiry
@@ -495,25 +503,27 @@ class AuthManager:
         return min(mine.not_after, result.not_after) if result is not None else None
 
 
-_Plan = list[tuple[AuthPair, Peer | None]]
-
-
 @contextlib.contextmanager
 def _long_lived_objects() -> Iterator[None]:
-    """Make long-lived objects with the cyclic garbage collector paused, then keep them out of it.
+    """Reconcile a new plan with the cyclic garbage collector paused, then keep what is alive out of it.
 
     A full collection walks every tracked object with the GIL held, so it stalls the event loop even
-    while the work that set it off runs in a worker thread: with 200k auth pairs (each pair, its place
-    in the plan, the pairs read back from the map) one takes about 200 ms, and building a plan that big
-    sets off several. So the collector runs once first (on what is not frozen: little, after the first
-    time), is paused while the reconcile that builds a new plan runs, and everything alive afterwards
-    is frozen (:func:`gc.freeze`): later collections skip it. Plans and pairs hold no reference cycles,
-    so reference counting still frees a plan that a newer one replaces. The cost is the cyclic garbage
-    made while the collector was paused, during that one reconcile: it stays allocated.
+    while the work that set it off runs in a worker thread: with 200k auth pairs one takes about
+    200 ms, and building a plan that big sets off several. So the collector is paused during the
+    reconcile that builds a new plan, and everything alive afterwards is frozen (:func:`gc.freeze`):
+    later collections skip it.
+    Plans and pairs hold no reference cycles, so reference counting still frees a plan that a newer one
+    replaces.
+
+    Frozen objects are never collected while frozen, so whatever was alive at the last freeze and has
+    since become cyclic garbage (old SVIDs, finished tasks, exceptions and their frames) would stay
+    allocated for the life of the process. So the previous freeze is undone first, and one full
+    collection reclaims all of that: one stall per cluster-state version, not one per rotation.
     """
-    if not gc.isenabled():  # another manager's reconcile (tests, the bench) already paused it
+    if not gc.isenabled():  # another manager's plan (tests, the bench) already paused it
         yield
         return
+    gc.unfreeze()
     gc.collect()
     gc.disable()
     try:

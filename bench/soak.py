@@ -119,7 +119,7 @@ def _slope(samples: list[tuple[float, float]]) -> float:
 
 
 def _rotations(metrics_url: str) -> float:
-    """Local SVID updates applied plus successful attestations, from node-a's /metrics."""
+    """Local SVID updates applied plus attestations of new leaves (first or rotated), from /metrics."""
     with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 - loopback URL we built
         text = response.read().decode()
     total = 0.0
@@ -130,7 +130,11 @@ def _rotations(metrics_url: str) -> float:
                 and sample.labels.get("source") == "delegated-identity-api"
             ):
                 total += sample.value
-            if sample.name == "authd_attestations_total" and sample.labels.get("result") == "ok":
+            # A remote rotation is attested as "rotated" (the first proof of a peer is "ok").
+            if sample.name == "authd_attestations_total" and sample.labels.get("result") in {
+                "ok",
+                "rotated",
+            }:
                 total += sample.value
     return total
 

@@ -20,6 +20,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -31,6 +32,8 @@ from authd.identity import SpiffeId
 from authd.x509svid import BundleSet, PrivateKey, X509Svid, authorize_id, fresh_copy, verify_path
 
 _CONTEXT = b"authd-channel-proof/1\0"
+
+_E = TypeVar("_E", tuple[BundleSet, SpiffeId, datetime], tuple[BundleSet, datetime])
 
 
 def binding(nonce: bytes, asker: SpiffeId, prover: SpiffeId, identity: SpiffeId) -> bytes:
@@ -80,16 +83,53 @@ def load_chain(ders: Sequence[bytes]) -> tuple[x509.Certificate, ...]:
         raise ViolationError("malformed-certificate", f"unparsable certificate in a proof: {err}") from err
 
 
+SWEEP_MIN = 16
+"""Remembered chains (or issuer paths) below which no sweep runs."""
+
+
 class ProofChecker:
-    """Checks proofs against the bundles in force, remembering chains and issuer paths already verified."""
+    """Checks proofs against the bundles in force, remembering chains and issuer paths already verified.
+
+    What is remembered is only useful until it expires or the bundles change, and rotations keep adding
+    chains that are never seen again: every remote rotation is a new leaf. So whenever a cache has
+    doubled since its last sweep, entries that expired, or were verified under other bundles than the
+    last ones, are dropped (amortized O(1) per proof): each cache holds at most about twice what is
+    still usable, and never keeps a replaced bundle set alive. ``max_entries`` bounds both caches
+    whatever the clock says (LRU).
+    """
 
     def __init__(self, max_entries: int = 16384) -> None:
         """Remember at most ``max_entries`` verified chains and as many issuer paths (LRU)."""
         self._max_entries = max_entries
         self._verified: OrderedDict[bytes, tuple[BundleSet, SpiffeId, datetime]] = OrderedDict()
         self._issuers: OrderedDict[bytes, tuple[BundleSet, datetime]] = OrderedDict()
+        self._sweep_at = {"verified": SWEEP_MIN, "issuers": SWEEP_MIN}
         self.cache_hits = 0
         self.issuer_hits = 0
+
+    @property
+    def remembered(self) -> int:
+        """How many verified chains and issuer paths are remembered."""
+        return len(self._verified) + len(self._issuers)
+
+    def _remember(
+        self,
+        name: str,
+        cache: OrderedDict[bytes, _E],
+        key: bytes,
+        entry: _E,
+        bundles: BundleSet,
+        at: datetime,
+    ) -> None:
+        """Add ``entry`` (its bundles first, its expiry last), sweeping or evicting as the class says."""
+        cache[key] = entry
+        cache.move_to_end(key)
+        if len(cache) >= self._sweep_at[name]:
+            for stale in [k for k, held in cache.items() if held[0] is not bundles or at >= held[-1]]:
+                del cache[stale]
+            self._sweep_at[name] = max(SWEEP_MIN, 2 * len(cache))
+        if len(cache) > self._max_entries:
+            cache.popitem(last=False)
 
     def check(
         self,
@@ -109,9 +149,8 @@ class ProofChecker:
             self.cache_hits += 1
         else:
             self._verify(chain, ders, identity, bundles, at)
-            self._verified[key] = (bundles, identity, min(c.not_valid_after_utc for c in chain))
-            if len(self._verified) > self._max_entries:
-                self._verified.popitem(last=False)
+            expiry = min(c.not_valid_after_utc for c in chain)
+            self._remember("verified", self._verified, key, (bundles, identity, expiry), bundles, at)
         check_signature(chain[0], signature, message)
         return fresh_copy(chain)  # held for as long as the result lives: none of the checks' decoding
 
@@ -148,9 +187,8 @@ class ProofChecker:
         if shortcut:
             self._issuers.move_to_end(upper)
         elif list(path[1 : len(chain)]) == list(chain[1:]):  # the path built used every certificate given
-            self._issuers[upper] = (bundles, min(c.not_valid_after_utc for c in path[1:]))
-            if len(self._issuers) > self._max_entries:
-                self._issuers.popitem(last=False)
+            expiry = min(c.not_valid_after_utc for c in path[1:])
+            self._remember("issuers", self._issuers, upper, (bundles, expiry), bundles, at)
 
 
 def _digest(ders: Sequence[bytes]) -> bytes:

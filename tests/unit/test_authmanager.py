@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -134,7 +135,7 @@ async def test_entries_that_expire_together_share_one_expiry_and_one_peer() -> N
         )
         assert web is cache
         assert web is h.attestations.results()[Peer(sid("db"), "node-b")].not_after
-        peers = {id(peer) for _, peer in h.manager._plan if peer is not None}
+        peers = {id(peer) for _, peer in h.manager._plan() if peer is not None}
         assert len(peers) == 1
 
 
@@ -407,3 +408,29 @@ async def test_a_new_plan_is_built_with_the_collector_paused_then_frozen() -> No
         h.manager.svids_changed()
         await eventually(lambda: h.manager.stats.reconciles == 2)
         assert table.collector_on == [False, True]  # the same plan: nothing long-lived is built
+
+
+class Cycle:
+    """Cyclic garbage once dropped: only the cyclic collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_garbage_frozen_with_a_plan_is_freed_by_the_next_plan() -> None:
+    # Issue 17: what was alive at a plan's freeze and later became cyclic garbage stayed for the life
+    # of the process, since frozen objects are never collected.
+    async with manager() as h:
+        h.client.script(str(sid("db")), "node-b", svid("db"))
+        h.svids.local[sid("web")] = svid("web")
+        cycle = Cycle()
+        freed = weakref.ref(cycle)
+        h.manager.cluster_changed(two_nodes(("web", "db")))
+        await eventually(lambda: h.manager.stats.reconciles == 1)
+        del cycle
+        gc.collect()
+        assert freed() is not None  # frozen with the plan
+        h.manager.cluster_changed(two_nodes(("web", "db"), ("cache", "db")))
+        await eventually(lambda: h.manager.stats.reconciles == 2)
+        assert freed() is None
+        assert gc.isenabled()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authd.attest.proofs import ProofChecker, binding, chain_der, sign
+from authd.attest.proofs import SWEEP_MIN, ProofChecker, binding, chain_der, sign
 from authd.attest.results import Attestation
 from authd.attest.tls import ContextCache
 from authd.identity import SpiffeId
@@ -118,3 +118,65 @@ def test_tls_contexts_do_not_pile_up_with_rotations() -> None:
         cache.get(rotated, BUNDLES, server=True)
         cache.get(rotated, BUNDLES, server=False)
     assert len(cache) == 2  # one per side for the one identity
+
+
+ROTATIONS = 600
+
+
+def rotated_proofs(ca: TestCA) -> list[tuple[list[bytes], bytes, dt.datetime]]:
+    """One identity's leaves, each valid for two seconds from its turn: (chain, signature, when checked)."""
+    identity = "spiffe://example.org/rotating"
+    proofs = []
+    for turn in range(ROTATIONS):
+        at = NOW + dt.timedelta(seconds=turn)
+        svid = ca.mint(identity, LeafOptions(not_before=NOW, not_after=at + dt.timedelta(seconds=2)))
+        proofs.append((chain_der(svid), sign(svid, binding(NONCE, ASKER, PROVER, svid.spiffe_id)), at))
+    return proofs
+
+
+def test_remembered_proofs_do_not_grow_with_rotations() -> None:
+    # Issue 17: every remote rotation left its chain's digest, a parsed SPIFFE ID and the bundle set of
+    # the time in the checker until 16384 had piled up (~0.5 KiB a rotation, most of the soak's slope).
+    # Through an intermediate, so that issuer paths are remembered too. Traced between rotation 100 and
+    # 600, what the checker retains must stay flat.
+    ca = CA.intermediate()
+    bundles = BUNDLES  # replaced by an equal new set each rotation, as the SVID store does
+    identity = SpiffeId.parse("spiffe://example.org/rotating")
+    checker = ProofChecker()
+
+    def check(ders: list[bytes], signature: bytes, at: dt.datetime) -> None:
+        nonlocal bundles
+        bundles = BundleSet(dict(bundles.bundles))
+        checker.check(ders, signature, binding(NONCE, ASKER, PROVER, identity), identity, bundles, at)
+
+    proofs = rotated_proofs(ca)
+    for proof in proofs[:100]:
+        check(*proof)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for proof in proofs[100:]:
+            check(*proof)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # About 270 KiB before the fix; about 30 KiB now, most of it inside cryptography's verify calls.
+    assert grown < 64 * 1024
+    assert checker.remembered <= 4 * SWEEP_MIN
+
+
+def test_remembered_proofs_still_save_the_checks() -> None:
+    # The sweep keeps what is still usable: a re-sent proof under the same bundles is a cache hit, and a
+    # new leaf under a remembered intermediate is checked against that intermediate alone.
+    ca = CA.intermediate()
+    bundles = BUNDLES
+    identity = SpiffeId.parse("spiffe://example.org/rotating")
+    checker = ProofChecker()
+    for ders, signature, at in rotated_proofs(ca)[: 2 * SWEEP_MIN]:
+        message = binding(NONCE, ASKER, PROVER, identity)
+        checker.check(ders, signature, message, identity, bundles, at)
+        checker.check(ders, signature, message, identity, bundles, at)
+    assert checker.cache_hits == 2 * SWEEP_MIN
+    assert checker.issuer_hits == 2 * SWEEP_MIN - 1
