@@ -121,6 +121,14 @@ class Enforcement:
         self._backoff = backoff
         self.ownership: RouteOwnership | None = None
         self._stale_drained = False
+        self.tunnel_ifindex = 0
+
+    def set_tunnel(self, ifindex: int) -> None:
+        """The WireGuard interface's index (0: none), for the datapath's tunnel check.
+
+        Only kept here: the check that reads it (datapath config map) is not in this version.
+        """
+        self.tunnel_ifindex = ifindex
 
     async def wait_loaded(self) -> Datapath:
         """Return the datapath once the ``datapath`` job has loaded it."""
