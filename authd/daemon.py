@@ -169,6 +169,7 @@ class Daemon:
             runtime["hubble_socket"] = str(self.observer.path)
         self.control.register("status", StatusOp(self.view, runtime=runtime))
         self.control.register("reload", self._serve_reload)
+        self.control.register("encryption-rotate", self._serve_rotate)
         if http.enabled:
             from authd.httpapi import HttpServer  # noqa: PLC0415 - aiohttp and prometheus_client only when on
 
@@ -248,13 +249,13 @@ class Daemon:
             set_tunnel=enforcement.set_tunnel if enforcement is not None else _no_datapath,
         )
         self._jobs.append(Job("encryption", tunnel.run, critical=False))
-        self.control.register("encryption-rotate", self._serve_rotate)
         return tunnel
 
     async def _serve_rotate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The ``encryption-rotate`` op (``authd encryption rotate``): rotate now, answer with the new key."""
         del request
-        assert self.tunnel is not None  # registered with the tunnel only
+        if self.tunnel is None:
+            raise ControlError('rotate: encryption is off ([encryption] mode = "off")')
         try:
             key = await self.tunnel.rotate()
         except EncryptionError as err:

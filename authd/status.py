@@ -269,7 +269,7 @@ def render(status: Report) -> str:
                 f"           HELD BACK version {held['version']}: {held['reason']} "
                 f"(`authd cluster accept --version {held['version']}` applies it)"
             )
-    lines += _render_encryption(status)
+    lines += render_encryption(status.get("encryption") or {"mode": "off"})
     lines.append("health:")
     for component in status["health"]:
         reason = f": {component['reason']}" if component["reason"] else ""
@@ -321,8 +321,8 @@ def _age(seconds: int | None) -> str:
     return "-" if seconds is None else _duration(seconds)
 
 
-def _render_encryption(status: Report) -> list[str]:
-    encryption = status.get("encryption") or {"mode": "off"}
+def render_encryption(encryption: Report) -> list[str]:
+    """The ``encryption`` part of a status report as text (``authd status``, ``authd encryption status``)."""
     if encryption["mode"] == "off":
         return ["encryption: off"]
     if encryption["backend"] is None:
