@@ -59,6 +59,7 @@ STATUS_INTERVAL = 2.0
 ROTATION_RESULTS = ("ok", "failed")
 REFUSALS = ("duplicate-key", "own-key", "expired", "untrusted")
 OpenBackend = Callable[[EncryptionConfig, Path], WireGuardBackend]
+SyncRoutes = Callable[[int, frozenset[IpNetwork]], None]
 
 
 class Announcer(Protocol):
@@ -106,13 +107,14 @@ class Tunnel:
         runtime_dir: Path,
         set_tunnel: Callable[[int], None],
         opener: OpenBackend = _open,
+        routes: SyncRoutes = sync_routes,
         rotation: Rotation | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Nothing touches the kernel before :meth:`run`."""
         self._config, self._node, self._component = config, node, component
         self._state_dir, self._runtime_dir = state_dir, runtime_dir
-        self._set_tunnel, self._opener, self._clock = set_tunnel, opener, clock
+        self._set_tunnel, self._opener, self._sync_routes, self._clock = set_tunnel, opener, routes, clock
         self._rotation = rotation or SwapRotation()
         self._announcer: Announcer | None = None
         self._state: ClusterState | None = None
@@ -230,8 +232,9 @@ class Tunnel:
                 if self._rotation_due():
                     with contextlib.suppress(EncryptionError):  # counted as failed; retried next interval
                         await self.rotate()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._next_wake())
+                with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow a cancel
+                    async with asyncio.timeout(self._next_wake()):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             self._backend = None
@@ -323,7 +326,7 @@ class Tunnel:
                 )
             self._applied = peers
             if routes != self._routes:
-                await asyncio.to_thread(sync_routes, backend.ifindex, routes)
+                await asyncio.to_thread(self._sync_routes, backend.ifindex, routes)
                 self._routes = routes
             self._device = await asyncio.to_thread(backend.status)
         self._component.ready(
