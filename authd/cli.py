@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_observe(commands, with_config)
     _add_status(commands, with_config)
     _add_bpf(commands, with_config)
+    _add_encryption(commands, with_config)
 
     _add_dev_spire(commands, common)
 
@@ -287,6 +288,47 @@ def _add_status(
     )
     status.add_argument("--json", action="store_true", help="the daemon's report as one JSON object")
     status.set_defaults(command=_status)
+
+
+def _add_encryption(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    encryption = commands.add_parser("encryption", help="the WireGuard tunnel between nodes")
+    sub = encryption.add_subparsers(title="encryption commands", metavar="COMMAND", required=True)
+    status = sub.add_parser(
+        "status", parents=[parent], help="the backend, this node's key and each peer, with their key ages"
+    )
+    status.add_argument("--json", action="store_true", help="the daemon's encryption report as JSON")
+    status.set_defaults(command=_encryption_status)
+    sub.add_parser(
+        "rotate",
+        parents=[parent],
+        help="rotate this node's WireGuard key now; the peers learn it, with new PSKs, over the channels",
+    ).set_defaults(command=_encryption_rotate)
+
+
+def _encryption_status(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+    from authd.status import render_encryption  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    for report in ControlClient(socket_path(config.node.runtime_dir)).request("status"):
+        encryption = report.get("encryption") or {"mode": "off"}
+        print(json.dumps(encryption, indent=2) if args.json else "\n".join(render_encryption(encryption)))
+        return 0
+    raise DaemonError("encryption: the daemon closed the connection without a status report")
+
+
+def _encryption_rotate(args: argparse.Namespace) -> int:
+    from authd.control import ControlClient, socket_path  # noqa: PLC0415
+
+    config = _config_or_defaults(args.config)
+    for answer in ControlClient(socket_path(config.node.runtime_dir), timeout=30.0).request(
+        "encryption-rotate"
+    ):
+        print(f"rotated: key {answer['public_key']}, generation {answer['generation']}")
+        return 0
+    raise DaemonError("encryption: the daemon closed the connection without a verdict")
 
 
 EX_NOT_RUNNING = 3  # as `systemctl status` for a unit that is not active

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ from authd.control import ControlServer, socket_path
 from authd.daemonview import DaemonView
 from authd.datapath.events import AuthRequiredEvent
 from authd.datapath.tables import PinnedAuthTable, PinnedTables
-from authd.errors import ConfigError, ControlError, DaemonError, SpireError
+from authd.encryption.tunnel import Tunnel
+from authd.errors import ConfigError, ControlError, DaemonError, EncryptionError, SpireError
 from authd.flows import FlowLog
 from authd.health import Health
 from authd.hubble.history import HISTORY_DIR, FlowHistory
@@ -104,6 +106,7 @@ class Daemon:
         self.enforcement: Enforcement | None = None
         self.flow_log: FlowLog | None = None
         self.flow_history: FlowHistory | None = None
+        self.tunnel: Tunnel | None = None
         self._build_datapath()
         # Identity plane: own SVID, local workload SVIDs and bundles; None without SPIRE.
         self.identity_plane = IdentityPlane.from_config(
@@ -111,6 +114,10 @@ class Daemon:
             lambda: self.health.register("svids"),
             node=NodeIdentity(self.node_name, config.node.spiffe_id),
         )
+        if config.encryption.mode == "wireguard" and self.identity_plane is None:
+            needs = 'encryption.mode: "wireguard" needs SPIRE (spire.workload_socket) for the channels'
+            raise ConfigError([needs])
+        _check_encryption(config)
         if self.identity_plane is not None:
             self._jobs.extend(self.identity_plane.jobs())
             self._build_attestation(self.identity_plane.store)
@@ -130,6 +137,7 @@ class Daemon:
             attestations=self.attestations if attestation else None,
             cluster=self.cluster if attestation else None,
             ktls=self.ktls if attestation else None,
+            tunnel=self.tunnel,
             auth=lambda: self.manager.stats if self.manager is not None else None,
             fail_closed_at=lambda: self.manager.fail_closed_at() if self.manager is not None else None,
             datapath=enforcement.snapshot if enforcement is not None else lambda: None,
@@ -161,6 +169,7 @@ class Daemon:
             runtime["hubble_socket"] = str(self.observer.path)
         self.control.register("status", StatusOp(self.view, runtime=runtime))
         self.control.register("reload", self._serve_reload)
+        self.control.register("encryption-rotate", self._serve_rotate)
         if http.enabled:
             from authd.httpapi import HttpServer  # noqa: PLC0415 - aiohttp and prometheus_client only when on
 
@@ -201,6 +210,7 @@ class Daemon:
         self._jobs.append(Job("ktls", lambda: self.ktls.follow(self.cluster.snapshots()), critical=False))
         self.control.register("cluster-accept", lambda request: serve_accept(self.cluster, request))
         self.attestations = Attestations(on_change=self._attestations_changed)
+        self.tunnel = self._build_tunnel()
         self.channels = Channels(
             self.node_name,
             store,
@@ -210,8 +220,11 @@ class Daemon:
                 initial=config.attest.retry_initial.total_seconds(),
                 maximum=config.attest.retry_max.total_seconds(),
             ),
+            tunnel=self.tunnel,
         )
         self.attestations.ask_through(self.channels)
+        if self.tunnel is not None:
+            self.tunnel.announce_through(self.channels)
         self._jobs.append(Job("channel-listener", self._serve_channels, critical=False))
         self._jobs.append(Job("channels", self.channels.run, critical=False))
         self._jobs.append(Job("channel-inputs", self._feed_channels, critical=False))
@@ -220,6 +233,36 @@ class Daemon:
             self._jobs.append(Job("auth-manager", self._run_auth_manager, critical=False))
         if config.spire.sync_interval.total_seconds() > 0:
             self._jobs.append(Job("spire-sync", self._sync_spire_entries, critical=False))
+
+    def _build_tunnel(self) -> Tunnel | None:
+        """With ``[encryption] mode = "wireguard"``, the encryption job (its ready state gates READY)."""
+        encryption = self.config.encryption
+        enforcement = self.enforcement
+        if encryption.mode != "wireguard":
+            if enforcement is not None:  # a pinned config map may name the tunnel of an earlier run
+                enforcement.set_tunnel(0)
+            return None
+        tunnel = Tunnel(
+            encryption,
+            self.node_name,
+            self.health.register("encryption"),
+            state_dir=self.config.node.state_dir,
+            runtime_dir=self.config.node.runtime_dir,
+            set_tunnel=enforcement.set_tunnel if enforcement is not None else _no_datapath,
+        )
+        self._jobs.append(Job("encryption", tunnel.run, critical=False))
+        return tunnel
+
+    async def _serve_rotate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The ``encryption-rotate`` op (``authd encryption rotate``): rotate now, answer with the new key."""
+        del request
+        if self.tunnel is None:
+            raise ControlError('rotate: encryption is off ([encryption] mode = "off")')
+        try:
+            key = await self.tunnel.rotate()
+        except EncryptionError as err:
+            raise ControlError(f"rotate: {err}") from err
+        yield {"rotated": True, "public_key": str(key.public_key), "generation": key.generation}
 
     async def _sync_spire_entries(self) -> None:
         """Register cluster state's endpoints with the SPIRE server, again every ``spire.sync_interval``."""
@@ -263,11 +306,15 @@ class Daemon:
     async def _feed_channels_cluster(self) -> None:
         async for state in self.cluster.snapshots():
             self.channels.cluster_changed(state)
+            if self.tunnel is not None:
+                self.tunnel.cluster_changed(state)
 
     def _svid_event_to_channels(self, event: SvidEvent, store: SvidStore) -> None:
         kind = event.kind
         if kind in (EventKind.BUNDLE_CHANGED, EventKind.RESYNC):
             self.attestations.bundles_changed(store.bundles())
+            if self.tunnel is not None:
+                self.tunnel.bundles_changed(store.bundles())
         if event.own and kind in (EventKind.ADDED, EventKind.ROTATED):
             self.channels.own_rotated()
         elif event.spiffe_id is not None and not event.own:
@@ -457,6 +504,23 @@ class Daemon:
     def _apply_logging(self, old: Config, new: Config) -> None:
         if old.log != new.log:
             logsetup.configure(new.log.level, new.log.format, logbook=self.logbook)
+
+
+def _check_encryption(config: Config) -> None:
+    """What the config cannot check alone: the userspace backend's binary is there (exit 78 if not)."""
+    encryption = config.encryption
+    binary = encryption.wireguard_go
+    if (
+        encryption.mode == "wireguard"
+        and encryption.backend == "userspace"
+        and not os.access(binary, os.X_OK)
+    ):
+        raise ConfigError([f'encryption.wireguard_go: {binary} is not an executable (backend = "userspace")'])
+
+
+def _no_datapath(ifindex: int) -> None:
+    """Where the tunnel's ifindex goes without a datapath: nowhere."""
+    del ifindex
 
 
 def _live_datapath_change(old: Config, new: Config) -> set[str]:

@@ -18,6 +18,7 @@ from authd.attest.channels import ChannelStats
 from authd.attest.results import PeerStatus, ResultStats
 from authd.authmanager import ManagerStats
 from authd.cluster.source import SourceStats
+from authd.encryption.tunnel import TunnelSnapshot
 from authd.health import ComponentStatus, State
 from authd.identity import SpiffeId
 from authd.ktls.support import KtlsStats
@@ -131,6 +132,14 @@ class KtlsSource(Protocol):
         ...
 
 
+class TunnelSource(Protocol):
+    """The encryption job."""
+
+    def snapshot(self) -> TunnelSnapshot:
+        """The interface, the node key and the peers."""
+        ...
+
+
 def _none() -> None:
     return None
 
@@ -151,6 +160,8 @@ class DaemonView:
     attestations: AttestationSource | None = None
     cluster: ClusterStatsSource | None = None
     ktls: KtlsSource | None = None
+    tunnel: TunnelSource | None = None
+    """The encryption job, with ``[encryption] mode = "wireguard"``."""
     auth: Callable[[], ManagerStats | None] = _none
     """The auth manager's stats while it runs (it runs once the datapath is loaded)."""
     fail_closed_at: Callable[[], datetime | None] = _none

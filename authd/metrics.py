@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from authd import __version__
 from authd.daemonview import DaemonView, ready_now
 from authd.datapath.layout import Direction
+from authd.encryption.tunnel import REFUSALS, ROTATION_RESULTS
 from authd.health import State
 from authd.histogram import Histogram
 from authd.hubble.reasons import DROP_REASONS
@@ -59,6 +60,8 @@ ALWAYS: Mapping[str, tuple[str, ...]] = {
     "authd_auth_required_events": ("attesting", "known", "local", "unknown-identity", "waiting"),
     "authd_spire_updates_applied": ("delegated-identity-api", "workload-api"),
     "authd_spire_stream_failures": ("delegated-bundles", "delegated-svids", "workload-api"),
+    "authd_wireguard_rotations": ROTATION_RESULTS,
+    "authd_wireguard_keys_refused": REFUSALS,
 }
 _SKIPPED = {"neighbor": "neighbor-discovery"}
 
@@ -79,6 +82,7 @@ class AuthdCollector(Collector):
         yield from self._attestation()
         yield from self._cluster()
         yield from self._ktls()
+        yield from self._wireguard()
         yield from self._auth()
         yield from self._datapath()
 
@@ -126,6 +130,81 @@ class AuthdCollector(Collector):
             "authd_ktls_denied_rules",
             "encrypt = ktls rules this node enforces, whose pairs it denies (it cannot carry them in kTLS)",
             value=stats.denied_rules,
+        )
+
+    def _wireguard(self) -> Iterator[Metric]:
+        """Per-peer numbers as the oldest or the sum: node names are never labels (``authd status`` has them).
+
+        The byte counters sum the current peers: a peer removed takes its bytes along (a counter reset).
+        """
+        tunnel = self._view.tunnel
+        if tunnel is None:
+            return
+        snap = tunnel.snapshot()
+        backend = GaugeMetricFamily(
+            "authd_wireguard_backend",
+            "the WireGuard backend in use (1), once the interface is up",
+            labels=["backend"],
+        )
+        if snap.backend is not None:
+            backend.add_metric([snap.backend], 1)
+        yield backend
+        yield GaugeMetricFamily("authd_wireguard_peers", "WireGuard peers configured", value=len(snap.peers))
+        yield GaugeMetricFamily(
+            "authd_wireguard_nodes_without_peer",
+            "remote nodes in cluster state with no WireGuard peer (no keys from their channel yet)",
+            value=len(snap.without_peer),
+        )
+        if snap.public_key is not None:
+            yield GaugeMetricFamily(
+                "authd_wireguard_key_age_seconds",
+                "age of this node's WireGuard key",
+                value=snap.at - snap.key_since,
+            )
+        devices = [peer.device for peer in snap.peers if peer.device is not None]
+        handshakes = [d.last_handshake for d in devices if d.last_handshake is not None]
+        if handshakes:
+            yield GaugeMetricFamily(
+                "authd_wireguard_handshake_age_max_seconds",
+                "seconds since the handshake of the peer that handshook longest ago",
+                value=snap.at - min(handshakes),
+            )
+        yield GaugeMetricFamily(
+            "authd_wireguard_peers_without_handshake",
+            "peers with no completed handshake",
+            value=len(snap.peers) - len(handshakes),
+        )
+        learned = [peer.key_since for peer in snap.peers if peer.key_since is not None]
+        if learned:
+            yield GaugeMetricFamily(
+                "authd_wireguard_peer_key_age_max_seconds",
+                "age of the oldest peer key in use (since it was first learned)",
+                value=snap.at - min(learned),
+            )
+        for name, doc, total in (
+            (
+                "authd_wireguard_received_bytes",
+                "bytes received from the current peers",
+                sum(d.rx_bytes for d in devices),
+            ),
+            (
+                "authd_wireguard_sent_bytes",
+                "bytes sent to the current peers",
+                sum(d.tx_bytes for d in devices),
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=total)
+        yield _labelled(
+            "authd_wireguard_rotations",
+            "rotations of this node's WireGuard key, by result",
+            "result",
+            snap.stats.rotations,
+        )
+        yield _labelled(
+            "authd_wireguard_keys_refused",
+            "WireGuard keys from peers refused or dropped, by reason",
+            "reason",
+            snap.stats.refused,
         )
 
     def _svids(self) -> Iterator[Metric]:

@@ -58,6 +58,7 @@ def report(view: DaemonView, *, runtime: dict[str, str], uptime: float = 0.0) ->
         "auth_map": _auth_map(view),
         "datapath": _datapath(view),
         "cluster": _cluster(view),
+        "encryption": _encryption(view),
         "recent": [entry.as_json() for entry in view.recent()],
     }
     return result
@@ -171,6 +172,44 @@ def _cluster(view: DaemonView) -> dict[str, Any] | None:
     }
 
 
+def _encryption(view: DaemonView) -> dict[str, Any]:
+    if view.tunnel is None:
+        return {"mode": "off"}
+    snap = view.tunnel.snapshot()
+    now = snap.at
+
+    def age(since: float | None) -> int | None:
+        return None if since is None else round(now - since)
+
+    peers = []
+    for peer in snap.peers:
+        device = peer.device
+        handshake = device.last_handshake if device is not None else None
+        peers.append({
+            "node": peer.node,
+            "public_key": str(peer.spec.public_key),
+            "endpoint": peer.spec.endpoint_text(),
+            "allowed_ips": [str(prefix) for prefix in peer.spec.allowed_ips],
+            "key_age_s": age(peer.key_since),
+            "psk_age_s": age(peer.psk_since),
+            "handshake_age_s": age(handshake),
+            "rx_bytes": device.rx_bytes if device is not None else 0,
+            "tx_bytes": device.tx_bytes if device is not None else 0,
+        })  # fmt: skip
+    return {
+        "mode": "wireguard",
+        "backend": snap.backend,
+        "interface": snap.interface,
+        "listen_port": snap.listen_port,
+        "public_key": str(snap.public_key) if snap.public_key is not None else None,
+        "key_age_s": age(snap.key_since) if snap.public_key is not None else None,
+        "generation": snap.generation,
+        "peers": peers,
+        "without_peer": list(snap.without_peer),
+        "rotations": dict(snap.stats.rotations),
+    }
+
+
 def _iso_ts(unix: float) -> str:
     return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")
 
@@ -230,6 +269,7 @@ def render(status: Report) -> str:
                 f"           HELD BACK version {held['version']}: {held['reason']} "
                 f"(`authd cluster accept --version {held['version']}` applies it)"
             )
+    lines += render_encryption(status.get("encryption") or {"mode": "off"})
     lines.append("health:")
     for component in status["health"]:
         reason = f": {component['reason']}" if component["reason"] else ""
@@ -274,6 +314,37 @@ def _render_peers(status: Report) -> list[str]:
         else:
             state = "attesting" if peer["in_flight"] else "not attested yet"
         lines.append(f"  {peer['spiffe_id']} at {peer['node']}: {state}")
+    return lines
+
+
+def _age(seconds: int | None) -> str:
+    return "-" if seconds is None else _duration(seconds)
+
+
+def render_encryption(encryption: Report) -> list[str]:
+    """The ``encryption`` part of a status report as text (``authd status``, ``authd encryption status``)."""
+    if encryption["mode"] == "off":
+        return ["encryption: off"]
+    if encryption["backend"] is None:
+        return [f"encryption: wireguard on {encryption['interface']}, not up yet"]
+    lines = [
+        (
+            f"encryption: wireguard ({encryption['backend']}) on {encryption['interface']}, port "
+            f"{encryption['listen_port']}, key {encryption['public_key']} "
+            f"(age {_age(encryption['key_age_s'])}, generation {encryption['generation']})"
+        ),
+        f"wireguard peers ({len(encryption['peers'])}):",
+    ]
+    for peer in encryption["peers"]:
+        handshake = peer["handshake_age_s"]
+        lines.append(
+            f"  {peer['node']} {peer['endpoint']} key {peer['public_key']}, "
+            f"key age {_age(peer['key_age_s'])}, psk age {_age(peer['psk_age_s'])}, "
+            + (f"handshake {_duration(handshake)} ago" if handshake is not None else "no handshake yet")
+            + f", rx {peer['rx_bytes']} B, tx {peer['tx_bytes']} B"
+        )
+    if encryption["without_peer"]:
+        lines.append(f"  no keys yet from: {', '.join(encryption['without_peer'])}")
     return lines
 
 

@@ -9,8 +9,18 @@ final). Nothing is polled.
 
 Sending is one writer task that drains a set of pending answers, so a rotation that happens twice before
 it could be sent is sent once, with the latest SVID, and memory stays bounded by the number of wanted
-identities. Anything malformed from the peer raises :class:`~authd.attest.outcomes.ViolationError`, which
-ends the session.
+identities.
+
+With encryption on (a :class:`TunnelKeys`), each side also sends a :class:`WireGuardKey`: its WireGuard
+public key, listen port, and a fresh ephemeral X25519 public key, once after the hellos and again for each
+new generation of its key. Each side derives the pair's preshared key from its own latest ephemeral and
+the peer's (:func:`authd.encryption.keys.preshared_key`, bound to both node IDs and both nonces) and hands
+the peer's key and that PSK to the encryption job: peer keys are learned only here, from the node this
+TLS session authenticated.
+
+Anything malformed from the peer raises :class:`~authd.attest.outcomes.ViolationError`, which ends the
+session: among them a WireGuard key whose generation does not increase, or whose ephemeral share is a
+low-order point.
 """
 
 from __future__ import annotations
@@ -23,11 +33,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from cryptography import x509
+
 from authd.attest import wire
-from authd.attest._proto.channel_pb2 import Hello, NotHosted, Proof, Want
+from authd.attest._proto.channel_pb2 import Hello, NotHosted, Proof, Want, WireGuardKey
 from authd.attest.outcomes import Outcome, ViolationError, chain_rule, not_hosted
 from authd.attest.proofs import ProofChecker, binding, chain_der, sign
 from authd.attest.results import Attestation, Peer
+from authd.encryption.keys import KeyPair, PublicKey, preshared_key
+from authd.encryption.peers import PeerKeys
 from authd.errors import SvidError
 from authd.histogram import Histogram
 from authd.identity import SpiffeId
@@ -74,12 +88,35 @@ class ResultSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Ends:
-    """The two nodes of a session, as cluster state names them, and the peer's address."""
+    """The two nodes of a session, as cluster state names them, the peer's address and its TLS chain."""
 
     local_id: SpiffeId
     peer_name: str
     peer_id: SpiffeId
     address: str
+    peer_chain: tuple[x509.Certificate, ...] = ()
+    """The node SVID (leaf first) the peer presented in this session's handshake, verified by then."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelKey:
+    """This node's WireGuard key as the channel announces it; ``generation`` grows with each new key."""
+
+    public_key: PublicKey
+    listen_port: int
+    generation: int
+
+
+class TunnelKeys(Protocol):
+    """The encryption job: this node's WireGuard key, and where the peers' keys go."""
+
+    def local_key(self) -> TunnelKey | None:
+        """The key to announce; None while the interface is not up yet."""
+        ...
+
+    def learned(self, ends: Ends, keys: PeerKeys) -> None:
+        """The peer node of ``ends`` announced ``keys`` (its public key, and the pair's PSK derived here)."""
+        ...
 
 
 @dataclass
@@ -96,7 +133,7 @@ class SessionStats:
 class Session:
     """One channel session over an authenticated stream; :meth:`run` until it ends."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the session's parts, the last four keyword-only
         self,
         stream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         ends: Ends,
@@ -107,6 +144,7 @@ class Session:
         hello_timeout: float,
         now: Callable[[], datetime],
         stats: SessionStats,
+        tunnel: TunnelKeys | None = None,
     ) -> None:
         """Nothing is sent before :meth:`run`; what the session does is counted in ``stats``."""
         self.ends = ends
@@ -124,6 +162,11 @@ class Session:
         self._asked: dict[SpiffeId, float] = {}
         self.stats = stats
         self.established = False
+        self._tunnel = tunnel
+        self._ephemeral: KeyPair | None = None
+        self._sent_generation = 0
+        self._their_key: WireGuardKey | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------- called by the channels
 
@@ -161,12 +204,17 @@ class Session:
                 self._to_answer[spiffe_id] = None
         self._wake.set()
 
+    def tunnel_changed(self) -> None:
+        """This node's WireGuard key has a new generation: announce it (with a fresh ephemeral share)."""
+        self._wake.set()
+
     def close(self) -> None:
         """End the session at once (the peer sees the connection close).
 
         An abort, not a TLS close: a graceful shutdown would wait for the peer's close_notify, and
         a peer that never sends it would hold the socket for ssl's shutdown timeout.
         """
+        self._closed = True
         self._writer.transport.abort()
 
     # ------------------------------------------------------------------------------- the session
@@ -209,6 +257,8 @@ class Session:
                 self._proof(body)
             elif isinstance(body, NotHosted):
                 self._not_hosted(body)
+            elif isinstance(body, WireGuardKey):
+                self._wireguard_key(body)
             elif isinstance(body, Hello):
                 raise ViolationError("malformed-frame", "a second hello")
 
@@ -255,11 +305,56 @@ class Session:
                 f"node {self.ends.peer_name} does not host it",
             )
 
+    def _wireguard_key(self, key: WireGuardKey) -> None:
+        if self._tunnel is None:
+            return  # this node does not encrypt: nothing to learn
+        known = self._their_key
+        if known is not None and key.generation <= known.generation:
+            raise ViolationError(
+                "wireguard-generation", f"wireguard key generation {key.generation} after {known.generation}"
+            )
+        self._their_key = key
+        self._derive()
+
+    def _derive(self) -> None:
+        """Hand the peer's key and the PSK of both latest ephemeral shares to the encryption job."""
+        their, mine = self._their_key, self._ephemeral
+        if their is None or mine is None or self._tunnel is None or self._closed:
+            return
+        try:
+            shared = mine.exchange(PublicKey(their.ephemeral))
+        except ValueError as err:  # a low-order point: the shared secret would be all zeros
+            raise ViolationError("malformed-wireguard-key", f"unusable ephemeral key: {err}") from err
+        ends = self.ends
+        psk = preshared_key(shared, (ends.local_id, ends.peer_id), (self._nonce, self._peer_nonce))
+        self._tunnel.learned(ends, PeerKeys(PublicKey(their.public_key), psk, their.listen_port))
+
+    def _announce(self) -> bytes | None:
+        """A WireGuardKey frame if this node's key has a generation the peer was not told yet."""
+        local = self._tunnel.local_key() if self._tunnel is not None else None
+        if local is None or local.generation <= self._sent_generation:
+            return None
+        self._ephemeral = KeyPair.generate()
+        self._sent_generation = local.generation
+        return wire.encode(
+            WireGuardKey(
+                public_key=local.public_key.raw,
+                listen_port=local.listen_port,
+                ephemeral=self._ephemeral.public.raw,
+                generation=local.generation,
+            )
+        )
+
     async def _write_loop(self) -> None:
         writer = self._writer
         while True:
             await self._wake.wait()
             self._wake.clear()
+            announce = self._announce()
+            if announce is not None:
+                writer.write(announce)
+                self._derive()  # the PSK of the new share: the peer derives the same once it reads it
+                await writer.drain()
             if self._add or self._drop:
                 add, drop = sorted(self._add), sorted(self._drop)
                 self._add, self._drop = set(), set()

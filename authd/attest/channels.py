@@ -10,6 +10,9 @@ peer closed because its SVID rotated). The other side accepts: :class:`~authd.at
 Admission` decides on the bare socket, then TLS, then the client must be exactly the node SVID of a node
 in cluster state. A newer session from a node replaces an older one (the peer restarted).
 
+With encryption on, this node keeps a channel with every node in cluster state, policy or not: the
+WireGuard keys of each peer travel on it (:class:`~authd.attest.channel.TunnelKeys`).
+
 When this node's own SVID rotates every session is closed, so that both sides see the new SVID in a
 fresh handshake; the dialers redial at once. Failures are counted by reason and logged at a limited rate.
 """
@@ -31,7 +34,7 @@ import structlog
 from cryptography import x509
 
 from authd.attest.admission import Admission
-from authd.attest.channel import Ends, LocalIdentities, ResultSink, Session, SessionStats
+from authd.attest.channel import Ends, LocalIdentities, ResultSink, Session, SessionStats, TunnelKeys
 from authd.attest.outcomes import ViolationError
 from authd.attest.proofs import ProofChecker
 from authd.attest.results import Peer, Target
@@ -113,8 +116,12 @@ class Channels:
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         clock: Callable[[], float] = time.monotonic,
+        tunnel: TunnelKeys | None = None,
     ) -> None:
-        """Nothing is dialed before :meth:`run`, nothing accepted before :meth:`serve`."""
+        """Nothing is dialed before :meth:`run`, nothing accepted before :meth:`serve`.
+
+        ``tunnel``: the encryption job, whose keys every session exchanges (a channel to every node).
+        """
         self._node = node_name
         self._identities = identities
         self._results = results
@@ -136,6 +143,7 @@ class Channels:
         self._context = contextvars.copy_context()
         self._logged_at: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
+        self._tunnel = tunnel
         self.stats = ChannelStats()
 
     # ------------------------------------------------------------------------------------- inputs
@@ -194,6 +202,12 @@ class Channels:
             link.backoff.reset()
             link.wake.set()
 
+    def tunnel_changed(self) -> None:
+        """This node's WireGuard key changed: every session announces it."""
+        for link in self._links.values():
+            if link.session is not None:
+                link.session.tunnel_changed()
+
     def sessions(self) -> dict[str, bool]:
         """Every peer node this node keeps a channel with, and whether it is up."""
         return {name: link.session is not None for name, link in sorted(self._links.items())}
@@ -205,6 +219,8 @@ class Channels:
         if state is None or local_id is None:
             return
         names = set(policy_peers(state, self._node)) | set(self._wants)
+        if self._tunnel is not None:
+            names |= set(state.nodes) - {self._node}
         for name in list(self._links):
             node = state.node(name)
             if name not in names or node is None:
@@ -262,8 +278,8 @@ class Channels:
             link.wake.clear()
             up_since: float | None = None
             try:
-                reader, writer, address = await self._connect(link)
-                session = self._session(reader, writer, link, address)
+                reader, writer, address, chain = await self._connect(link)
+                session = self._session(reader, writer, link, address, chain)
                 up_since = self._clock()
                 await self._run_session(link, session, "dialed")
             except (AttestError, OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as err:
@@ -276,7 +292,9 @@ class Channels:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.wake.wait(), delay)
 
-    async def _connect(self, link: _Link) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    async def _connect(
+        self, link: _Link
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, tuple[x509.Certificate, ...]]:
         own = self._identities.own_svid()
         if own is None:
             raise AttestError("not-ready", "this node holds no SVID yet")
@@ -306,7 +324,7 @@ class Channels:
                 if writer is not None:
                     writer.transport.abort()
                 raise
-            return reader, writer, address
+            return reader, writer, address, chain
         raise AttestError("unreachable", f"no address of node {link.name} answered: {'; '.join(errors)}")
 
     # ---------------------------------------------------------------------------------- accepting
@@ -345,10 +363,11 @@ class Channels:
                         lambda: protocol, conn, ssl=context, ssl_handshake_timeout=self._timeout
                     )
                 writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-                link = self._client_link(peer_chain(writer.get_extra_info("ssl_object")), bundles)
+                chain = peer_chain(writer.get_extra_info("ssl_object"))
+                link = self._client_link(chain, bundles)
             finally:
                 self._admission.release(source)
-            session = self._session(reader, writer, link, source)
+            session = self._session(reader, writer, link, source, chain)
             if link.session is not None:
                 link.session.close()  # the peer dialed again: its old session is gone
             await self._run_session(link, session, "accepted")
@@ -390,18 +409,24 @@ class Channels:
     # ---------------------------------------------------------------------------------- sessions
 
     def _session(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, address: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        link: _Link,
+        address: str,
+        chain: tuple[x509.Certificate, ...],
     ) -> Session:
         assert self._local_id is not None
         session = Session(
             (reader, writer),
-            Ends(self._local_id, link.name, link.node_id, address),
+            Ends(self._local_id, link.name, link.node_id, address, chain),
             self._identities,
             self._results,
             self._checker,
             hello_timeout=self._timeout,
             now=self._now,
             stats=self.stats.exchanged,
+            tunnel=self._tunnel,
         )
         session.want(link.wanted)
         return session

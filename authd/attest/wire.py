@@ -2,7 +2,8 @@
 
 Decoding fails closed: a length over :data:`MAX_FRAME`, bytes that do not parse, a frame with fields
 this version does not understand in a known body, or an identity that is not a SPIFFE ID, are a
-:class:`~authd.attest.outcomes.ViolationError`. A body of a kind this version does not know (a later version's
+:class:`~authd.attest.outcomes.ViolationError`, and so is a WireGuard key whose keys are not 32 bytes or
+whose port or generation is 0. A body of a kind this version does not know (a later version's
 message) decodes to None and is skipped: that is how the channel grows.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
-from authd.attest._proto.channel_pb2 import Frame, Hello, NotHosted, Proof, Want
+from authd.attest._proto.channel_pb2 import Frame, Hello, NotHosted, Proof, Want, WireGuardKey
 from authd.attest.outcomes import ViolationError
 from authd.errors import SpiffeIdError
 from authd.identity import SpiffeId
@@ -27,9 +28,11 @@ MAX_CHAIN = 8
 """Certificates in one proved chain: a leaf and intermediates; SPIRE uses at most a few."""
 WANT_BATCH = 256
 """Identities per Want frame (SPIFFE IDs are at most 2048 bytes: 256 of them stay below MAX_FRAME)."""
+WIREGUARD_KEY_BYTES = 32
+"""X25519 public keys in a WireGuardKey: the node's WireGuard key and the ephemeral PSK share."""
 _HEADER = 4
 
-Body = Hello | Want | Proof | NotHosted
+Body = Hello | Want | Proof | NotHosted | WireGuardKey
 
 
 def encode(body: Body) -> bytes:
@@ -41,6 +44,8 @@ def encode(body: Body) -> bytes:
         frame.want.CopyFrom(body)
     elif isinstance(body, Proof):
         frame.proof.CopyFrom(body)
+    elif isinstance(body, WireGuardKey):
+        frame.wireguard_key.CopyFrom(body)
     else:
         frame.not_hosted.CopyFrom(body)
     data = frame.SerializeToString()
@@ -72,7 +77,19 @@ def decode(data: bytes) -> Body | None:
         raise ViolationError("malformed-frame", f"hello with a nonce of {len(body.nonce)} bytes")
     if isinstance(body, Proof) and not 0 < len(body.chain) <= MAX_CHAIN:
         raise ViolationError("malformed-frame", f"proof with {len(body.chain)} certificates")
+    if isinstance(body, WireGuardKey):
+        _check_wireguard_key(body)
     return body
+
+
+def _check_wireguard_key(key: WireGuardKey) -> None:
+    sizes = (len(key.public_key), len(key.ephemeral))
+    if sizes != (WIREGUARD_KEY_BYTES, WIREGUARD_KEY_BYTES):
+        raise ViolationError("malformed-wireguard-key", f"wireguard key of {sizes[0]} and {sizes[1]} bytes")
+    if not 1 <= key.listen_port <= 65535:
+        raise ViolationError("malformed-wireguard-key", f"wireguard listen port {key.listen_port}")
+    if key.generation == 0:
+        raise ViolationError("malformed-wireguard-key", "wireguard key of generation 0")
 
 
 def spiffe_id(text: str) -> SpiffeId:

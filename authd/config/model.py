@@ -469,22 +469,14 @@ def _rotation_interval(value: timedelta) -> str | None:
     return "must be at least 1m, or 0s for no scheduled rotation"
 
 
-def _encryption_mode(value: str) -> str | None:
-    # Fail closed: the WireGuard pieces exist, but no daemon job runs them yet, so asking for encryption
-    # must not start a node that would send in clear.
-    if value == "wireguard":
-        return 'is not run by the daemon yet (docs/architecture.md, "Encryption"): only "off" is accepted'
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class EncryptionConfig:
     """WireGuard between nodes, keyed over the node channel (docs/architecture.md, "Encryption")."""
 
     mode: Literal["off", "wireguard"] = setting(
         "off",
-        "off, or wireguard: node-to-node workload traffic through one WireGuard interface (not run yet)",
-        check=_encryption_mode,
+        "off, or wireguard: workload traffic between nodes through one WireGuard interface, its keys "
+        "exchanged over the node channels (needs SPIRE: a channel to every node in cluster state)",
     )
     backend: Literal["auto", "kernel", "userspace"] = setting(
         "auto",

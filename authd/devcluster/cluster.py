@@ -42,6 +42,7 @@ ETCD_PORT = 2379
 ETCD_PREFIX = "/authd/"
 TCP_PORT = 8080
 UDP_PORT = 8081
+WIREGUARD_INTERFACE = "authd-wg0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class ClusterSpec:
     cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs
     source: Literal["file", "etcd"] = "file"  # etcd: one etcd member on the wire holds cluster state
     bundle_stream_reopen: float | None = None  # seconds; None: authd's default
+    encryption: bool = False  # mode = "wireguard"; backend auto: kernel where it can, else wireguard-go
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -404,6 +406,11 @@ class DevCluster:
             f'[datapath]\npin_dir = "{BPFFS}/{self.spec.prefix}-{net.name}"\n'
             # With CNI, the link watcher matches the pods' veths too: both attach idempotently.
             + ('interfaces = ["lxc*", "veth*"]\n' if self.spec.cni else 'interfaces = ["lxc*"]\n')
+            + (
+                f'[encryption]\nmode = "wireguard"\ninterface = "{WIREGUARD_INTERFACE}"\n'
+                if self.spec.encryption
+                else ""
+            )
         )
         return config
 

@@ -19,10 +19,12 @@ from authd.encryption.keys import PublicKey
 
 @dataclass(frozen=True, slots=True)
 class PeerKeys:
-    """What a remote node's channel taught: its public key and the pair's preshared key."""
+    """What a remote node's channel taught: its public key, the pair's preshared key, its UDP port."""
 
     public_key: PublicKey
     preshared_key: bytes
+    listen_port: int | None = None
+    """The port the node announced; None: the ``port`` :func:`desired_peers` is given."""
 
 
 def workload_prefixes(state: ClusterState, node: str) -> tuple[IpNetwork, ...]:
@@ -43,7 +45,7 @@ def desired_peers(
         peers[name] = PeerSpec(
             public_key=known.public_key,
             preshared_key=known.preshared_key,
-            endpoint=(node.addresses[0], port),
+            endpoint=(node.addresses[0], known.listen_port or port),
             allowed_ips=workload_prefixes(state, name),
         )
     return peers

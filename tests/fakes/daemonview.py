@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from ipaddress import ip_address, ip_network
 
 from authd.attest.channels import ChannelStats
 from authd.attest.results import Attestation, Peer, PeerStatus, ResultStats
@@ -18,6 +19,10 @@ from authd.cluster.source import SourceStats
 from authd.daemonview import DaemonView
 from authd.datapath.enforcement import DatapathSnapshot
 from authd.datapath.layout import Direction
+from authd.encryption.device import PeerSpec
+from authd.encryption.device import PeerStatus as DevicePeer
+from authd.encryption.keys import KeyPair
+from authd.encryption.tunnel import PeerSnapshot, TunnelSnapshot, TunnelStats
 from authd.health import Health
 from authd.identity import SpiffeId, TrustDomain
 from authd.ktls.support import KtlsStats
@@ -75,6 +80,40 @@ class FakeKtlsGate:
     """The kTLS gate: its stats."""
 
     stats: KtlsStats
+
+
+@dataclass
+class FakeTunnel:
+    """The encryption job: a fixed snapshot."""
+
+    fixed: TunnelSnapshot
+
+    def snapshot(self) -> TunnelSnapshot:
+        return self.fixed
+
+
+def tunnel_snapshot(at: float) -> TunnelSnapshot:
+    """Userspace backend, a key 600 s old, node-b's peer (handshake 30 s ago), node-c without keys yet."""
+    peer_key = KeyPair.generate().public
+    spec = PeerSpec(peer_key, bytes(32), (ip_address("10.0.0.2"), 51820), (ip_network("10.1.2.0/24"),))
+    device = DevicePeer(
+        peer_key, "10.0.0.2:51820", spec.allowed_ips, at - 30, 1000, 2000, has_preshared_key=True
+    )
+    stats = TunnelStats()
+    stats.rotations.update({"ok": 2})
+    stats.refused.update({"duplicate-key": 1})
+    return TunnelSnapshot(
+        backend="userspace",
+        interface="authd-wg0",
+        listen_port=51820,
+        public_key=KeyPair.generate().public,
+        key_since=at - 600,
+        generation=3,
+        peers=(PeerSnapshot("node-b", spec, at - 300, at - 60, device),),
+        without_peer=("node-c",),
+        stats=stats,
+        at=at,
+    )
 
 
 @dataclass
@@ -167,6 +206,7 @@ def build(ca: FakeCA) -> tuple[DaemonView, Parts]:
         attestations=results,
         cluster=FakeClusterSource(cluster),
         ktls=FakeKtlsGate(parts.ktls),
+        tunnel=FakeTunnel(tunnel_snapshot(NOW.timestamp())),
         auth=lambda: parts.manager,
         fail_closed_at=lambda: NOW + timedelta(seconds=90),
         datapath=lambda: parts.snapshot,

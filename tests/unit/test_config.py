@@ -141,6 +141,6 @@ def test_encryption_without_scheduled_rotation_is_accepted() -> None:
     assert config.encryption.rotation_interval == timedelta(0)
 
 
-def test_wireguard_mode_is_refused_until_the_daemon_runs_it() -> None:
-    [problem] = problems_of('[encryption]\nmode = "wireguard"\n')
-    assert problem.startswith("encryption.mode: is not run by the daemon yet")
+def test_wireguard_mode_is_accepted() -> None:
+    config = parse_config('[encryption]\nmode = "wireguard"\nbackend = "userspace"\n')
+    assert (config.encryption.mode, config.encryption.backend) == ("wireguard", "userspace")

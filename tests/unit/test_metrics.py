@@ -93,6 +93,23 @@ def test_every_family_reads_the_components_stats(ca: FakeCA) -> None:
     assert value(found, "authd_ready") == 0  # datapath was never ready
 
 
+def test_wireguard_families_aggregate_the_peers(ca: FakeCA) -> None:
+    found = samples(build(ca)[0])
+    assert value(found, "authd_wireguard_backend", backend="userspace") == 1
+    assert value(found, "authd_wireguard_peers") == 1
+    assert value(found, "authd_wireguard_nodes_without_peer") == 1
+    assert value(found, "authd_wireguard_key_age_seconds") == 600
+    assert value(found, "authd_wireguard_handshake_age_max_seconds") == 30
+    assert value(found, "authd_wireguard_peers_without_handshake") == 0
+    assert value(found, "authd_wireguard_peer_key_age_max_seconds") == 300
+    assert value(found, "authd_wireguard_received_bytes_total") == 1000
+    assert value(found, "authd_wireguard_sent_bytes_total") == 2000
+    assert value(found, "authd_wireguard_rotations_total", result="ok") == 2
+    assert value(found, "authd_wireguard_rotations_total", result="failed") == 0
+    assert value(found, "authd_wireguard_keys_refused_total", reason="duplicate-key") == 1
+    assert value(found, "authd_wireguard_keys_refused_total", reason="own-key") == 0
+
+
 def test_ktls_families_say_why_pairs_are_denied(ca: FakeCA) -> None:
     found = samples(build(ca)[0])
     assert value(found, "authd_ktls_kernel_support") == 0
