@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from authd.devcluster.cluster import (
     Rule,
     WorkloadSpec,
 )
+from tests.privileged.wgmesh import Capture
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
 
@@ -42,35 +42,6 @@ def encryption(cluster: DevCluster, node: str) -> dict[str, Any]:
 def peered(cluster: DevCluster) -> None:
     for node in ("node-a", "node-b"):
         cluster.wait_for(lambda n=node: len(encryption(cluster, n)["peers"]) == 1, 30, f"{node}'s peer")  # type: ignore[misc]
-
-
-class Capture:
-    """Every frame on the wire between the nodes (the fabric's bridge ports), by a raw packet socket."""
-
-    def __init__(self, cluster: DevCluster) -> None:
-        def open_socket() -> socket.socket:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-            sock.settimeout(0.1)
-            return sock
-
-        self._sock = run_in_netns(NETNS / f"{cluster.spec.prefix}-fabric", open_socket)
-        self.frames: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="capture")
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.frames.append(self._sock.recv(65536))
-            except TimeoutError:
-                continue
-
-    def stop(self) -> list[bytes]:
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
-        return self.frames
 
 
 def echo(cluster: DevCluster, payload: bytes) -> bytes | None:
@@ -94,7 +65,7 @@ def test_a_marker_between_workloads_never_crosses_the_wire_in_clear(cluster: Dev
     peered(cluster)
     cluster.wait_for_entry("node-b", "db", "web")
     marker = b"AUTHD-WG-MARKER-" + b"x" * 32
-    capture = Capture(cluster)
+    capture = Capture(NETNS / f"{cluster.spec.prefix}-fabric")
     try:
         replies = [echo(cluster, marker) for _ in range(5)]
     finally:

@@ -96,7 +96,7 @@ def deliver(mesh: Mesh, source: tuple[str, str], target: str, payload: bytes) ->
 
 
 def test_workload_traffic_crosses_the_underlay_only_encrypted(mesh: Mesh) -> None:
-    capture = Capture(mesh)
+    capture = Capture(mesh.path(mesh.bridge_ns))
     marker = b"AUTHD-MARKER-" + bytes(mesh.tag, "ascii") * 8
     try:
         for _ in range(5):

@@ -157,9 +157,9 @@ class Mesh:
 
 
 class Capture:
-    """Every frame on the underlay's bridge ports, read by a raw packet socket until stopped."""
+    """Every frame on every interface of ``netns`` (an underlay bridge), by a raw socket until stopped."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, netns: Path) -> None:
         def open_socket() -> socket.socket:
             sock = socket.socket(
                 socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)
@@ -167,7 +167,7 @@ class Capture:
             sock.settimeout(0.1)
             return sock
 
-        self._sock = run_in_netns(mesh.path(mesh.bridge_ns), open_socket)
+        self._sock = run_in_netns(netns, open_socket)
         self.frames: list[bytes] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="capture")
