@@ -337,13 +337,20 @@ class Channels:
         async with asyncio.TaskGroup() as connections:
             while True:
                 conn, address = await loop.sock_accept(sock)
-                source = str(address[0])
-                refusal = self._admission.admit(source)
-                if refusal is not None:
-                    conn.close()
-                    self._refused(refusal, source)
-                    continue
-                connections.create_task(self._accept(conn, source))
+                self._admit(connections, conn, str(address[0]))
+                # An accept that finds a connection waiting does not suspend, and a flood keeps the
+                # backlog full: give the loop back after each one, or a single turn drains the backlog
+                # while proofs, renewals and timers wait.
+                await asyncio.sleep(0)
+
+    def _admit(self, connections: asyncio.TaskGroup, conn: socket.socket, source: str) -> None:
+        """Refuse and close ``conn`` at once, or start its handshake."""
+        refusal = self._admission.admit(source)
+        if refusal is not None:
+            conn.close()
+            self._refused(refusal, source)
+            return
+        connections.create_task(self._accept(conn, source))
 
     async def _accept(self, conn: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()

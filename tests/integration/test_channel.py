@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
@@ -266,6 +268,37 @@ async def test_sources_that_are_not_nodes_never_reach_tls() -> None:
             assert await reader.read() == b""
             writer.close()
         await eventually(lambda: p.a.channels.stats.refused["not-a-node"] == 50)
+
+
+async def test_a_backlog_of_refused_connections_does_not_hold_the_event_loop() -> None:
+    """A flood queues connections faster than they are refused. Each accept must give the loop back,
+    else a full backlog is drained in one go while proofs and timers wait (issue 12's flood latency)."""
+    queued = 300
+    async with pair() as p:
+        seen: list[int] = []
+        refused = p.a.channels.stats.refused
+
+        async def probe() -> None:
+            while True:
+                seen.append(refused["not-a-node"])
+                await asyncio.sleep(0)
+
+        probing = asyncio.create_task(probe())
+        await asyncio.sleep(0)
+        clients = []
+        for _ in range(queued):  # the loop does not run meanwhile: every one waits in the backlog
+            client = socket.socket()
+            client.bind(("127.0.0.9", 0))
+            client.connect(("127.0.0.1", p.a.port))
+            clients.append(client)
+        try:
+            await eventually(lambda: refused["not-a-node"] == queued)
+        finally:
+            probing.cancel()
+            for client in clients:
+                client.close()
+    steps = [after - before for before, after in itertools.pairwise(seen)]
+    assert max(steps) <= 1, f"{max(steps)} connections refused in one turn of the loop"
 
 
 async def test_a_malformed_proof_closes_the_channel_counted_and_it_is_dialed_again() -> None:
