@@ -313,6 +313,7 @@ class Daemon:
         kind = event.kind
         if kind in (EventKind.BUNDLE_CHANGED, EventKind.RESYNC):
             self.attestations.bundles_changed(store.bundles())
+            self.channels.bundles_changed(store.bundles())
             if self.tunnel is not None:
                 self.tunnel.bundles_changed(store.bundles())
         if event.own and kind in (EventKind.ADDED, EventKind.ROTATED):

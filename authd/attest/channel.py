@@ -18,6 +18,10 @@ the peer's (:func:`authd.encryption.keys.preshared_key`, bound to both node IDs 
 the peer's key and that PSK to the encryption job: peer keys are learned only here, from the node this
 TLS session authenticated.
 
+When a node's own SVID rotates, both must see the new one in a fresh handshake, and no push may wait for
+it: the dialer opens the next session while this one goes on (make-before-break), and the side that
+accepted asks it to with a :class:`Redial` frame (see :mod:`authd.attest.channels`).
+
 Anything malformed from the peer raises :class:`~authd.attest.outcomes.ViolationError`, which ends the
 session: among them a WireGuard key whose generation does not increase, or whose ephemeral share is a
 low-order point.
@@ -36,7 +40,7 @@ from typing import Protocol
 from cryptography import x509
 
 from authd.attest import wire
-from authd.attest._proto.channel_pb2 import Hello, NotHosted, Proof, Want, WireGuardKey
+from authd.attest._proto.channel_pb2 import Hello, NotHosted, Proof, Redial, Want, WireGuardKey
 from authd.attest.outcomes import Outcome, ViolationError, chain_rule, not_hosted
 from authd.attest.proofs import ProofChecker, binding, chain_der, sign
 from authd.attest.results import Attestation, Peer
@@ -145,8 +149,12 @@ class Session:
         now: Callable[[], datetime],
         stats: SessionStats,
         tunnel: TunnelKeys | None = None,
+        on_redial: Callable[[], None] = lambda: None,
     ) -> None:
-        """Nothing is sent before :meth:`run`; what the session does is counted in ``stats``."""
+        """Nothing is sent before :meth:`run`; what the session does is counted in ``stats``.
+
+        ``on_redial`` is called when the peer sends a :class:`Redial`.
+        """
         self.ends = ends
         self._reader, self._writer = stream
         self._identities, self._results, self._checker = identities, results, checker
@@ -167,6 +175,8 @@ class Session:
         self._sent_generation = 0
         self._their_key: WireGuardKey | None = None
         self._closed = False
+        self._on_redial = on_redial
+        self._send_redial = False
 
     # ------------------------------------------------------------------- called by the channels
 
@@ -202,6 +212,11 @@ class Session:
         for spiffe_id in self._their_wants:
             if everything or self._identities.svid_for(spiffe_id) is None:
                 self._to_answer[spiffe_id] = None
+        self._wake.set()
+
+    def request_redial(self) -> None:
+        """Ask the peer to open a new session (this node's SVID rotated and this side did not dial)."""
+        self._send_redial = True
         self._wake.set()
 
     def tunnel_changed(self) -> None:
@@ -259,6 +274,8 @@ class Session:
                 self._not_hosted(body)
             elif isinstance(body, WireGuardKey):
                 self._wireguard_key(body)
+            elif isinstance(body, Redial):
+                self._on_redial()
             elif isinstance(body, Hello):
                 raise ViolationError("malformed-frame", "a second hello")
 
@@ -350,6 +367,9 @@ class Session:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._send_redial:
+                self._send_redial = False
+                writer.write(wire.encode(Redial()))
             announce = self._announce()
             if announce is not None:
                 writer.write(announce)

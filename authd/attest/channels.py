@@ -13,8 +13,12 @@ in cluster state. A newer session from a node replaces an older one (the peer re
 With encryption on, this node keeps a channel with every node in cluster state, policy or not: the
 WireGuard keys of each peer travel on it (:class:`~authd.attest.channel.TunnelKeys`).
 
-When this node's own SVID rotates every session is closed, so that both sides see the new SVID in a
-fresh handshake; the dialers redial at once. Failures are counted by reason and logged at a limited rate.
+When a node's own SVID rotates, both sides must see the new SVID in a fresh handshake, and nothing may
+wait for it: the dialer opens the next session while the current one goes on carrying pushes, and
+closes the old one once the new one is up (make-before-break). The side that accepted sends a
+``Redial`` frame instead, and closes the session itself if no new one arrives within the handshake
+timeout. A dialer honours a redial request once a session has lasted :data:`STEADY_SESSION`, so a
+peer cannot make it dial in a loop. Failures are counted by reason and logged at a limited rate.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ LOG_INTERVAL = 10.0
 STEADY_SESSION = 1.0
 """Seconds a dialed session must have lasted for its end to be followed by a new dial at once; a shorter
 one (a peer that accepts and hangs up) is dialed again after the backoff, so that it cannot make a loop."""
+_SESSION_ENDS = (AttestError, OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError)
+"""How a session or a dial ends short of cancellation: each is counted as the channel's loss."""
+
 KEEPALIVE = (10, 5, 3)
 """TCP keepalive (idle s, interval s, probes): a peer gone without a word is noticed within 25 s."""
 
@@ -101,6 +108,8 @@ class _Link:
     session: Session | None = None
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    renew: bool = False
+    """Open the next session before closing the current one (a node SVID rotated)."""
 
 
 class Channels:
@@ -195,12 +204,44 @@ class Channels:
                 link.session.reanswer(everything=everything)
 
     def own_rotated(self) -> None:
-        """This node's SVID changed: re-establish every channel with it."""
+        """This node's SVID changed: re-establish every channel with it, make-before-break."""
         for link in self._links.values():
-            if link.session is not None:
-                link.session.close()
             link.backoff.reset()
-            link.wake.set()
+            session = link.session
+            if session is not None and not link.dialer:
+                session.request_redial()
+                asyncio.get_running_loop().call_later(
+                    self._timeout, self._close_unless_replaced, link, session
+                )
+                continue
+            if session is not None:
+                self._renew(link)
+            else:
+                link.wake.set()
+
+    @staticmethod
+    def _close_unless_replaced(link: _Link, session: Session) -> None:
+        """The dialer did not redial as asked: end the session, so that it dials a new one."""
+        if link.session is session:
+            session.close()
+
+    def bundles_changed(self, bundles: BundleSet) -> None:
+        """New trust bundles: a session whose peer's node SVID no longer verifies ends now (fail closed).
+
+        A session authenticates its peer once, in its handshake; without this, a node whose trust domain
+        was removed would keep its channel, and the keys learned on it, for as long as it stays up.
+        """
+        now = self._now()
+        for link in self._links.values():
+            session = link.session
+            if session is None:
+                continue
+            try:
+                verify_chain(session.ends.peer_chain, bundles, at=now, authorize=authorize_id(link.node_id))
+            except SvidError as err:
+                self._failed(link.name, f"peer-{err.rule}", err)
+                link.session = None
+                session.close()
 
     def tunnel_changed(self) -> None:
         """This node's WireGuard key changed: every session announces it."""
@@ -276,21 +317,65 @@ class Channels:
     async def _dial_loop(self, link: _Link) -> None:
         while True:
             link.wake.clear()
+            link.renew = False
             up_since: float | None = None
             try:
-                reader, writer, address, chain = await self._connect(link)
-                session = self._session(reader, writer, link, address, chain)
+                session = await self._dial(link)
                 up_since = self._clock()
-                await self._run_session(link, session, "dialed")
-            except (AttestError, OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as err:
+                await self._keep(link, session, up_since)
+            except _SESSION_ENDS as err:
                 self._failed(link.name, _reason(err), err)
             if up_since is not None:
                 link.backoff.reset()
                 if self._clock() - up_since >= STEADY_SESSION:
-                    continue  # the peer re-established (its SVID rotated, say): proofs wait for no backoff
+                    continue  # the peer re-established (it restarted, say): proofs wait for no backoff
             delay = link.backoff.next_delay()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.wake.wait(), delay)
+
+    async def _dial(self, link: _Link) -> Session:
+        reader, writer, address, chain = await self._connect(link)
+        return self._session(reader, writer, link, address, chain)
+
+    async def _keep(self, link: _Link, session: Session, up_since: float) -> None:
+        """Run the dialed ``session`` until it ends; when asked to renew, dial the next one first.
+
+        A renewal waits until the session has lasted :data:`STEADY_SESSION` (a peer that asks again and
+        again gets one new session a period), and after a failed dial, for the backoff, while the
+        current session goes on.
+        """
+        running = asyncio.ensure_future(self._run_session(link, session, "dialed"))
+        not_before = up_since + STEADY_SESSION
+        try:
+            while True:
+                wait = max(0.0, not_before - self._clock()) if link.renew else None
+                if wait == 0:
+                    link.renew = False
+                    try:
+                        following = await self._dial(link)
+                    except _SESSION_ENDS as err:
+                        self._failed(link.name, _reason(err), err)  # the current session goes on meanwhile
+                        link.renew = True
+                        not_before = self._clock() + link.backoff.next_delay()
+                        continue
+                    link.backoff.reset()
+                    previous = running
+                    running = asyncio.ensure_future(self._run_session(link, following, "dialed"))
+                    session.close()
+                    session, not_before = following, self._clock() + STEADY_SESSION
+                    with contextlib.suppress(*_SESSION_ENDS):
+                        await previous
+                    continue
+                woken = asyncio.ensure_future(link.wake.wait())
+                await asyncio.wait((running, woken), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if running.done():
+                    return running.result()
+                link.wake.clear()
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_SESSION_ENDS):
+                await running
 
     async def _connect(
         self, link: _Link
@@ -378,7 +463,7 @@ class Channels:
             if link.session is not None:
                 link.session.close()  # the peer dialed again: its old session is gone
             await self._run_session(link, session, "accepted")
-        except (AttestError, OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as err:
+        except _SESSION_ENDS as err:
             self._refused(_reason(err), source, err)
         finally:
             if writer is not None:
@@ -434,9 +519,16 @@ class Channels:
             now=self._now,
             stats=self.stats.exchanged,
             tunnel=self._tunnel,
+            on_redial=lambda: self._renew(link) if link.dialer else None,
         )
         session.want(link.wanted)
         return session
+
+    @staticmethod
+    def _renew(link: _Link) -> None:
+        """The peer's SVID rotated: open the next session, then close the current one."""
+        link.renew = True
+        link.wake.set()
 
     async def _run_session(self, link: _Link, session: Session, side: str) -> None:
         link.session = session

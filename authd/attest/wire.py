@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
-from authd.attest._proto.channel_pb2 import Frame, Hello, NotHosted, Proof, Want, WireGuardKey
+from authd.attest._proto.channel_pb2 import Frame, Hello, NotHosted, Proof, Redial, Want, WireGuardKey
 from authd.attest.outcomes import ViolationError
 from authd.errors import SpiffeIdError
 from authd.identity import SpiffeId
@@ -32,7 +32,7 @@ WIREGUARD_KEY_BYTES = 32
 """X25519 public keys in a WireGuardKey: the node's WireGuard key and the ephemeral PSK share."""
 _HEADER = 4
 
-Body = Hello | Want | Proof | NotHosted | WireGuardKey
+Body = Hello | Want | Proof | NotHosted | WireGuardKey | Redial
 
 
 def encode(body: Body) -> bytes:
@@ -46,6 +46,8 @@ def encode(body: Body) -> bytes:
         frame.proof.CopyFrom(body)
     elif isinstance(body, WireGuardKey):
         frame.wireguard_key.CopyFrom(body)
+    elif isinstance(body, Redial):
+        frame.redial.CopyFrom(body)
     else:
         frame.not_hosted.CopyFrom(body)
     data = frame.SerializeToString()

@@ -198,26 +198,52 @@ async def test_a_lost_channel_keeps_results_and_is_dialed_again() -> None:
         assert p.b.results.result(Peer(DB, "node-a")) is not None
 
 
-@pytest.mark.parametrize("lasted", [STEADY_SESSION, 0.0], ids=["steady", "hung-up-at-once"])
-async def test_a_session_that_had_lasted_is_dialed_again_at_once_a_brief_one_after_the_backoff(
-    lasted: float,
-) -> None:
-    """node-b (which accepts) re-establishes, as after its own SVID rotated: node-a dials again without
-    waiting for its backoff, unless the session ended as soon as it began (a peer that hangs up)."""
+@pytest.mark.parametrize("rotated", ["node-a", "node-b"], ids=["dialer", "acceptor"])
+async def test_a_rotated_node_svid_opens_the_next_session_before_the_current_one_closes(rotated: str) -> None:
+    """Either node's SVID rotates: node-a (which dials) opens the next session at once, without waiting
+    for its backoff, and closes the current one only once the next is up, so there is a session at
+    every turn of the loop and none is counted as lost."""
     clock = [1000.0]
     slow = BackoffPolicy(initial=30, maximum=30, jitter=0)
     async with pair(backoff=slow, clock=lambda: clock[0]) as p:
         p.b.results.want(targets(p.cluster, DB))
         await eventually(lambda: p.b.results.result(Peer(DB, "node-a")) is not None)
-        clock[0] += lasted
+        clock[0] += STEADY_SESSION
+        up: list[bool] = []
+
+        async def probe() -> None:
+            while True:
+                up.append(p.a.channels.sessions()["node-b"] and p.b.channels.sessions()["node-a"])
+                await asyncio.sleep(0)
+
+        probing = asyncio.create_task(probe())
+        await asyncio.sleep(0)
+        (p.a if rotated == "node-a" else p.b).channels.own_rotated()
+        await eventually(lambda: sum(p.a.channels.stats.opened.values()) == 2)
+        await eventually(lambda: sum(p.b.channels.stats.opened.values()) == 2)
+        await asyncio.sleep(0.1)
+        probing.cancel()
+        assert all(up), f"no session at {up.count(False)} of {len(up)} turns"
+        assert not p.a.channels.stats.ended
+        assert p.b.results.result(Peer(DB, "node-a")) is not None
+
+
+async def test_a_redial_asked_at_once_waits_and_a_peer_that_hangs_up_at_once_waits_the_backoff() -> None:
+    """node-b asks for a new session right after this one began: node-a waits until the session has
+    lasted STEADY_SESSION (no dial loop driven by the peer). node-b, not redialed within its handshake
+    timeout, hangs up; the session was brief, so node-a dials again only after its backoff."""
+    clock = [1000.0]
+    slow = BackoffPolicy(initial=30, maximum=30, jitter=0)
+    async with pair(backoff=slow, clock=lambda: clock[0]) as p:
+        p.b.results.want(targets(p.cluster, DB))
+        await eventually(lambda: p.b.results.result(Peer(DB, "node-a")) is not None)
         p.b.channels.own_rotated()
-        if lasted:
-            await eventually(lambda: sum(p.a.channels.stats.opened.values()) == 2)
-            await eventually(lambda: p.b.channels.sessions() == {"node-a": True})
-        else:
-            await asyncio.sleep(0.5)
-            assert sum(p.a.channels.stats.opened.values()) == 1
-            assert p.a.channels.sessions() == {"node-b": False}
+        await asyncio.sleep(0.5)
+        assert sum(p.a.channels.stats.opened.values()) == 1
+        assert p.a.channels.sessions() == {"node-b": True}
+        await eventually(lambda: p.a.channels.sessions() == {"node-b": False})
+        await asyncio.sleep(0.5)
+        assert sum(p.a.channels.stats.opened.values()) == 1
 
 
 async def test_bundle_change_revokes_at_once() -> None:
@@ -229,6 +255,21 @@ async def test_bundle_change_revokes_at_once() -> None:
         assert p.b.results.result(Peer(DB, "node-a")) is None
         assert p.b.results.refused(Peer(DB, "node-a"))  # so the auth manager deletes its entries now
         assert Peer(DB, "node-a") in p.b.changes.seen
+
+
+async def test_a_bundle_change_that_unverifies_the_peer_node_ends_its_channel() -> None:
+    """A session authenticated its peer in its handshake: once the peer's node SVID no longer verifies
+    (its trust domain's bundle went), the session ends at once on both sides, counted by rule."""
+    async with pair() as p:
+        p.b.results.want(targets(p.cluster, DB))
+        await eventually(lambda: p.b.results.result(Peer(DB, "node-a")) is not None)
+        unchanged = BundleSet.of([p.ca.bundle()])
+        p.a.channels.bundles_changed(unchanged)
+        assert p.a.channels.sessions() == {"node-b": True}
+        p.b.channels.bundles_changed(BundleSet.of([live_ca().bundle()]))
+        assert p.b.channels.sessions() == {"node-a": False}
+        assert p.b.channels.stats.ended["peer-untrusted-chain"] == 1
+        await eventually(lambda: p.a.channels.stats.ended["closed"] >= 1)
 
 
 async def connect_as(
