@@ -3,7 +3,8 @@
 The decision is always :func:`authd.x509svid.verify_chain`, run on the peer's presented chain against
 the bundle of the peer's *own* trust domain, because a merged store would let a federated CA vouch for
 identities of the local trust domain. On the server, OpenSSL is a first gate as well (Python cannot ask
-for a client certificate without verifying it): its store holds every trusted authority. The client
+for a client certificate without verifying it): its store holds every trusted authority, and its
+security level is 0, so that a key :mod:`authd.keypolicy` refuses is refused by that rule. The client
 lets OpenSSL check only the handshake itself, as go-spiffe does, so that a refusal names the SVID rule
 the server broke (expired, wrong ID, CA leaf...) instead of OpenSSL's generic "verify failed"; nothing
 is sent to the server before :func:`verify_chain` accepted it.
@@ -53,6 +54,11 @@ def _context(protocol: ssl._SSLMethod, svid: X509Svid, bundles: BundleSet) -> ss
     # Every bundle certificate is a trust anchor (as in SPIFFE), even when it is not self-signed.
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.options |= ssl.OP_NO_TICKET
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        # OpenSSL's security level would refuse a weak client key (RSA-1024, say) as a generic "verify
+        # failed" before verify_chain runs; the key rule is authd.keypolicy's, so the gate checks only
+        # that the chain is signed by a trusted authority. TLS 1.3 alone fixes the handshake's strength.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
         _load_authorities(context, authorities)
         with _memfd(svid.chain_pem()) as chain_path, _memfd(svid.key_pem()) as key_path:

@@ -7,11 +7,14 @@ import contextlib
 import datetime as dt
 import itertools
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from authd.attest import wire
 from authd.attest._proto.channel_pb2 import Hello, Proof
@@ -22,7 +25,7 @@ from authd.backoff import BackoffPolicy
 from authd.cluster.model import ClusterState
 from authd.config.model import AttestConfig
 from authd.identity import SpiffeId
-from authd.x509svid import BundleSet
+from authd.x509svid import BundleSet, PrivateKey
 from tests.fakes.ca import LeafOptions, TestCA
 from tests.fakes.cluster import endpoint, node, rule, sid, state
 from tests.fakes.identities import FakeIdentities
@@ -299,6 +302,41 @@ async def test_a_client_that_is_not_a_peer_node_gets_no_hello(name: str, reason:
         finally:
             writer.close()
         assert p.a.channels.stats.refused[reason] == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (
+            lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505 - refused
+            "client-leaf-key-rsa-size",
+        ),
+        (lambda: ec.generate_private_key(ec.SECP521R1()), "client-leaf-key-curve"),
+    ],
+    ids=["rsa-1024", "p-521"],
+)
+async def test_a_peer_nodes_client_svid_outside_the_key_policy_is_refused_by_its_rule(
+    key: Callable[[], PrivateKey], reason: str, tmp_path: Path
+) -> None:
+    """node-b's own node SVID, signed by the trusted CA, with a leaf key the policy refuses: the listener
+    refuses it with the same rule the dialer and the proof checks use, not a generic TLS failure."""
+    async with pair() as p:
+        svid = p.ca.mint(str(sid("authd/node-b")), replace(LIVE, key=key()))
+        (tmp_path / "chain.pem").write_bytes(svid.chain_pem())
+        (tmp_path / "key.pem").write_bytes(svid.key_pem())
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # so that this client may present a weak key at all
+        context.load_cert_chain(tmp_path / "chain.pem", tmp_path / "key.pem")
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.a.port, local_addr=("127.0.0.2", 0))
+        try:
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                await writer.start_tls(context)
+                assert await reader.read() == b""  # closed, no hello
+        finally:
+            writer.close()
+        await eventually(lambda: p.a.channels.stats.refused[reason] == 1)
 
 
 async def test_sources_that_are_not_nodes_never_reach_tls() -> None:
