@@ -1,11 +1,12 @@
 """Two real ``authd run`` nodes with ``[encryption] mode = "wireguard"`` on kernel WireGuard, in the guest.
 
 The host's e2e module (tests/e2e/test_encryption.py) runs the same cluster on wireguard-go; here the
-backend is forced to ``kernel``, so a node that cannot create a wireguard link fails to start rather than
-falling back. The harness (authd/devcluster) builds the nodes, dev-spire and the workloads as it does on
-the host; its waits are stretched for the emulated CPU (``timeout_scale``), and so are this module's.
-Status is polled over each node's control socket in this process (a new Python process costs seconds
-here); the assertions read what the CLI prints.
+backend is forced to ``kernel`` (``[encryption] backend``), so no node can fall back to wireguard-go, and
+the status test checks both report the kernel backend. The harness (authd/devcluster) builds the nodes,
+dev-spire and the workloads as it does on the host; its waits are stretched for the emulated CPU
+(``timeout_scale``), and so are this module's. Status is polled over each node's control socket from this
+process (each CLI call is a new Python process, slow on the emulated CPU); the assertions read what the
+CLI prints.
 """
 
 from __future__ import annotations
@@ -146,14 +147,14 @@ def test_a_cleartext_datagram_claiming_the_remote_workload_is_dropped_not_encryp
     web = run_in_netns(NETNS / cluster.workload("web").netns, lambda: socket.socket(type=socket.SOCK_DGRAM))
     with web:
         web.bind((cluster.address("web"), 0))
-        web.settimeout(5.0)  # an echo takes milliseconds, even emulated
+        web.settimeout(5.0)  # for db's answer, both times
         port = web.getsockname()[1]
         # Through the tunnel, from this socket: db's echo comes back to it (so the check below could fail).
         web.sendto(b"sealed", (cluster.address("db"), UDP_PORT))
         assert web.recv(100) == b"sealed"
         before = not_encrypted(cluster, "node-b")
 
-        # The same datagram in clear, on the wire to node-b, as node-a would frame it.
+        # A datagram from that address and port in clear, framed as node-a would send it to node-b.
         payload = b"clear, claiming web"
         packet = pk.ipv4(
             cluster.address("web"), cluster.address("db"), pk.UDP, pk.udp(port, UDP_PORT, payload)
