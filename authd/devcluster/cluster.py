@@ -84,7 +84,9 @@ class ClusterSpec:
     cni: bool = False  # pods made by CNI (ptp, host-local, authd-cni) once authd runs
     source: Literal["file", "etcd"] = "file"  # etcd: one etcd member on the wire holds cluster state
     bundle_stream_reopen: float | None = None  # seconds; None: authd's default
-    encryption: bool = False  # mode = "wireguard"; backend auto: kernel where it can, else wireguard-go
+    encryption: bool = False  # mode = "wireguard"
+    encryption_backend: Literal["auto", "kernel", "userspace"] = "auto"  # auto: kernel where it can
+    timeout_scale: float = 1.0  # the harness's own waits, multiplied (an emulated CPU is slower)
 
     def spiffe_id(self, workload: str) -> str:
         """The SPIFFE ID of a workload name."""
@@ -353,7 +355,11 @@ class DevCluster:
         self._spire = self._processes.start(
             "dev-spire", argv, log_path=self.workdir / "logs" / "dev-spire.log"
         )
-        _wait_until((self.spire_dir / "server" / "api.sock").exists, 30, "dev-spire's sockets")
+        _wait_until(
+            (self.spire_dir / "server" / "api.sock").exists,
+            30 * self.spec.timeout_scale,
+            "dev-spire's sockets",
+        )
 
     def stop_spire(self, sig: int = signal.SIGTERM) -> None:
         """Stop dev-spire (SPIRE down)."""
@@ -407,7 +413,8 @@ class DevCluster:
             # With CNI, the link watcher matches the pods' veths too: both attach idempotently.
             + ('interfaces = ["lxc*", "veth*"]\n' if self.spec.cni else 'interfaces = ["lxc*"]\n')
             + (
-                f'[encryption]\nmode = "wireguard"\ninterface = "{WIREGUARD_INTERFACE}"\n'
+                f'[encryption]\nmode = "wireguard"\nbackend = "{self.spec.encryption_backend}"\n'
+                f'interface = "{WIREGUARD_INTERFACE}"\n'
                 if self.spec.encryption
                 else ""
             )
@@ -435,9 +442,9 @@ class DevCluster:
             self.wait_ready(node)
 
     def wait_ready(self, node: str, timeout: float = 60.0) -> None:
-        """Wait for READY=1 from the node's authd."""
+        """Wait for READY=1 from the node's authd (``timeout`` seconds, times ``spec.timeout_scale``)."""
         notify = self._notify_sockets[node]
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * self.spec.timeout_scale
         while True:
             remaining = deadline - time.monotonic()
             proc = self._nodes[node].proc
@@ -517,7 +524,10 @@ class DevCluster:
             return maps.auth.get(key)
 
     def wait_for_entry(self, node: str, local: str, remote: str, timeout: float = 30.0) -> datetime:
-        """Wait until the node holds a live auth entry for the pair; return its expiry."""
+        """Wait until the node holds a live auth entry for the pair; return its expiry.
+
+        ``timeout`` is in seconds, times ``spec.timeout_scale``.
+        """
         found: list[datetime] = []
 
         def present() -> bool:
@@ -527,7 +537,9 @@ class DevCluster:
             found.append(expiry)
             return True
 
-        _wait_until(present, timeout, f"{node}'s auth entry for {local} <- {remote}")
+        _wait_until(
+            present, timeout * self.spec.timeout_scale, f"{node}'s auth entry for {local} <- {remote}"
+        )
         return found[-1]
 
     def handle_names(self, node: str) -> dict[str, dict[int, str]]:
@@ -603,8 +615,13 @@ class DevCluster:
         for kind, port in (("tcp", TCP_PORT), ("udp", UDP_PORT)):
             argv = self._as_workload(name, [f"{kind}-server", "--port", str(port)])
             self._processes.start(f"{name}-{kind}", argv, log_path=logs / f"{name}-{kind}.log")
-        _wait_until(lambda: "listening" in (logs / f"{name}-tcp.log").read_text(), 10, f"{name}'s TCP server")
-        _wait_until(lambda: "listening" in (logs / f"{name}-udp.log").read_text(), 10, f"{name}'s UDP server")
+        within = 10 * self.spec.timeout_scale
+        _wait_until(
+            lambda: "listening" in (logs / f"{name}-tcp.log").read_text(), within, f"{name}'s TCP server"
+        )
+        _wait_until(
+            lambda: "listening" in (logs / f"{name}-udp.log").read_text(), within, f"{name}'s UDP server"
+        )
 
     def tcp(self, client: str, server: str, *, duration: float = 0.2, interval: float = 0.01,
             connect_timeout: float = 5.0, family: int = 4) -> dict[str, Any]:  # fmt: skip

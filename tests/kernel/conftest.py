@@ -13,7 +13,8 @@ To add guest tests, add a ``test_*.py`` module here: it is collected like any ot
 marks and body run in the guest, where the host's tools and the project's venv are at their usual paths
 and everything may be written (it stays in the guest). A kernel module it needs goes in
 ``tests.kernel.image.MODULES``. Something other than pytest (a benchmark) can boot its own guest with
-``tests.kernel.guest.run_in_guest``.
+``tests.kernel.guest.run_in_guest``. A guest test that uses the e2e tier's ``cluster`` fixture
+(authd/devcluster) has the cluster's warnings and errors attached to its failure, as e2e tests do.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from typing import Any
 import pytest
 from _pytest import nodes
 
+from tests.e2e.conftest import pytest_runtest_makereport
 from tests.kernel.guest import GuestRun, run_in_guest, unavailable
 from tests.kernel.image import image
 from tests.kernel.report import REPORT, Outcome, accounted, outcomes
+
+__all__ = ["pytest_runtest_makereport"]  # the e2e hook, for guest tests on a devcluster
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
