@@ -10,7 +10,8 @@
   encryption rotate`` asks (the control socket's ``encryption-rotate``, without the CLI's interpreter
   start); the figure runs from that request to the moment node-b's device itself (its UAPI socket, or
   ``wg`` for the kernel backend) holds node-a's new public key with a handshake completed since the
-  request: both ends on the new keys. Polled every POLL seconds; median and maximum of ROTATIONS.
+  request: both ends on the new keys (a handshake completes only when both hold it and the same
+  preshared key). Polled every POLL seconds; median and maximum of ROTATIONS.
   ``wg.rotation_answer_ms``: from the same request to node-a's answer (its new key installed and sent).
 - ``wg.rotation_lost_packets`` (goal 0): those ROTATIONS, a GAP apart, run while a sequence-numbered UDP
   flow (:mod:`bench.udpflow`) of UDP_RATE datagrams a second goes from the workload address on node-a to
@@ -68,16 +69,16 @@ def run() -> Figures:
         return {}
     log.configure("warning", "console")
     figures: Figures = {}
-    for backend in backends():
+    for backend in _backends():
         figures.update(_iperf(backend))
     figures.update(_rotations())
     return figures
 
 
-def backends() -> list[str]:
+def _backends() -> list[str]:
     """The WireGuard backends this machine can run: wireguard-go if installed, kernel if the kernel can."""
     found = ["userspace"] if WIREGUARD_GO.exists() else []
-    probe = f"awgb-probe-{secrets.token_hex(2)}"
+    probe = f"awgprobe-{secrets.token_hex(2)}"  # outside "awgb", which the cluster sweeps
     subprocess.run(["ip", "netns", "add", probe], check=True)
     try:
         if run_in_netns(NETNS / probe, kernel.available):  # in a namespace of its own: no stray link
@@ -93,7 +94,7 @@ def backends() -> list[str]:
 def _iperf(backend: str) -> Figures:
     """Node A to node B, alternating the underlay and the tunnel, in one mesh."""
     a, b = NAMES[0], NAMES[1]
-    with tempfile.TemporaryDirectory(prefix="awgb-") as runtime:
+    with tempfile.TemporaryDirectory(prefix="awgmesh-") as runtime:
         mesh = Mesh(backend, Path(runtime))
         try:
             client = mesh.path(mesh.members[a].netns)
@@ -125,6 +126,7 @@ def spec() -> ClusterSpec:
 
 
 def _rotations() -> Figures:
+    """ROTATIONS of node-a's key on a two-node cluster, under a UDP and a TCP flow from node-a to node-b."""
     with DevCluster(spec()) as cluster:
         for node in cluster.spec.nodes:
             cluster.wait_for(lambda n=node: len(_encryption(cluster, n)["peers"]) == 1, 30, f"{node}'s peer")  # type: ignore[misc]
