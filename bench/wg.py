@@ -16,9 +16,9 @@
 - ``wg.rotation_lost_packets`` (goal 0): those ROTATIONS, a GAP apart, run while a sequence-numbered UDP
   flow (:mod:`bench.udpflow`) of UDP_RATE datagrams a second goes from the workload address on node-a to
   the workload's echo server on node-b; datagrams whose echo never came back (lost either way).
-  ``wg.rotation_tcp_retransmits`` (goal 0): TCP segments retransmitted meanwhile by a TCP echo flow
-  between the same workloads, which runs beside the UDP one (``TcpRetransSegs`` in both workloads'
-  namespaces).
+- ``wg.rotation_tcp_retransmits`` (goal 0): ROTATIONS more, under a TCP echo flow between the same
+  workloads instead; the segments retransmitted meanwhile (``TcpRetransSegs`` in both workloads'
+  namespaces). ``wg.rotation_tcp_ms``: those rotations' median time to both ends on the new key.
 
 Needs root (network namespaces, TUN, BPF); prints a note and returns nothing otherwise.
 """
@@ -126,40 +126,61 @@ def spec() -> ClusterSpec:
 
 
 def _rotations() -> Figures:
-    """ROTATIONS of node-a's key on a two-node cluster, under a UDP and a TCP flow from node-a to node-b."""
+    """ROTATIONS of node-a's key under a UDP flow, then ROTATIONS more under a TCP flow, node-a to node-b.
+
+    One flow at a time, so neither helps the other: TCP's retransmissions send packets from node-b, which
+    can start a handshake that the UDP flow alone (node-b only echoes it) would wait for.
+    """
     with DevCluster(spec()) as cluster:
         for node in cluster.spec.nodes:
             cluster.wait_for(lambda n=node: len(_encryption(cluster, n)["peers"]) == 1, 30, f"{node}'s peer")  # type: ignore[misc]
         cluster.wait_for_entry("node-b", RECEIVER, SENDER)
         device_b = _device(cluster, "node-b")
-        sender = NETNS / cluster.workload(SENDER).netns
-        address = cluster.address(SENDER)
-        udp = UdpFlow(
-            run_in_netns(sender, lambda: _bound(address)), (cluster.address(RECEIVER), UDP_PORT), UDP_RATE
-        )
-        tcp = cluster.start_tcp(SENDER, RECEIVER, interval=0.005)
-        try:
-            with udp:
-                time.sleep(LEAD)
-                retransmitted = _tcp_retransmits(cluster)
-                took, answered = [], []
-                for _ in range(ROTATIONS):
-                    both_ends, answer = _rotate(cluster, device_b)
-                    took.append(both_ends)
-                    answered.append(answer)
-                    time.sleep(GAP)
-                retransmitted = _tcp_retransmits(cluster) - retransmitted
-        finally:
-            flow = cluster.finish(tcp)
-    if not flow["connected"] or "error" in flow:
-        raise RuntimeError(f"bench: the TCP flow failed: {flow}")
+        figures = _under_udp(cluster, device_b)
+        figures.update(_under_tcp(cluster, device_b))
+    return figures
+
+
+def _under_udp(cluster: DevCluster, device_b: Callable[[], DeviceStatus]) -> Figures:
+    address = cluster.address(SENDER)
+    sock = run_in_netns(NETNS / cluster.workload(SENDER).netns, lambda: _bound(address))
+    with UdpFlow(sock, (cluster.address(RECEIVER), UDP_PORT), UDP_RATE) as udp:
+        time.sleep(LEAD)
+        took, answered = _rotate_all(cluster, device_b)
     return {
         "wg.rotation_ms": figure(median(took) * 1000, "ms"),
         "wg.rotation_max_ms": figure(max(took) * 1000, "ms"),
         "wg.rotation_answer_ms": figure(median(answered) * 1000, "ms"),
         "wg.rotation_lost_packets": figure(udp.lost, f"datagrams of {udp.sent} in {ROTATIONS} rotations"),
+    }
+
+
+def _under_tcp(cluster: DevCluster, device_b: Callable[[], DeviceStatus]) -> Figures:
+    tcp = cluster.start_tcp(SENDER, RECEIVER, interval=0.005)
+    try:
+        time.sleep(LEAD)
+        before = _tcp_retransmits(cluster)
+        took, _ = _rotate_all(cluster, device_b)
+        retransmitted = _tcp_retransmits(cluster) - before
+    finally:
+        flow = cluster.finish(tcp)
+    if not flow["connected"] or "error" in flow:
+        raise RuntimeError(f"bench: the TCP flow failed: {flow}")
+    return {
+        "wg.rotation_tcp_ms": figure(median(took) * 1000, "ms"),
         "wg.rotation_tcp_retransmits": figure(retransmitted, f"segments in {ROTATIONS} rotations"),
     }
+
+
+def _rotate_all(cluster: DevCluster, device_b: Callable[[], DeviceStatus]) -> tuple[list[float], list[float]]:
+    """ROTATIONS, GAP apart: each one's seconds to both ends on the new key, and to node-a's answer."""
+    took, answered = [], []
+    for _ in range(ROTATIONS):
+        both_ends, answer = _rotate(cluster, device_b)
+        took.append(both_ends)
+        answered.append(answer)
+        time.sleep(GAP)
+    return took, answered
 
 
 def _bound(address: str) -> socket.socket:
