@@ -19,6 +19,7 @@ from bench import (
     operations,
     reconcile,
     soak,
+    wg,
 )
 from bench.figures import Figures
 
@@ -28,6 +29,7 @@ SUITES: dict[str, Callable[[], Figures]] = {
     "cluster": cluster.run,
     "etcd": etcd.run,
     "datapath": datapath.run,
+    "wg": wg.run,
     "attest": attest.run,
     "reconcile": reconcile.run,
     "operations": operations.run,

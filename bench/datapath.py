@@ -8,12 +8,10 @@ Needs root (BPF, network namespaces); prints a note and returns nothing otherwis
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -27,6 +25,7 @@ from authd.datapath.layout import ENDPOINT_F_ROUTE, AuthType, Direction, FlowLev
 from authd.datapath.loader import Datapath, MapSizes, remove_pins
 from authd.datapath.maps import AuthKey, EndpointOwner, IpcacheEntry, PinnedMaps, PolicyKey, RuntimeConfig
 from authd.datapath.ringbuf import RingBuffer
+from bench import iperf
 from bench.figures import Figures, figure, median
 from tests.fakes import packets as pk
 from tests.privileged.topology import A4, B4, Topology
@@ -37,7 +36,6 @@ TEST_RUN_REPEAT = 1_000_000
 ROUNDS = 5
 MAP_ENTRIES = 20_000
 EVENTS_SECONDS = 2.0
-IPERF_SECONDS = 2
 
 
 def run() -> Figures:
@@ -162,50 +160,23 @@ def _events(datapath: Datapath) -> Figures:
 def _iperf(datapath: Datapath) -> Figures:
     """TCP throughput A -> B through the node, alternating without and with the programs attached."""
     topo = Topology()
-    server = subprocess.Popen(
-        ["nsenter", f"--net={topo.path(topo.b)}", "iperf3", "-s", "-B", B4, "-p", "5201"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     links = (topo.link_a, topo.link_b)
     try:
         with datapath.maps() as maps:
             topo.learn_ownership(maps.endpoints)  # which veth owns A and B, from the node's routes
-        time.sleep(0.3)
-        without, with_programs = [], []
-        for _ in range(2):
-            without.append(_iperf_once(topo))
-            topo.run(
-                topo.node, lambda: [datapath.attach(socket.if_nametoindex(link), l3=False) for link in links]
-            )
-            with_programs.append(_iperf_once(topo))
-            topo.run(topo.node, lambda: [datapath.detach(socket.if_nametoindex(link)) for link in links])
+        with iperf.server(topo.path(topo.b), B4):
+            without, with_programs = [], []
+            for _ in range(2):
+                without.append(iperf.throughput(topo.path(topo.a), B4))
+                topo.run(
+                    topo.node,
+                    lambda: [datapath.attach(socket.if_nametoindex(link), l3=False) for link in links],
+                )
+                with_programs.append(iperf.throughput(topo.path(topo.a), B4))
+                topo.run(topo.node, lambda: [datapath.detach(socket.if_nametoindex(link)) for link in links])
     finally:
-        server.terminate()
-        server.wait()
         topo.close()
     return {
         "datapath.iperf_ratio": figure(median(with_programs) / median(without), "ratio"),
         "datapath.iperf_without_gbps": figure(median(without) / 1e9, "Gbit/s"),
     }
-
-
-def _iperf_once(topo: Topology) -> float:
-    result = subprocess.run(
-        [
-            "nsenter",
-            f"--net={topo.path(topo.a)}",
-            "iperf3",
-            "-c",
-            B4,
-            "-p",
-            "5201",
-            "-t",
-            str(IPERF_SECONDS),
-            "-J",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return float(json.loads(result.stdout)["end"]["sum_received"]["bits_per_second"])
