@@ -1,8 +1,11 @@
 """The userspace backend: wireguard-go on a TUN interface, configured over its UAPI socket.
 
 wireguard-go puts its socket in ``/run/wireguard``, one directory for every network namespace, so two
-nodes on one machine would collide. It runs here in a mount namespace of its own with a private tmpfs
-on that directory, and authd reaches the socket through ``/proc/<pid>/root/run/wireguard``.
+nodes on one machine would collide. Where that directory is a mount of its own, it is taken as this
+authd's private one, and wireguard-go runs directly: that is the unit's ``TemporaryFileSystem=``, since
+the unit allows neither new namespaces nor mounts. Anywhere else (authd run by hand, several nodes on one
+machine), wireguard-go runs in a mount namespace of its own with a private tmpfs on that directory. authd
+reaches the socket through ``/proc/<pid>/root/run/wireguard`` either way.
 
 wireguard-go runs in a session of its own, and its pid is kept in ``<runtime_dir>/wireguard-go.<if>.pid``:
 when authd is killed the tunnel keeps forwarding, and the restarted authd adopts the same process (same
@@ -36,6 +39,7 @@ START_TIMEOUT = 5.0
 _POLL = 0.01
 # $0 is the binary and $1 the interface (checked by the config); nothing is interpolated into the script.
 _SCRIPT = 'mkdir -p /run/wireguard && mount -t tmpfs authd-wg /run/wireguard && exec "$0" -f "$1"'
+SOCKET_DIR = Path("/run/wireguard")
 
 
 class WireGuardGo:
@@ -64,17 +68,7 @@ class WireGuardGo:
         _delete_link(interface)  # a stale interface of a wireguard-go that is gone
         try:
             process = subprocess.Popen(  # noqa: S603 - fixed argv; binary and interface checked by the config
-                [
-                    "/usr/bin/unshare",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "/bin/sh",
-                    "-c",
-                    _SCRIPT,
-                    str(binary),
-                    interface,
-                ],
+                _argv(binary, interface, private=SOCKET_DIR.is_mount()),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -150,6 +144,23 @@ class WireGuardGo:
         with contextlib.suppress(FileNotFoundError):
             self._pid_file.unlink()
         _delete_link(self.interface)
+
+
+def _argv(binary: Path, interface: str, *, private: bool) -> list[str]:
+    """How to start wireguard-go for ``interface``; ``private``: ``/run/wireguard`` is this authd's own."""
+    if private:
+        return [str(binary), "-f", interface]
+    return [
+        "/usr/bin/unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        _SCRIPT,
+        str(binary),
+        interface,
+    ]
 
 
 def _adoptable(pid_file: Path, interface: str) -> int | None:

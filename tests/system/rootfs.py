@@ -21,7 +21,16 @@ from pathlib import Path
 
 CACHE = Path("/var/cache/authd/nspawn")
 SUITE = "bookworm"
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "libbpf1", "iproute2")
+PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "python3-venv",
+    "libbpf1",
+    "iproute2",
+    "wireguard-go",  # the userspace WireGuard backend
+)
 SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 BUILD_TIMEOUT = 900.0
 

@@ -1,7 +1,7 @@
 """systemd/authd.service under a real systemd 252 as PID 1, installed the way docs/install.md says.
 
 The tests share one container and run in order: install, start, reload, watchdog, journal, security,
-stop, and last the config error that must end the restart loop.
+the userspace WireGuard backend, stop, and last the config error that must end the restart loop.
 """
 
 from __future__ import annotations
@@ -228,6 +228,40 @@ def test_online_security_matches_offline(machine: Machine, timings: dict[str, fl
     assert online_level.group(1) == offline_level.group(1)
     timings["systemd-analyze security authd (online), exposure"] = float(online_level.group(1))
     assert float(online_level.group(1)) <= 2.0
+
+
+def test_the_userspace_wireguard_backend_runs_under_the_unit(machine: Machine) -> None:
+    """wireguard-go under the unit's sandbox: its socket in the unit's /run/wireguard, /dev/net/tun, its
+    process in the unit's cgroup, and the unit's exposure unchanged."""
+    machine.write(
+        "/etc/authd/authd.toml", CONFIG + '\n[encryption]\nmode = "wireguard"\nbackend = "userspace"\n'
+    )
+    try:
+        machine.run("systemctl", "restart", "authd", timeout=90)
+
+        def up() -> bool:
+            report = json.loads(machine.run("authd", "status", "--json", check=False).stdout or "{}")
+            encryption = report.get("encryption") or {}
+            return encryption.get("backend") == "userspace" and encryption.get("public_key") is not None
+
+        wait(up, 60, "the encryption job up on wireguard-go")
+        assert machine.run("ip", "link", "show", "authd-wg0").returncode == 0
+        probe = (
+            "import pathlib\n"
+            "for p in pathlib.Path('/proc').glob('[0-9]*'):\n"
+            "    if (p / 'comm').read_text().strip() == 'wireguard-go': print((p / 'cgroup').read_text())\n"
+        )
+        cgroups = machine.run("python3", "-c", probe).stdout.split()
+        assert any(line.endswith(":/system.slice/authd.service") for line in cgroups), cgroups  # the unit's
+        # The host's /run/wireguard (the container's) holds no socket: wireguard-go's is the unit's own.
+        assert machine.run("test", "-e", "/run/wireguard/authd-wg0.sock", check=False).returncode != 0
+        online = EXPOSURE.search(machine.run("systemd-analyze", "security", "authd", check=False).stdout)
+        assert online is not None
+        assert float(online.group(1)) <= 2.0
+    finally:
+        machine.write("/etc/authd/authd.toml", CONFIG)
+        machine.run("systemctl", "restart", "authd", timeout=90)
+    assert machine.run("ip", "link", "show", "authd-wg0", check=False).returncode != 0  # went with the unit
 
 
 def test_stop_within_its_timeout_leaves_programs_enforcing(machine: Machine) -> None:
