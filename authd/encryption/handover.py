@@ -3,9 +3,11 @@
 Each :meth:`Handover.step` reads which links have completed a handshake, plans
 (:func:`authd.encryption.links.plan`) and applies the plan (:class:`~authd.encryption.interfaces.Interfaces`);
 while a rotation runs, it then asks :func:`~authd.encryption.links.retirement` whether the older
-generation can go, and if so removes it at once. What a step returns is what the channels report to
-each remote node: the generation of it this node now sends to (``plan.sending``), and the generations
-this node announces (:meth:`~authd.encryption.links.Generations.announced`).
+generation can go, and if so removes it at once. What a step returns is what a node tells each remote
+node: the generation of it this node now sends to (``plan.sending``), beside the generations it
+announces (:meth:`~authd.encryption.links.Generations.announced`). The node channel does not carry
+these yet, and the encryption job does not run a handover: tests/privileged/test_encryption_rotation.py
+runs two, and passes each what the other says.
 """
 
 from __future__ import annotations

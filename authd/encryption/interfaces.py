@@ -10,7 +10,8 @@ routed through it. The kernel applies the higher of ``all`` and the interface's 
 ``net.ipv4.conf.all.rp_filter`` is not 0 drops those packets for the few milliseconds between the two
 ends' route switches; :func:`open_reverse_path` logs a warning then.
 
-Calls block (netlink, UAPI, processes): the encryption job runs them in a worker thread, one at a time.
+Calls block (netlink, UAPI, processes): a caller on an event loop runs them in a worker thread, one at
+a time. The encryption job does not use this yet (it runs one interface, :mod:`authd.encryption.tunnel`).
 """
 
 from __future__ import annotations
