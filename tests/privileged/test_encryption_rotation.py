@@ -342,8 +342,8 @@ def test_ten_rotations_lose_no_datagram_and_keep_tcp_flowing(pair: Pair, rotatin
 
 
 @pytest.mark.xfail(
-    reason="known limitation: 1 to 4 fast retransmits in about one run of four, attributed to the route "
-    "switch reordering segments between two interfaces (no datagram of the UDP flows is lost)",
+    reason="known limitation: 1 to 4 fast retransmits in about one run of four; the receiver's DSACK shows "
+    "the segment was not lost but overtaken (the route switch reorders segments between two interfaces)",
     strict=False,
 )
 @ROTATING
