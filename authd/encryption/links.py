@@ -13,9 +13,12 @@ state and four while it rotates; each remote node announces at most two as well.
 Traffic to M goes through the newest link that has completed a handshake, preferring this node's
 newest generation, then M's; a link without a handshake gets a persistent keepalive, which makes
 the device handshake at once, so a route moves only onto a link that both ends already hold, and no
-packet waits for a handshake. A generation is retired when every remote node that has links reports
-sending to the newer one, and this node sends to every remote node from the newer one, or when the
-rotation has waited :data:`RETIRE_TIMEOUT` seconds (a forced retirement).
+packet waits for a handshake. (Only before any link to M has handshaken, a node met for the first
+time, does its traffic go to the newest link, where WireGuard holds it until the handshake.)
+
+A generation is retired when every remote node that has links reports sending to the newer one, and
+this node sends to every remote node from the newer one, or when the rotation has waited
+:data:`RETIRE_TIMEOUT` seconds (a forced retirement).
 """
 
 from __future__ import annotations
