@@ -55,7 +55,9 @@ class Member:
 
 
 class Mesh:
-    def __init__(self, backend: str, runtime: Path) -> None:
+    """The namespaces and the bridge; with ``tunnel``, one WireGuard interface per node, peers and routes."""
+
+    def __init__(self, backend: str, runtime: Path, *, tunnel: bool = True) -> None:
         self.tag = secrets.token_hex(2)
         self.interface = f"awg{self.tag}"
         self.backend_choice = backend
@@ -70,7 +72,7 @@ class Mesh:
         )
         self._made: list[str] = []
         try:
-            self._build()
+            self._build(tunnel=tunnel)
         except BaseException:
             self.close()
             raise
@@ -84,7 +86,7 @@ class Mesh:
     def in_ns(self, name: str, *argv: str) -> str:
         return sh("nsenter", f"--net={self.path(self.members[name].netns)}", *argv)
 
-    def _build(self) -> None:
+    def _build(self, *, tunnel: bool) -> None:
         sh("ip", "netns", "add", self.bridge_ns)
         self._made.append(self.bridge_ns)
         sh("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
@@ -106,8 +108,9 @@ class Mesh:
                     psk = secrets.token_bytes(32)  # the channel derives it; any shared secret will do here
                     a.psks[b.name] = b.psks[a.name] = psk
         for member in self.members.values():
-            self.start(member.name)
-            self.apply(member.name)
+            if tunnel:
+                self.start(member.name)
+                self.apply(member.name)
 
     def start(self, name: str) -> None:
         member = self.members[name]
