@@ -13,6 +13,16 @@ ID, when that SVID expires without a newer session, or when a bundle change make
 public key claimed by two nodes, or equal to this node's own, gives no peer to either (a node that
 announced another's key would otherwise move that key's AllowedIPs).
 
+A peer whose key the device has not met yet (a node's first key, or its rotated one) is greeted: it gets
+a persistent keepalive, which makes the device handshake with it at once, until the device reports a
+handshake with that key (or :data:`GREETING` seconds passed). So when a node rotates its key, its peers
+meet the new key as soon as they learn it, instead of when the rotating node's next handshake attempt
+comes, five seconds (WireGuard's REKEY_TIMEOUT) after its first one went to a peer that did not know the
+key yet; until then WireGuard holds the packets for the peer, up to its queue's size. A greeting that
+has no handshake after :data:`GREETING_RETRY` seconds sets the peer afresh (removed, then added again):
+the rotating node may not have applied the new preshared key yet when the first handshake came, and
+WireGuard would not try again for five seconds.
+
 Peers found on an adopted interface are kept for :data:`ADOPT_GRACE` seconds, while the channels come
 back, when their endpoint is a node's address in cluster state and their AllowedIPs lie within that
 node's prefixes; any other peer is removed at once.
@@ -26,7 +36,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +66,12 @@ ADOPT_GRACE = 30.0
 """Seconds an adopted interface's peers are kept for their channel to come back."""
 STATUS_INTERVAL = 2.0
 """Seconds between two reads of the device's status (handshakes, bytes) for status and metrics."""
+GREETING = 10.0
+"""Seconds at most that a peer with a key new to the device keeps its keepalive, waiting for a handshake."""
+GREETING_POLL = 0.05
+"""Seconds between two reads of the device's status while a peer is greeted."""
+GREETING_RETRY = 0.25
+"""Seconds a greeted peer waits for its handshake before it is set afresh, for a new first handshake."""
 ROTATION_RESULTS = ("ok", "failed")
 REFUSALS = ("duplicate-key", "own-key", "expired", "untrusted")
 OpenBackend = Callable[[EncryptionConfig, Path], WireGuardBackend]
@@ -78,6 +94,16 @@ class _Learned:
     valid_until: float
     learned_at: float
     key_since: float
+
+
+@dataclass(slots=True)
+class _Greeting:
+    """A peer's key new to the device, greeted with a keepalive until ``until`` (Unix time)."""
+
+    key: PublicKey
+    until: float
+    set_at: float
+    """When the peer was last set on the device (for a new first handshake)."""
 
 
 @dataclass
@@ -121,6 +147,7 @@ class Tunnel:
         self._learned: dict[str, _Learned] = {}
         self._inherited: dict[PublicKey, float] = {}
         self._applied: dict[str, PeerSpec] = {}
+        self._greeting: dict[str, _Greeting] = {}
         self._present: set[PublicKey] = set()
         self._routes: frozenset[IpNetwork] | None = None
         self._backend: WireGuardBackend | None = None
@@ -273,6 +300,8 @@ class Tunnel:
         interval = self._config.rotation_interval.total_seconds()
         if interval > 0:
             moments.append(self._key_since + interval)
+        if self._greeting:
+            moments.append(now + GREETING_POLL)
         return max(min([now + STATUS_INTERVAL, *moments]) - now, 0.01)
 
     def _usable(self, state: ClusterState, now: float) -> dict[str, PeerKeys]:
@@ -306,19 +335,57 @@ class Tunnel:
             kept.add(key)
         return kept
 
+    def _greeted(self, peers: dict[str, PeerSpec], now: float) -> tuple[dict[str, PeerSpec], set[PublicKey]]:
+        """``peers`` with greetings, and the keys of the peers to set afresh.
+
+        A peer whose key the device has not handshaken with yet gets a keepalive; after GREETING_RETRY
+        without a handshake, it is set afresh.
+        """
+        device = self._device
+        result: dict[str, PeerSpec] = {}
+        afresh: set[PublicKey] = set()
+        for name, spec in peers.items():
+            applied = self._applied.get(name)
+            if applied is None or applied.public_key != spec.public_key:
+                self._greeting[name] = _Greeting(spec.public_key, now + GREETING, now)
+            greeting = self._greeting.get(name)
+            status = device.peer(spec.public_key) if device is not None else None
+            if (
+                greeting is None
+                or greeting.key != spec.public_key
+                or greeting.until <= now
+                or (status is not None and status.last_handshake)
+            ):
+                self._greeting.pop(name, None)
+                result[name] = spec
+                continue
+            result[name] = replace(spec, keepalive=1)
+            if now - greeting.set_at >= GREETING_RETRY:
+                afresh.add(spec.public_key)
+                greeting.set_at = now
+        for name in set(self._greeting) - set(peers):
+            del self._greeting[name]
+        return result, afresh
+
     async def _reconcile(self, backend: WireGuardBackend) -> None:
         state = self._state
         if state is None:
             return
         now = self._clock()
         port = self._config.listen_port
-        peers = desired_peers(state, self._node, self._usable(state, now), port)
+        peers, afresh = self._greeted(desired_peers(state, self._node, self._usable(state, now), port), now)
         wanted = {spec.public_key for spec in peers.values()} | self._kept_inherited(state, peers, now)
-        changed = [spec for name, spec in peers.items() if self._applied.get(name) != spec]
+        changed = [
+            spec
+            for name, spec in peers.items()
+            if self._applied.get(name) != spec or spec.public_key in afresh
+        ]
         remove = self._present - wanted
         routes = tunnel_routes(state, self._node)
         async with self._lock:
             if changed or remove:
+                if afresh:  # removed first: a peer added again may handshake at once
+                    await asyncio.to_thread(backend.configure, remove=afresh & self._present)
                 await asyncio.to_thread(backend.configure, peers=changed, remove=remove)
                 self._present = (self._present - remove) | {spec.public_key for spec in changed}
                 log.info(

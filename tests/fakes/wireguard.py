@@ -21,6 +21,7 @@ class FakeDevice:
     listen_port: int = 0
     peers: dict[PublicKey, PeerStatus] = field(default_factory=dict)
     psks: dict[PublicKey, bytes] = field(default_factory=dict)
+    keepalives: dict[PublicKey, int] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     closed: bool = False
 
@@ -38,10 +39,18 @@ class FakeDevice:
         if listen_port is not None:
             self.listen_port = listen_port
         for peer in peers:
+            known = self.peers.get(peer.public_key)  # a peer set again keeps its sessions
             self.peers[peer.public_key] = PeerStatus(
-                peer.public_key, peer.endpoint_text(), peer.allowed_ips, None, 0, 0, has_preshared_key=True
+                peer.public_key,
+                peer.endpoint_text(),
+                peer.allowed_ips,
+                known.last_handshake if known is not None else None,
+                0,
+                0,
+                has_preshared_key=True,
             )
             self.psks[peer.public_key] = peer.preshared_key
+            self.keepalives[peer.public_key] = peer.keepalive
             self.calls.append(f"peer {peer.endpoint_text()}")
         for key in remove:
             self.peers.pop(key, None)

@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from authd.encryption import keys
 from authd.encryption.device import PeerStatus
 from authd.encryption.keys import KeyPair, PublicKey
 from authd.encryption.peers import PeerKeys
-from authd.encryption.tunnel import ADOPT_GRACE, Tunnel
+from authd.encryption.tunnel import ADOPT_GRACE, GREETING, GREETING_RETRY, Tunnel
 from authd.errors import EncryptionError
 from authd.health import Health
 from authd.x509svid import BundleSet
@@ -119,6 +119,55 @@ async def test_one_peer_per_node_with_its_prefixes_port_and_the_channels_psk(tmp
         assert j.routes[-1] == {ipaddress.ip_network("10.0.2.0/24"), ipaddress.ip_network("10.0.3.0/24")}
         assert j.device.private_key is not None
         assert j.device.private_key.public == keys.load_or_create(tmp_path).public  # the key file's key
+
+
+async def test_a_new_key_is_greeted_with_a_keepalive_until_its_first_handshake(tmp_path: Path) -> None:
+    """A peer's first key, and its rotated one, get a keepalive (the device handshakes at once), which
+    goes once the device reports a handshake with that key; a rotating peer is met at once, not after
+    WireGuard's five-second retry."""
+    async with job(tmp_path) as j:
+        j.tunnel.cluster_changed(cluster("node-b"))
+        first = learn(j, "node-b")
+        await eventually(lambda: j.device.keepalives.get(first.public_key) == 1)
+        j.device.peers[first.public_key] = replace(
+            j.device.peers[first.public_key], last_handshake=j.clock.now
+        )
+        await eventually(lambda: j.device.keepalives[first.public_key] == 0)
+        rotated = learn(j, "node-b")  # node-b rotated its key
+        await eventually(lambda: j.device.keepalives.get(rotated.public_key) == 1)
+        assert j.peer_of(first.public_key) is None
+        j.device.peers[rotated.public_key] = replace(
+            j.device.peers[rotated.public_key], last_handshake=j.clock.now
+        )
+        await eventually(lambda: j.device.keepalives[rotated.public_key] == 0)
+
+
+async def test_a_greeted_peer_without_a_handshake_is_set_afresh(tmp_path: Path) -> None:
+    """The rotating node may have applied the new PSK after the first handshake came: the peer is removed
+    and added again (WireGuard would not try again for five seconds), until a handshake comes."""
+    async with job(tmp_path) as j:
+        j.tunnel.cluster_changed(cluster("node-b"))
+        b = learn(j, "node-b")
+        await eventually(lambda: j.device.keepalives.get(b.public_key) == 1)
+        j.device.calls.clear()
+        j.clock.now += GREETING_RETRY
+        await eventually(lambda: j.device.calls[:2] == ["remove", "peer 192.0.2.2:51820"])
+        assert j.device.keepalives[b.public_key] == 1
+        j.device.peers[b.public_key] = replace(j.device.peers[b.public_key], last_handshake=j.clock.now)
+        await eventually(lambda: j.device.keepalives[b.public_key] == 0)
+        j.device.calls.clear()
+        j.clock.now += GREETING_RETRY
+        await asyncio.sleep(0.2)  # several reconciles: a peer that has handshaken is never set afresh
+        assert "remove" not in j.device.calls
+
+
+async def test_a_greeting_that_meets_no_handshake_ends_after_its_time(tmp_path: Path) -> None:
+    async with job(tmp_path) as j:
+        j.tunnel.cluster_changed(cluster("node-b"))
+        b = learn(j, "node-b")
+        await eventually(lambda: j.device.keepalives.get(b.public_key) == 1)
+        j.clock.now += GREETING
+        await eventually(lambda: j.device.keepalives[b.public_key] == 0)
 
 
 async def test_a_node_removed_from_cluster_state_loses_its_peer_and_routes(tmp_path: Path) -> None:
