@@ -98,9 +98,8 @@ class _Learned:
 
 @dataclass(slots=True)
 class _Greeting:
-    """A peer's key new to the device, greeted with a keepalive until ``until`` (Unix time)."""
+    """A peer with a key new to the device, greeted with a keepalive until ``until`` (Unix time)."""
 
-    key: PublicKey
     until: float
     set_at: float
     """When the peer was last set on the device (for a new first handshake)."""
@@ -347,15 +346,10 @@ class Tunnel:
         for name, spec in peers.items():
             applied = self._applied.get(name)
             if applied is None or applied.public_key != spec.public_key:
-                self._greeting[name] = _Greeting(spec.public_key, now + GREETING, now)
+                self._greeting[name] = _Greeting(now + GREETING, now)  # a new key: greeted afresh
             greeting = self._greeting.get(name)
             status = device.peer(spec.public_key) if device is not None else None
-            if (
-                greeting is None
-                or greeting.key != spec.public_key
-                or greeting.until <= now
-                or (status is not None and status.last_handshake)
-            ):
+            if greeting is None or greeting.until <= now or (status is not None and status.last_handshake):
                 self._greeting.pop(name, None)
                 result[name] = spec
                 continue
