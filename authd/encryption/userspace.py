@@ -39,7 +39,7 @@ START_TIMEOUT = 5.0
 _POLL = 0.01
 # $0 is the binary and $1 the interface (checked by the config); nothing is interpolated into the script.
 _SCRIPT = 'mkdir -p /run/wireguard && mount -t tmpfs authd-wg /run/wireguard && exec "$0" -f "$1"'
-SOCKET_DIR = Path("/run/wireguard")
+_SOCKET_DIR = Path("/run/wireguard")
 
 
 class WireGuardGo:
@@ -55,7 +55,7 @@ class WireGuardGo:
         self.pid = pid
         self._pid_file = pid_file
         self._process = process
-        self._uapi = UapiClient(Path(f"/proc/{pid}/root/run/wireguard/{interface}.sock"))
+        self._uapi = UapiClient(_socket_path(pid, interface))
 
     @classmethod
     def open(cls, interface: str, *, binary: Path, runtime_dir: Path) -> WireGuardGo:
@@ -68,7 +68,7 @@ class WireGuardGo:
         _delete_link(interface)  # a stale interface of a wireguard-go that is gone
         try:
             process = subprocess.Popen(  # noqa: S603 - fixed argv; binary and interface checked by the config
-                _argv(binary, interface, private=SOCKET_DIR.is_mount()),
+                _argv(binary, interface, private=_SOCKET_DIR.is_mount()),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -146,6 +146,11 @@ class WireGuardGo:
         _delete_link(self.interface)
 
 
+def _socket_path(pid: int, interface: str) -> Path:
+    """wireguard-go ``pid``'s UAPI socket for ``interface``, seen through its root (mount namespace)."""
+    return Path(f"/proc/{pid}/root") / _SOCKET_DIR.relative_to("/") / f"{interface}.sock"
+
+
 def _argv(binary: Path, interface: str, *, private: bool) -> list[str]:
     """How to start wireguard-go for ``interface``; ``private``: ``/run/wireguard`` is this authd's own."""
     if private:
@@ -172,9 +177,8 @@ def _adoptable(pid_file: Path, interface: str) -> int | None:
         return None
     if comm != "wireguard-go":
         return None
-    socket_path = Path(f"/proc/{pid}/root/run/wireguard/{interface}.sock")
     try:
-        UapiClient(socket_path).get()
+        UapiClient(_socket_path(pid, interface)).get()
     except EncryptionError:
         return None
     return pid
