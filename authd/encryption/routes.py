@@ -24,14 +24,7 @@ def sync_routes(ifindex: int, prefixes: Iterable[IpNetwork]) -> None:
     wanted = set(prefixes)
     try:
         with IPRoute() as ipr:
-            present = set()
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for route in ipr.route("dump", family=family, oif=ifindex, proto=ROUTE_PROTOCOL):
-                    if route.get_attr("RTA_OIF") != ifindex or route["proto"] != ROUTE_PROTOCOL:
-                        continue
-                    default = "::" if family == socket.AF_INET6 else "0.0.0.0"  # noqa: S104 - a prefix, not a bind
-                    destination = route.get_attr("RTA_DST") or default
-                    present.add(ipaddress.ip_network(f"{destination}/{route['dst_len']}"))
+            present = {prefix for prefix, oif in _owned(ipr).items() if oif == ifindex}
             for prefix in wanted - present:
                 ipr.route("replace", dst=str(prefix), oif=ifindex, proto=ROUTE_PROTOCOL)
             for prefix in present - wanted:
