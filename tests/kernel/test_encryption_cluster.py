@@ -30,10 +30,9 @@ from authd.devcluster.cluster import (
 )
 from authd.devcluster.netns import in_netns, sh
 from tests.e2e.conftest import cluster
-from tests.e2e.test_encryption import NETNS, echo
+from tests.e2e.test_encryption import NETNS, assert_crosses_only_encrypted, echo
 from tests.fakes import packets as pk
 from tests.privileged.test_encryption_tunnel import checksum
-from tests.privileged.wgmesh import PORT, Capture
 
 __all__ = ["cluster"]
 
@@ -113,18 +112,7 @@ def test_status_reports_the_kernel_backend_and_a_handshake_with_the_other_node(c
 def test_a_marker_between_workloads_crosses_the_underlay_only_encrypted(cluster: DevCluster) -> None:
     handshaken(cluster)
     cluster.wait_for_entry("node-b", "db", "web")
-    marker = b"AUTHD-KERNEL-WG-MARKER-" + b"k" * 32
-    capture = Capture(NETNS / f"{SPEC.prefix}-fabric")
-    try:
-        replies = [echo(cluster, marker) for _ in range(5)]
-    finally:
-        frames = capture.stop()
-    assert replies == [marker] * 5
-    assert not [frame for frame in frames if marker in frame]
-    tunnel = [
-        f for f in frames if len(f) > 42 and PORT in (int.from_bytes(f[34:36]), int.from_bytes(f[36:38]))
-    ]
-    assert len(tunnel) >= 10  # the capture saw the tunnel's datagrams both ways: the check above could fail
+    assert_crosses_only_encrypted(cluster, b"AUTHD-KERNEL-WG-MARKER-" + b"k" * 32)
 
 
 def mac(netns: str, link: str) -> bytes:
